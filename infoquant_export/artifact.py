@@ -1,0 +1,145 @@
+"""The quantized artifact directory: everything export needs, so it never redoes calibration.
+
+Layout (format version 1)::
+
+    DIR/config.json        model config, quant config, source, format version, tensor summary
+    DIR/transforms.json    the transform schema (versioned)
+    DIR/model.safetensors  weights: 4-bit codes packed two per byte (``*.qweight`` uint8, low nibble first) or
+                           int8 codes for other widths, per-output-channel float32 ``*.scale`` [out, 1],
+                           float32 embedding / LM head / norms / biases / RoPE inv_freq, learned rotation matrices
+    DIR/tokenizer/         the model's tokenizer and chat template (``save_pretrained``)
+
+Loading rebuilds the fake-quant model with the same arithmetic (``codes * scale``), so logits are bit-identical.
+Nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from infoquant_export import __version__
+from infoquant_export.config import QuantConfig
+from infoquant_export.errors import UserError
+from infoquant_export.models.model import LINEAR_ROLES, CausalLM, ModelConfig
+from infoquant_export.quant.calibrate import configure_activation_quant
+from infoquant_export.quant.primitives import pack_int4, unpack_int4
+from infoquant_export.quant.weights import QuantizedWeight
+from infoquant_export.transforms.rotate import attach_online_ops
+from infoquant_export.transforms.schema import TransformSchema
+
+FORMAT = "infoquant-export/quantized-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: the fake-quant model ready to run, and what produced it."""
+
+    model: CausalLM
+    tokenizer: Any
+    quant: QuantConfig
+    schema: TransformSchema
+    source: dict[str, Any]
+    weights: dict[str, QuantizedWeight]
+
+
+def _tensors(model: CausalLM, weights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    t: dict[str, torch.Tensor] = {
+        "embed.weight": model.embed.weight, "lm_head.weight": model.lm_head.weight,
+        "norm": model.norm, "inv_freq": model.inv_freq,
+    }
+    for i, layer in enumerate(model.layers):
+        t[f"layers.{i}.input_norm"] = layer.input_norm
+        t[f"layers.{i}.post_norm"] = layer.post_norm
+        for role in LINEAR_ROLES:
+            key, linear = f"layers.{i}.{role}", layer.linear(role)
+            qw = weights.get(key)
+            if qw is None:
+                t[f"{key}.weight"] = linear.weight
+            else:
+                t[f"{key}.qweight"] = pack_int4(qw.codes) if qw.bits == 4 else qw.codes
+                t[f"{key}.scale"] = qw.scale
+            if linear.bias is not None:
+                t[f"{key}.bias"] = linear.bias
+    return {k: v.detach().contiguous().cpu() for k, v in t.items()}
+
+
+def save_artifact(directory: Path, model: CausalLM, tokenizer: Any, quant: QuantConfig, schema: TransformSchema,
+                  source: dict[str, Any], weights: dict[str, QuantizedWeight]) -> None:
+    """Write the artifact into ``directory`` (an empty directory; callers make it atomic)."""
+    tensors = _tensors(model, weights)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": FORMAT})
+    config = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "infoquant_export_version": __version__,
+        "model": model.cfg.to_dict(), "quant": quant.to_dict(), "source": source,
+        "biases": {role: model.layers[0].linear(role).bias is not None for role in LINEAR_ROLES},
+        "weight_bits": {k: w.bits for k, w in weights.items()},
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "transforms.json").write_text(schema.to_json())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory / "tokenizer"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}", "pass a directory written by `infoquant-export quantize`") from err
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+
+
+def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bool = True) -> Artifact:
+    """Rebuild the fake-quant model of an artifact directory."""
+    directory = Path(directory)
+    if not is_artifact(directory):
+        raise UserError(f"{directory} is not a quantized artifact (no config.json/model.safetensors)",
+                        "pass a directory written by `infoquant-export quantize`")
+    config = _read_json(directory / "config.json")
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{directory} has format {config.get('format')} v{config.get('format_version')}",
+                        f"this build reads {FORMAT} v{FORMAT_VERSION}; re-run quantize")
+    try:
+        tensors = load_file(str(directory / "model.safetensors"))
+        schema = TransformSchema.from_dict(_read_json(directory / "transforms.json"))
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"corrupt artifact {directory}: {err}", "re-run quantize") from err
+    cfg, quant, biases = ModelConfig.from_dict(config["model"]), QuantConfig.from_dict(config["quant"]), config["biases"]
+    model = CausalLM(cfg, tensors["inv_freq"], qkv_bias=biases["q"], o_bias=biases["o"], mlp_bias=biases["down"])
+    weights: dict[str, QuantizedWeight] = {}
+    with torch.no_grad():
+        model.embed.weight.copy_(tensors["embed.weight"])
+        model.lm_head.weight.copy_(tensors["lm_head.weight"])
+        model.norm.copy_(tensors["norm"])
+        for i, layer in enumerate(model.layers):
+            layer.input_norm.copy_(tensors[f"layers.{i}.input_norm"])
+            layer.post_norm.copy_(tensors[f"layers.{i}.post_norm"])
+            for role in LINEAR_ROLES:
+                key, linear = f"layers.{i}.{role}", layer.linear(role)
+                if f"{key}.qweight" in tensors:
+                    bits = config["weight_bits"][key]
+                    codes = tensors[f"{key}.qweight"]
+                    codes = unpack_int4(codes) if bits == 4 else codes
+                    weights[key] = QuantizedWeight(codes, tensors[f"{key}.scale"], bits)
+                    linear.weight.copy_(weights[key].dequantize())
+                else:
+                    linear.weight.copy_(tensors[f"{key}.weight"])
+                if linear.bias is not None:
+                    linear.bias.copy_(tensors[f"{key}.bias"])
+    configure_activation_quant(model, quant)
+    attach_online_ops(model, schema)
+    tokenizer = None
+    if with_tokenizer and (directory / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
+    return Artifact(model.to(device).eval(), tokenizer, quant, schema, config.get("source", {}), weights)

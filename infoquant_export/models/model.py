@@ -1,0 +1,248 @@
+"""The canonical decoder-only transformer: full-precision and W/A/KV fake-quant reference in one module.
+
+Architecture adapters convert a Hugging Face model into this form, so transforms, quantization and export work on
+one structure whatever the family (LLaMA, Qwen2, Mistral). The forward pass runs the online ops exactly where a
+deployment runs them (see docs/numerics.md, section 5):
+
+    x -> RMSNorm -> A-quant -> q,k,v -> RoPE -> [online Hadamard q,k] -> KV-quant(k, v) -> attention
+      -> A-quant -> o -> +residual -> [basis change] -> RMSNorm -> A-quant -> gate,up -> SiLU(gate)*up
+      -> [online Hadamard] -> A-quant -> down -> +residual -> [basis change]
+
+The KV cache holds the dequantized K/V values (bit-identical to what a 4-bit cache decodes to), so prefill and
+incremental decode compute the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infoquant_export.quant.primitives import fake_quantize_activation
+from infoquant_export.transforms.hadamard import apply_hadamard
+
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of a decoder-only model (family-independent)."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    attention_scaling: float = 1.0  # RoPE cos/sin multiplier (1 except for some scaled-RoPE variants)
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**data)
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic per-token asymmetric activation quantizer (identity when bits >= 16 or disabled)."""
+
+    def __init__(self, bits: int = 16, clip: float = 1.0, group_size: int | None = None) -> None:
+        super().__init__()
+        self.bits, self.clip, self.group_size, self.enabled = bits, clip, group_size, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.bits >= 16:
+            return x
+        return fake_quantize_activation(x, self.bits, self.clip, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, clip={self.clip}, group_size={self.group_size}"
+
+
+class OnlineRotation(nn.Module):
+    """An online rotation on the last dim: block Hadamard (Kronecker form) or a learned block-diagonal matrix."""
+
+    def __init__(self, num_blocks: int = 1, matrix: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.register_buffer("matrix", matrix, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matrix is None:
+            return apply_hadamard(x, self.num_blocks)
+        blocks = x.reshape(*x.shape[:-1], self.num_blocks, -1)
+        return torch.einsum("...bi,bij->...bj", blocks, self.matrix.to(x.dtype)).reshape(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps) * weight`` in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm attention + gated-MLP block with its quantizers and online ops."""
+
+    def __init__(self, cfg: ModelConfig, qkv_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False) -> None:
+        super().__init__()
+        h, kv, d, i = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        self.cfg = cfg
+        self.input_norm = nn.Parameter(torch.ones(h), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.ones(h), requires_grad=False)
+        self.q = nn.Linear(h, cfg.num_heads * d, bias=qkv_bias)
+        self.k = nn.Linear(h, kv * d, bias=qkv_bias)
+        self.v = nn.Linear(h, kv * d, bias=qkv_bias)
+        self.o = nn.Linear(cfg.num_heads * d, h, bias=o_bias)
+        self.gate = nn.Linear(h, i, bias=mlp_bias)
+        self.up = nn.Linear(h, i, bias=mlp_bias)
+        self.down = nn.Linear(i, h, bias=mlp_bias)
+        self.qkv_in, self.o_in = ActQuantizer(), ActQuantizer()
+        self.gate_up_in, self.down_in = ActQuantizer(), ActQuantizer()
+        self.k_cache, self.v_cache = ActQuantizer(group_size=d), ActQuantizer(group_size=d)
+        self.qk_rotation: OnlineRotation | None = None
+        self.down_rotation: OnlineRotation | None = None
+        self.residual_attn_to_mlp: OnlineRotation | None = None
+        self.residual_mlp_to_attn: OnlineRotation | None = None
+        self.requires_grad_(False)
+
+    def linear(self, role: str) -> nn.Linear:
+        return getattr(self, role)
+
+    def attention(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.cfg
+        b, s, _ = x.shape
+        a = self.qkv_in(x)
+        q = self.q(a).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k(a).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v(a).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.qk_rotation is not None:
+            q, k = self.qk_rotation(q), self.qk_rotation(k)
+        k, v = self.k_cache(k), self.v_cache(v)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        groups = cfg.num_heads // cfg.num_kv_heads
+        kr, vr = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ kr.transpose(-1, -2)) * (cfg.head_dim ** -0.5) + mask
+        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr
+        out = out.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim)
+        return self.o(self.o_in(out)), (k, v)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.gate_up_in(x)
+        m = F.silu(self.gate(a)) * self.up(a)
+        if self.down_rotation is not None:
+            m = self.down_rotation(m)
+        return self.down(self.down_in(m))
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        eps = self.cfg.rms_norm_eps
+        attn, present = self.attention(rms_norm(x, self.input_norm, eps), cos, sin, mask, past)
+        if self.residual_attn_to_mlp is not None:
+            x = self.residual_attn_to_mlp(x)
+        x = x + attn
+        mlp = self.mlp(rms_norm(x, self.post_norm, eps))
+        if self.residual_mlp_to_attn is not None:
+            x = self.residual_mlp_to_attn(x)
+        return x + mlp, present
+
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head, with RoPE tables from the source model's inv_freq."""
+
+    def __init__(self, cfg: ModelConfig, inv_freq: torch.Tensor, qkv_bias: bool = False, o_bias: bool = False,
+                 mlp_bias: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, o_bias, mlp_bias) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", inv_freq.float().clone())
+        self.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables [S, head_dim] computed in float32 (HF convention: concatenated halves)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.cfg.attention_scaling
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    def causal_mask(self, s: int, past_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [S, past+S]: query i (absolute past+i) sees keys j <= past+i (within the sliding window)."""
+        q_pos = torch.arange(past_len, past_len + s, device=self.device)[:, None]
+        k_pos = torch.arange(past_len + s, device=self.device)[None, :]
+        allowed = k_pos <= q_pos
+        if self.cfg.sliding_window:
+            allowed &= k_pos > q_pos - self.cfg.sliding_window
+        return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
+
+    def layer_inputs(self, input_ids: torch.Tensor, past_len: int = 0) -> tuple[torch.Tensor, ...]:
+        """(hidden, cos, sin, mask) for the first layer: what calibration feeds layer by layer."""
+        x = self.embed(input_ids)
+        s = input_ids.shape[1]
+        cos, sin = self.rope(torch.arange(past_len, past_len + s, device=self.device), x.dtype)
+        return x, cos, sin, self.causal_mask(s, past_len, x.dtype)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
+
+    def forward(self, input_ids: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits [B, S, V] (float32) and the present KV cache."""
+        past_len = past[0][0].shape[2] if past else 0
+        x, cos, sin, mask = self.layer_inputs(input_ids, past_len)
+        present: KVCache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, past[i] if past else None)
+            present.append(kv)
+        return self.head(x), present
+
+    def quantizers(self) -> Iterator[ActQuantizer]:
+        return (m for m in self.modules() if isinstance(m, ActQuantizer))
+
+
+@contextlib.contextmanager
+def activation_quant_disabled(model: nn.Module) -> Iterator[None]:
+    """Run with every activation/KV quantizer as identity (weights stay as they are)."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    states = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, state in zip(quantizers, states):
+            q.enabled = state

@@ -1,0 +1,124 @@
+"""Declarative, versioned transform schema saved with every artifact.
+
+Every rotation states its kind, size, block structure, where it acts and its precision. A rotation is either
+``offline`` (folded into weights, nothing runs at inference) or ``online`` (a runtime op on an activation; when the
+op has an inverse it is folded into the consuming weights, listed in ``folds``). Later stages (PSOT, ONNX export,
+TensorRT plugins) build their nodes from this schema, never from layer names.
+
+Sites
+- ``residual``: the residual-stream basis (hidden size). Offline.
+- ``attention_value``: per KV head on the V projection output and the o_proj input (head size). Offline.
+- ``qk_post_rope``: q and k after RoPE, per head (head size). Online, cancels inside q.k^T, no fold.
+- ``down_proj_input``: the MLP activation before down_proj (intermediate size). Online, folded into down_proj.
+- ``residual_attn_to_mlp`` / ``residual_mlp_to_attn``: basis changes of the residual stream between blocks
+  (hidden size, block-diagonal, per layer, learned). Online; written by the PSOT stage.
+
+Fold sides: ``input`` means W <- W @ R (the layer consumes rotated inputs), ``output`` means W <- R^T @ W and
+b <- b @ R (the layer produces rotated outputs). For ``attention_value`` both apply per head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+KINDS = ("hadamard", "randomized_hadamard", "learned", "identity")
+MODES = ("offline", "online")
+SITES = {
+    "residual": "offline",
+    "attention_value": "offline",
+    "qk_post_rope": "online",
+    "down_proj_input": "online",
+    "residual_attn_to_mlp": "online",
+    "residual_mlp_to_attn": "online",
+}
+ROLES = ("embed", "q", "k", "v", "o", "gate", "up", "down", "lm_head")
+SIDES = ("input", "output")
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One weight that absorbs the rotation (or the inverse of an online one)."""
+
+    role: str
+    side: str
+
+
+@dataclass
+class Rotation:
+    """One rotation of the schema (see the module docstring for sites and sides)."""
+
+    name: str
+    kind: str
+    size: int
+    site: str
+    mode: str
+    num_blocks: int = 1
+    seed: int | None = None
+    folds: list[Fold] = field(default_factory=list)
+    layers: list[int] | None = None  # None = every layer
+    precision: str = "float32"  # dtype of the online op; offline folds are always computed in float64
+    fold_precision: str = "float64"
+    matrix: str | None = None  # safetensors key prefix for learned matrices (one per layer/head)
+
+    @property
+    def block_size(self) -> int:
+        return self.size // self.num_blocks
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"rotation {self.name}: unknown kind {self.kind!r}; expected one of {KINDS}")
+        if self.site not in SITES:
+            raise ValueError(f"rotation {self.name}: unknown site {self.site!r}; expected one of {tuple(SITES)}")
+        if self.mode != SITES[self.site]:
+            raise ValueError(f"rotation {self.name}: site {self.site} is {SITES[self.site]}, not {self.mode}")
+        if self.size % self.num_blocks:
+            raise ValueError(f"rotation {self.name}: size {self.size} is not divisible by {self.num_blocks} blocks")
+        if self.kind == "randomized_hadamard" and self.seed is None:
+            raise ValueError(f"rotation {self.name}: randomized_hadamard needs a seed")
+        if self.kind == "learned" and not self.matrix:
+            raise ValueError(f"rotation {self.name}: learned rotations need a matrix key")
+        for fold in self.folds:
+            if fold.role not in ROLES or fold.side not in SIDES:
+                raise ValueError(f"rotation {self.name}: bad fold {fold}")
+
+
+@dataclass
+class TransformSchema:
+    """The ordered list of rotations applied to a model."""
+
+    rotations: list[Rotation] = field(default_factory=list)
+    fused_norms: bool = False
+    version: int = SCHEMA_VERSION
+
+    def find(self, site: str) -> Rotation | None:
+        """The rotation acting at ``site``, or None."""
+        matches = [r for r in self.rotations if r.site == site]
+        return matches[0] if matches else None
+
+    def online(self) -> list[Rotation]:
+        return [r for r in self.rotations if r.mode == "online"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "fused_norms": self.fused_norms,
+                "rotations": [dataclasses.asdict(r) for r in self.rotations]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformSchema:
+        version = data.get("version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"transform schema version {version} is not supported (this build reads {SCHEMA_VERSION})")
+        rotations = []
+        for raw in data["rotations"]:
+            raw = dict(raw)
+            raw["folds"] = [Fold(**f) for f in raw.get("folds", [])]
+            rotation = Rotation(**raw)
+            rotation.validate()
+            rotations.append(rotation)
+        return cls(rotations=rotations, fused_norms=bool(data.get("fused_norms", False)), version=version)
