@@ -127,13 +127,14 @@ class DecoderLayer(nn.Module):
     def linear(self, role: str) -> nn.Linear:
         return getattr(self, role)
 
-    def attention(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def attention_core(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Normed input -> attention output before o_proj [B, S, heads * head_dim], and the present K/V."""
         cfg = self.cfg
-        b, s, _ = x.shape
-        a = self.qkv_in(x)
+        b, s, _ = h.shape
+        a = self.qkv_in(h)
         q = self.q(a).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         k = self.k(a).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v(a).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -148,29 +149,44 @@ class DecoderLayer(nn.Module):
         kr, vr = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = (q @ kr.transpose(-1, -2)) * (cfg.head_dim ** -0.5) + mask
         out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr
-        out = out.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim)
-        return self.o(self.o_in(out)), (k, v)
+        return out.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim), (k, v)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.gate_up_in(x)
+    def attention_out(self, pre_o: torch.Tensor) -> torch.Tensor:
+        return self.o(self.o_in(pre_o))
+
+    def mid_residual(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual after attention (with the online basis change into the MLP basis, when present)."""
+        if self.residual_attn_to_mlp is not None:
+            x = self.residual_attn_to_mlp(x)
+        return x + attn
+
+    def mlp_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed input -> the down_proj input (after the online rotation, before quantization)."""
+        a = self.gate_up_in(h)
         m = F.silu(self.gate(a)) * self.up(a)
-        if self.down_rotation is not None:
-            m = self.down_rotation(m)
+        return self.down_rotation(m) if self.down_rotation is not None else m
+
+    def mlp_out(self, m: torch.Tensor) -> torch.Tensor:
         return self.down(self.down_in(m))
+
+    def out_residual(self, x: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+        if self.residual_mlp_to_attn is not None:
+            x = self.residual_mlp_to_attn(x)
+        return x + mlp
+
+    def norm_attn(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.input_norm, self.cfg.rms_norm_eps)
+
+    def norm_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.post_norm, self.cfg.rms_norm_eps)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        eps = self.cfg.rms_norm_eps
-        attn, present = self.attention(rms_norm(x, self.input_norm, eps), cos, sin, mask, past)
-        if self.residual_attn_to_mlp is not None:
-            x = self.residual_attn_to_mlp(x)
-        x = x + attn
-        mlp = self.mlp(rms_norm(x, self.post_norm, eps))
-        if self.residual_mlp_to_attn is not None:
-            x = self.residual_mlp_to_attn(x)
-        return x + mlp, present
+        pre_o, present = self.attention_core(self.norm_attn(x), cos, sin, mask, past)
+        x = self.mid_residual(x, self.attention_out(pre_o))
+        return self.out_residual(x, self.mlp_out(self.mlp_hidden(self.norm_mlp(x)))), present
 
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]

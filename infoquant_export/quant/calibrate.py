@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from tqdm.auto import tqdm
 
@@ -42,51 +40,49 @@ def quantize_weights_rtn(model: CausalLM, cfg: QuantConfig, progress: bool = Tru
     return out
 
 
-def _run_layer(layer: DecoderLayer, inputs: list[torch.Tensor], rope: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    return [layer(x, *rope)[0] for x in inputs]
-
-
 @torch.no_grad()
 def quantize_weights_gptq(model: CausalLM, cfg: QuantConfig, windows: torch.Tensor, batch_size: int = 8,
                           progress: bool = True) -> QuantizedWeights:
     """GPTQ layer by layer on calibration windows [N, S].
 
     Hessians come from the inputs each linear actually sees (after any online rotation), with activation
-    quantization off, along the trajectory of the already weight-quantized earlier layers. Memory holds one
-    layer's input activations: N * S * hidden floats.
+    quantization off, along the trajectory of the already weight-quantized earlier layers; within a layer the
+    groups q/k/v -> o -> gate/up -> down are quantized in order, each seeing the quantized earlier ones. The
+    layer's sub-steps are the model's own (one forward per layer); memory holds a few tensors of N * S rows.
     """
     out: QuantizedWeights = {}
     device = model.device
     with activation_quant_disabled(model):
-        x0, cos, sin, mask = model.layer_inputs(windows[:1].to(device))
-        inputs = [model.embed(windows[b:b + batch_size].to(device)) for b in range(0, len(windows), batch_size)]
-        rope = (cos, sin, mask)
+        _, cos, sin, mask = model.layer_inputs(windows[:1].to(device))
+        xs = [model.embed(windows[b:b + batch_size].to(device)) for b in range(0, len(windows), batch_size)]
         for i, layer in enumerate(tqdm(model.layers, desc="GPTQ", disable=not progress)):
-            for group in GPTQ_GROUPS:
-                hessians = _collect_hessians(layer, group, inputs, rope)
-                for role in group:
-                    weight = layer.linear(role).weight
-                    qw = gptq(weight, hessians[role], cfg.w_bits, cfg.w_clip_search, cfg.gptq_damp, cfg.gptq_block_size)
+            def quantize_group(roles: tuple[str, ...], inputs: list[torch.Tensor]) -> None:
+                h = hessian(inputs)
+                for role in roles:
+                    qw = gptq(layer.linear(role).weight, h, cfg.w_bits, cfg.w_clip_search, cfg.gptq_damp,
+                              cfg.gptq_block_size)
                     _set_weight(layer, role, qw)
                     out[f"layers.{i}.{role}"] = qw
-            inputs = _run_layer(layer, inputs, rope)
+
+            hs = [layer.norm_attn(x) for x in xs]
+            quantize_group(("q", "k", "v"), hs)
+            pre_o = [layer.attention_core(h, cos, sin, mask, None)[0] for h in hs]
+            quantize_group(("o",), pre_o)
+            xs = [layer.mid_residual(x, layer.attention_out(p)) for x, p in zip(xs, pre_o)]
+            del hs, pre_o
+            quantize_group(("gate", "up"), [layer.norm_mlp(x) for x in xs])
+            ms = [layer.mlp_hidden(layer.norm_mlp(x)) for x in xs]
+            quantize_group(("down",), ms)
+            xs = [layer.out_residual(x, layer.mlp_out(m)) for x, m in zip(xs, ms)]
     return out
 
 
-def _collect_hessians(layer: DecoderLayer, roles: tuple[str, ...], inputs: list[torch.Tensor],
-                      rope: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    accumulators = {r: HessianAccumulator(layer.linear(r).in_features, layer.linear(r).weight.device) for r in roles}
-
-    def hook_for(role: str) -> Callable:
-        return lambda _module, args: accumulators[role].add(args[0])
-
-    handles = [layer.linear(r).register_forward_pre_hook(hook_for(r)) for r in roles]
-    try:
-        _run_layer(layer, inputs, rope)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {r: acc.h for r, acc in accumulators.items()}
+def hessian(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``2/N * sum x^T x`` over all rows of ``inputs`` (float32 products, float64 accumulation)."""
+    acc = HessianAccumulator(inputs[0].shape[-1], inputs[0].device)
+    for x in inputs:
+        acc.add(x)
+    return acc.h
 
 
 def quantize_model(model: CausalLM, cfg: QuantConfig, windows: torch.Tensor | None = None,

@@ -54,19 +54,18 @@ def rtn(w: torch.Tensor, bits: int, clip_search: bool = True) -> QuantizedWeight
 
 
 class HessianAccumulator:
-    """Running ``H = 2/N * sum x^T x`` over calibration rows (float64), fed with a linear's inputs."""
+    """Running ``H = 2/N * sum x^T x`` over calibration rows: float32 products, float64 accumulation."""
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.h = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         self.h *= self.rows / (self.rows + n)
         self.rows += n
-        x = x * (2.0 / self.rows) ** 0.5
-        self.h += x.T @ x
+        self.h += (x.T @ x).double() * (2.0 / self.rows)
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_search: bool = True, damp: float = 0.01,

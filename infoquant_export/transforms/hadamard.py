@@ -1,0 +1,360 @@
+"""Hadamard matrices of order K * 2^m (Sylvester x Paley) and the fast transform ``x @ H``.
+
+Construction: ``H_n = kron(H_K, H_p)`` with ``p`` a power of two (Sylvester, natural order) and
+``K`` either 1 or a Paley order: ``K = q + 1`` (Paley I, q a prime power, q = 3 mod 4) or
+``K = 2 (q + 1)`` (Paley II, q a prime power, q = 1 mod 4). Both Paley constructions use the
+quadratic character of GF(q); prime powers q = p^k use real GF(p^k) arithmetic (polynomials over
+GF(p) modulo an irreducible polynomial found by search).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from infoquant_export.errors import UserError
+
+__all__ = [
+    "GaloisField",
+    "HadamardSizeError",
+    "apply_hadamard",
+    "block_hadamard_matrix",
+    "galois_field",
+    "hadamard_factors",
+    "hadamard_int",
+    "hadamard_matrix",
+    "randomized_hadamard_matrix",
+    "random_signs",
+]
+
+
+class HadamardSizeError(UserError):
+    """No Hadamard construction exists (in this module) for the requested size or block split."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Number theory and polynomials over GF(p)
+# ----------------------------------------------------------------------------------------------
+
+
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """Return ``(p, k)`` with ``q == p**k`` and p prime, or None if q is not a prime power."""
+    if q < 2:
+        return None
+    d = 2
+    while d * d <= q:
+        if q % d == 0:
+            k = 0
+            while q % d == 0:
+                q //= d
+                k += 1
+            return (d, k) if q == 1 else None
+        d += 1
+    return q, 1
+
+
+def _poly_mod(a: list[int], f: list[int], p: int) -> list[int]:
+    """Remainder of ``a`` modulo monic ``f`` over GF(p); coefficients low -> high."""
+    a = [c % p for c in a]
+    deg_f = len(f) - 1
+    for top in range(len(a) - 1, deg_f - 1, -1):
+        c = a[top]
+        if c:
+            shift = top - deg_f
+            for i, fc in enumerate(f):
+                a[shift + i] = (a[shift + i] - c * fc) % p
+    return a[:deg_f] if len(a) >= deg_f else a + [0] * (deg_f - len(a))
+
+
+def _monic_polys(p: int, deg: int) -> list[list[int]]:
+    """All monic polynomials of degree ``deg`` over GF(p), in lexicographic order of codes."""
+    out = []
+    for code in range(p**deg):
+        coeffs = [(code // p**i) % p for i in range(deg)]
+        out.append(coeffs + [1])
+    return out
+
+
+def _is_irreducible(f: list[int], p: int) -> bool:
+    """Trial division by every monic polynomial of degree 1 .. deg(f) // 2."""
+    deg = len(f) - 1
+    for d in range(1, deg // 2 + 1):
+        for g in _monic_polys(p, d):
+            if not any(_poly_mod(f, g, p)):
+                return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def _irreducible_poly(p: int, k: int) -> tuple[int, ...]:
+    """First monic irreducible polynomial of degree k over GF(p) (coefficients low -> high)."""
+    for f in _monic_polys(p, k):
+        if f[0] != 0 and _is_irreducible(f, p):
+            return tuple(f)
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")  # unreachable
+
+
+# ----------------------------------------------------------------------------------------------
+# GF(p^k) with vectorized numpy arithmetic on integer element codes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GaloisField:
+    """GF(p^k). Element code ``c`` = sum_i d_i p^i is the polynomial sum_i d_i x^i mod ``modulus``."""
+
+    p: int
+    k: int
+    modulus: tuple[int, ...]  # monic irreducible, coefficients low -> high, length k + 1
+
+    @property
+    def order(self) -> int:
+        return self.p**self.k
+
+    def digits(self, codes: np.ndarray) -> np.ndarray:
+        """Polynomial coefficients, shape ``codes.shape + (k,)``."""
+        powers = self.p ** np.arange(self.k, dtype=np.int64)
+        return (np.asarray(codes, dtype=np.int64)[..., None] // powers) % self.p
+
+    def encode(self, digits: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`digits` (digits are reduced mod p first)."""
+        powers = self.p ** np.arange(self.k, dtype=np.int64)
+        return ((np.asarray(digits, dtype=np.int64) % self.p) * powers).sum(-1)
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._digitwise(a, b, 1)
+
+    def sub(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._digitwise(a, b, -1)
+
+    def _digitwise(self, a: np.ndarray, b: np.ndarray, sign: int) -> np.ndarray:
+        a, b = np.broadcast_arrays(np.asarray(a, np.int64), np.asarray(b, np.int64))
+        out = np.zeros(a.shape, dtype=np.int64)
+        for i in range(self.k):  # one digit at a time keeps memory at one code array
+            w = self.p**i
+            out += (((a // w) % self.p + sign * ((b // w) % self.p)) % self.p) * w
+        return out
+
+    def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Product: polynomial convolution, then reduction by ``x^j mod modulus`` rows."""
+        da, db = self.digits(a), self.digits(b)
+        shape = np.broadcast_shapes(da.shape[:-1], db.shape[:-1])
+        conv = np.zeros(shape + (2 * self.k - 1,), dtype=np.int64)
+        for i in range(self.k):
+            for j in range(self.k):
+                conv[..., i + j] += da[..., i] * db[..., j]
+        return self.encode(conv % self.p @ self._reduction())
+
+    def _reduction(self) -> np.ndarray:
+        """Row j holds the digits of ``x^j mod modulus`` for j < 2k - 1."""
+        f = list(self.modulus)
+        rows = [_poly_mod([0] * j + [1], f, self.p) for j in range(2 * self.k - 1)]
+        return np.array(rows, dtype=np.int64)
+
+    def quadratic_character(self) -> np.ndarray:
+        """chi[c] for every code c: 0 at zero, +1 on nonzero squares, -1 elsewhere (int8)."""
+        elems = np.arange(self.order, dtype=np.int64)
+        chi = -np.ones(self.order, dtype=np.int8)
+        chi[self.mul(elems, elems)] = 1
+        chi[0] = 0
+        return chi
+
+
+@lru_cache(maxsize=None)
+def galois_field(q: int) -> GaloisField:
+    """GF(q) for a prime power q (the irreducible modulus is the first one found by search)."""
+    pk = _prime_power(q)
+    if pk is None:
+        raise ValueError(f"{q} is not a prime power")
+    p, k = pk
+    modulus = (0, 1) if k == 1 else _irreducible_poly(p, k)  # x for prime fields: codes = integers
+    return GaloisField(p, k, modulus)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paley and Sylvester blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def _paley_kind(order: int) -> tuple[str, int] | None:
+    """``("I", q)`` or ``("II", q)`` if ``order`` is a Paley order, else None (Paley I preferred)."""
+    q = order - 1
+    if q % 4 == 3 and _prime_power(q):
+        return "I", q
+    if order % 2 == 0:
+        q = order // 2 - 1
+        if q % 4 == 1 and _prime_power(q):
+            return "II", q
+    return None
+
+
+def _jacobsthal(q: int) -> np.ndarray:
+    """Q[a, b] = chi(a - b) over GF(q), int64, indexed by element codes."""
+    field = galois_field(q)
+    chi = field.quadratic_character()
+    codes = np.arange(q, dtype=np.int64)
+    if field.k == 1:
+        diff = (codes[:, None] - codes[None, :]) % q
+    else:
+        diff = field.sub(codes[:, None], codes[None, :])
+    return chi[diff].astype(np.int64)
+
+
+def _conference_core(q: int, skew: bool) -> np.ndarray:
+    """[[0, 1^T], [+-1, Q]]: skew-symmetric (q = 3 mod 4) or symmetric (q = 1 mod 4)."""
+    s = np.zeros((q + 1, q + 1), dtype=np.int64)
+    s[0, 1:] = 1
+    s[1:, 0] = -1 if skew else 1
+    s[1:, 1:] = _jacobsthal(q)
+    return s
+
+
+@lru_cache(maxsize=None)
+def _paley_block(order: int) -> np.ndarray:
+    """Paley Hadamard matrix of the given order (read-only int64)."""
+    kind = _paley_kind(order)
+    if kind is None:
+        raise ValueError(f"{order} is not a Paley order")
+    name, q = kind
+    if name == "I":
+        h = np.eye(q + 1, dtype=np.int64) + _conference_core(q, skew=True)
+    else:
+        s = _conference_core(q, skew=False)
+        h = np.kron(s, [[1, 1], [1, -1]]) + np.kron(np.eye(q + 1, dtype=np.int64), [[1, -1], [-1, -1]])
+    h.setflags(write=False)
+    return h
+
+
+@lru_cache(maxsize=None)
+def _sylvester(p: int) -> np.ndarray:
+    """Natural-order Sylvester matrix: H[i, j] = (-1)^popcount(i & j) (read-only int64)."""
+    idx = np.arange(p, dtype=np.int64)
+    parity = np.bitwise_count(idx[:, None] & idx[None, :]) & 1
+    h = (1 - 2 * parity.astype(np.int64)).astype(np.int64)
+    h.setflags(write=False)
+    return h
+
+
+def _k_block(k: int) -> np.ndarray:
+    return np.ones((1, 1), dtype=np.int64) if k == 1 else _paley_block(k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _size_error(n: int) -> HadamardSizeError:
+    odd, e = n, 0
+    while odd > 0 and odd % 2 == 0:
+        odd, e = odd // 2, e + 1
+    return HadamardSizeError(
+        f"no Hadamard construction for size {n} ({n} = {odd} * 2^{e} and no Paley order K divides it "
+        "with a power-of-2 cofactor)",
+        "choose a size K*2^m with K in {1, 12, 20, 28, 36, ...} or use a block-diagonal split / identity rotation",
+    )
+
+
+@lru_cache(maxsize=None)
+def hadamard_factors(n: int) -> tuple[int, int]:
+    """``(K, p)`` with ``n = K * p``, p a power of 2 and K the smallest constructible block (1 = Sylvester)."""
+    if not isinstance(n, int) or n < 1:
+        raise HadamardSizeError(f"no Hadamard construction for size {n!r}", "use a positive integer size")
+    odd = n
+    while odd % 2 == 0:
+        odd //= 2
+    if odd == 1:
+        return 1, n
+    k = odd
+    while n % k == 0:
+        if _paley_kind(k) is not None:
+            return k, n // k
+        k *= 2
+    raise _size_error(n)
+
+
+def hadamard_int(n: int) -> torch.Tensor:
+    """Unnormalized +-1 Hadamard matrix (int64), ``kron(H_K, H_p)``; exactly ``H @ H.T == n * I``."""
+    k, p = hadamard_factors(n)
+    return torch.from_numpy(np.kron(_k_block(k), _sylvester(p)))
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Orthogonal Hadamard matrix ``hadamard_int(n) / sqrt(n)`` in ``dtype``."""
+    k, p = hadamard_factors(n)
+    hk = torch.from_numpy(_k_block(k)).to(dtype)
+    hp = torch.from_numpy(_sylvester(p)).to(dtype)
+    return torch.kron(hk, hp) / math.sqrt(n)  # +-1 entries are exact in dtype; same values as int / sqrt
+
+
+def _block_size(n: int, num_blocks: int) -> int:
+    if num_blocks < 1 or n % num_blocks:
+        raise HadamardSizeError(
+            f"size {n} cannot be split into num_blocks={num_blocks} equal Hadamard blocks",
+            f"choose num_blocks >= 1 dividing {n}",
+        )
+    return n // num_blocks
+
+
+def block_hadamard_matrix(n: int, num_blocks: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Block-diagonal matrix of ``num_blocks`` copies of ``hadamard_matrix(n // num_blocks)``."""
+    h = hadamard_matrix(_block_size(n, num_blocks), dtype)
+    return h if num_blocks == 1 else torch.block_diag(*([h] * num_blocks))
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """+-1 float64 vector: ``2 * randint(0, 2, (n,)) - 1`` from ``torch.Generator().manual_seed(seed)``."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64)
+    return (2 * bits - 1).to(torch.float64)
+
+
+def randomized_hadamard_matrix(
+    n: int, seed: int, num_blocks: int = 1, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``diag(random_signs(n, seed)) @ block_hadamard_matrix(n, num_blocks)`` (orthogonal)."""
+    h = block_hadamard_matrix(n, num_blocks, dtype)
+    return random_signs(n, seed).to(dtype)[:, None] * h
+
+
+def _fwht(y: torch.Tensor) -> torch.Tensor:
+    """Unnormalized ``y @ H_p`` over the last axis (Sylvester natural order), stages h = 1, 2, ..., p/2."""
+    p = y.shape[-1]
+    lead = y.shape[:-1]
+    h = 1
+    while h < p:
+        v = y.reshape(*lead, p // (2 * h), 2, h)
+        a, b = v[..., 0, :], v[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).reshape(*lead, p)
+        h *= 2
+    return y
+
+
+def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
+    """``x @ block_hadamard_matrix(x.shape[-1], num_blocks)`` for row vectors, without a dense matrix.
+
+    Computed in ``x.dtype`` (float32 / float64). With ``n_block = K * p`` (``hadamard_factors``) and each
+    block reshaped row-major to ``X`` of shape ``(..., K, p)`` (index ``i = a * p + b``), the exact order is:
+
+    1. FWHT over the p axis: butterfly stages ``h = 1, 2, 4, ..., p/2``; each stage maps the pair
+       ``(y[j], y[j + h])`` (j with bit h clear) to ``(y[j] + y[j + h], y[j] - y[j + h])``. Unnormalized.
+    2. ``H_K^T @ Y`` over the K axis: dense matmul with the int K x K Paley block cast to ``x.dtype``
+       (skipped when K == 1).
+    3. Multiply by the python float ``1 / math.sqrt(n_block)`` cast to ``x.dtype``.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"apply_hadamard needs a floating-point tensor, got {x.dtype}")
+    n = x.shape[-1]
+    n_block = _block_size(n, num_blocks)
+    k, p = hadamard_factors(n_block)
+    lead = x.shape[:-1]
+    y = _fwht(x.reshape(*lead, num_blocks, k, p))
+    if k > 1:
+        hk_t = torch.from_numpy(_paley_block(k)).to(x.dtype).T
+        y = torch.matmul(hk_t, y)
+    scale = torch.tensor(1.0 / math.sqrt(n_block), dtype=x.dtype)
+    return (y * scale).reshape(*lead, n)
