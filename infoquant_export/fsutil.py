@@ -12,6 +12,12 @@ from pathlib import Path
 from infoquant_export.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds.
@@ -24,6 +30,7 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the final directory the usual mode
         yield tmp
         os.replace(tmp, out)
     except BaseException:
