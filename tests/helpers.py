@@ -46,3 +46,34 @@ def tiny_hf_model(family: str, *, hidden: int = 64, heads: int = 4, kv_heads: in
         if outliers:
             model.model.embed_tokens.weight[:, :3] *= 12.0
     return model
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(vocab: int = 512):
+    """A byte-level BPE tokenizer trained in code on the shipped calibration text, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from infoquant_export.data.corpus import load_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([load_text("default", "calibration")[:100_000]], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_model_dir(path, family: str = "llama", **kwargs):
+    """Write a tiny HF model directory (safetensors + tokenizer) that the CLI can load like a real one."""
+    model = tiny_hf_model(family, vocab=512, **kwargs)
+    model.config.eos_token_id = 2
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -202,13 +202,13 @@ def test_round_trip_transpose(n: int, num_blocks: int) -> None:
     assert (apply_hadamard(x, num_blocks) @ h.T - x).abs().max() < 1e-12  # measured 2.7e-15
 
 
-@pytest.mark.parametrize(("n", "num_blocks"), [(576, 1), (1536, 2), (5120, 4)])
+@pytest.mark.parametrize(("n", "num_blocks"), [(576, 1), (1536, 2), (1280, 4)])
 def test_randomized_orthogonal(n: int, num_blocks: int) -> None:
     r = randomized_hadamard_matrix(n, seed=7, num_blocks=num_blocks)
     assert (r @ r.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-12  # measured 1.6e-15
     signs = random_signs(n, 7)
     assert torch.equal(signs, random_signs(n, 7)) and torch.equal(signs.abs(), torch.ones(n, dtype=torch.float64))
-    assert torch.equal(r, torch.diag(signs) @ block_hadamard_matrix(n, num_blocks))
+    assert torch.equal(r, signs[:, None] * block_hadamard_matrix(n, num_blocks))  # == diag(signs) @ B
 
 
 @pytest.mark.parametrize("n", [6, 14, 22, 3 * 7])

@@ -1,0 +1,18 @@
+"""The README holds exactly two set-up commands and .ci/run runs the test one verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    readme = (REPO / "README.md").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```\n(.*?)\n```", setup, flags=re.S)
+    assert len(commands) == 2
+    main_job, tests = commands
+    assert "quantize --model demo" in main_job and "pytest" in tests
+    assert tests in (REPO / ".ci" / "run").read_text().splitlines()
