@@ -35,6 +35,7 @@ from infoquant_export.transforms.schema import TransformSchema
 
 FORMAT = "infoquant-export/quantized-model"
 FORMAT_VERSION = 1
+FIX_NOT_ARTIFACT = "pass a directory written by `infoquant-export quantize`"
 
 
 @dataclass
@@ -91,7 +92,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}", "pass a directory written by `infoquant-export quantize`") from err
+        raise UserError(f"cannot read {path}: {err}", FIX_NOT_ARTIFACT) from err
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -103,7 +104,7 @@ def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bo
     directory = Path(directory)
     if not is_artifact(directory):
         raise UserError(f"{directory} is not a quantized artifact (no config.json/model.safetensors)",
-                        "pass a directory written by `infoquant-export quantize`")
+                        FIX_NOT_ARTIFACT)
     config = _read_json(directory / "config.json")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{directory} has format {config.get('format')} v{config.get('format_version')}",
@@ -113,7 +114,8 @@ def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bo
         schema = TransformSchema.from_dict(_read_json(directory / "transforms.json"))
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"corrupt artifact {directory}: {err}", "re-run quantize") from err
-    cfg, quant, biases = ModelConfig.from_dict(config["model"]), QuantConfig.from_dict(config["quant"]), config["biases"]
+    cfg, quant = ModelConfig.from_dict(config["model"]), QuantConfig.from_dict(config["quant"])
+    biases = config["biases"]
     model = CausalLM(cfg, tensors["inv_freq"], qkv_bias=biases["q"], o_bias=biases["o"], mlp_bias=biases["down"])
     weights: dict[str, QuantizedWeight] = {}
     with torch.no_grad():

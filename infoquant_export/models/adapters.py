@@ -38,7 +38,8 @@ class ArchitectureAdapter:
         text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
         act = getattr(text, "hidden_act", "silu")
         if act != self.activation:
-            raise UserError(f"unsupported activation {act!r} in a {self.family} model", "only SiLU-gated MLPs are supported")
+            raise UserError(f"unsupported activation {act!r} in a {self.family} model",
+                            "only SiLU-gated MLPs are supported")
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
@@ -66,7 +67,7 @@ class ArchitectureAdapter:
             model.embed.weight.copy_(hf_model.get_submodule(self.embed).weight.float())
             model.lm_head.weight.copy_(hf_model.get_submodule(self.lm_head).weight.float())
             model.norm.copy_(hf_model.get_submodule(self.final_norm).weight.float())
-            for src, dst in zip(layers, model.layers):
+            for src, dst in zip(layers, model.layers, strict=True):
                 dst.input_norm.copy_(src.get_submodule(self.input_norm).weight.float())
                 dst.post_norm.copy_(src.get_submodule(self.post_attention_norm).weight.float())
                 for role, path in self.projections.items():

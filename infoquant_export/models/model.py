@@ -260,5 +260,5 @@ def activation_quant_disabled(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for q, state in zip(quantizers, states):
+        for q, state in zip(quantizers, states, strict=True):
             q.enabled = state

@@ -56,24 +56,28 @@ def quantize_weights_gptq(model: CausalLM, cfg: QuantConfig, windows: torch.Tens
         _, cos, sin, mask = model.layer_inputs(windows[:1].to(device))
         xs = [model.embed(windows[b:b + batch_size].to(device)) for b in range(0, len(windows), batch_size)]
         for i, layer in enumerate(tqdm(model.layers, desc="GPTQ", disable=not progress)):
-            def quantize_group(roles: tuple[str, ...], inputs: list[torch.Tensor]) -> None:
-                h = hessian(inputs)
-                for role in roles:
-                    qw = gptq(layer.linear(role).weight, h, cfg.w_bits, cfg.w_clip_search, cfg.gptq_damp,
-                              cfg.gptq_block_size)
-                    _set_weight(layer, role, qw)
-                    out[f"layers.{i}.{role}"] = qw
-
             hs = [layer.norm_attn(x) for x in xs]
-            quantize_group(("q", "k", "v"), hs)
+            out.update(_gptq_group(layer, i, ("q", "k", "v"), hs, cfg))
             pre_o = [layer.attention_core(h, cos, sin, mask, None)[0] for h in hs]
-            quantize_group(("o",), pre_o)
-            xs = [layer.mid_residual(x, layer.attention_out(p)) for x, p in zip(xs, pre_o)]
+            out.update(_gptq_group(layer, i, ("o",), pre_o, cfg))
+            xs = [layer.mid_residual(x, layer.attention_out(p)) for x, p in zip(xs, pre_o, strict=True)]
             del hs, pre_o
-            quantize_group(("gate", "up"), [layer.norm_mlp(x) for x in xs])
+            out.update(_gptq_group(layer, i, ("gate", "up"), [layer.norm_mlp(x) for x in xs], cfg))
             ms = [layer.mlp_hidden(layer.norm_mlp(x)) for x in xs]
-            quantize_group(("down",), ms)
-            xs = [layer.out_residual(x, layer.mlp_out(m)) for x, m in zip(xs, ms)]
+            out.update(_gptq_group(layer, i, ("down",), ms, cfg))
+            xs = [layer.out_residual(x, layer.mlp_out(m)) for x, m in zip(xs, ms, strict=True)]
+    return out
+
+
+def _gptq_group(layer: DecoderLayer, index: int, roles: tuple[str, ...], inputs: list[torch.Tensor],
+                cfg: QuantConfig) -> QuantizedWeights:
+    """GPTQ the linears ``roles`` of one layer, which all consume ``inputs``; installs the quantized weights."""
+    h = hessian(inputs)
+    out: QuantizedWeights = {}
+    for role in roles:
+        qw = gptq(layer.linear(role).weight, h, cfg.w_bits, cfg.w_clip_search, cfg.gptq_damp, cfg.gptq_block_size)
+        _set_weight(layer, role, qw)
+        out[f"layers.{index}.{role}"] = qw
     return out
 
 

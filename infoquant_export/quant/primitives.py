@@ -61,7 +61,9 @@ def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tor
 # ---------------------------------------------------------------------------------------------------------------
 # activations and KV: per-token asymmetric (numerics.md section 3)
 # ---------------------------------------------------------------------------------------------------------------
-def activation_qparams(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_qparams(
+    x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row asymmetric (scale, zero point) over the last dim, both float32 with keepdim.
 
     xmin = min(min(x), 0) * clip, xmax = max(max(x), 0) * clip; s = max((xmax - xmin) / qmax, eps);

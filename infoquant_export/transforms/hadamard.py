@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ def _is_irreducible(f: list[int], p: int) -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def _irreducible_poly(p: int, k: int) -> tuple[int, ...]:
     """First monic irreducible polynomial of degree k over GF(p) (coefficients low -> high)."""
     for f in _monic_polys(p, k):
@@ -164,7 +164,7 @@ class GaloisField:
         return chi
 
 
-@lru_cache(maxsize=None)
+@cache
 def galois_field(q: int) -> GaloisField:
     """GF(q) for a prime power q (the irreducible modulus is the first one found by search)."""
     pk = _prime_power(q)
@@ -180,6 +180,7 @@ def galois_field(q: int) -> GaloisField:
 # ----------------------------------------------------------------------------------------------
 
 
+@cache
 def _paley_kind(order: int) -> tuple[str, int] | None:
     """``("I", q)`` or ``("II", q)`` if ``order`` is a Paley order, else None (Paley I preferred)."""
     q = order - 1
@@ -193,54 +194,57 @@ def _paley_kind(order: int) -> tuple[str, int] | None:
 
 
 def _jacobsthal(q: int) -> np.ndarray:
-    """Q[a, b] = chi(a - b) over GF(q), int64, indexed by element codes."""
+    """Q[a, b] = chi(a - b) over GF(q), int8, indexed by element codes."""
     field = galois_field(q)
     chi = field.quadratic_character()
     codes = np.arange(q, dtype=np.int64)
-    if field.k == 1:
-        diff = (codes[:, None] - codes[None, :]) % q
-    else:
-        diff = field.sub(codes[:, None], codes[None, :])
-    return chi[diff].astype(np.int64)
+    out = np.empty((q, q), dtype=np.int8)
+    step = max(1, 2**22 // q)  # row chunks bound the int64 temporaries for large q
+    for start in range(0, q, step):
+        rows = codes[start : start + step, None]
+        diff = (rows - codes) % q if field.k == 1 else field.sub(rows, codes[None, :])
+        out[start : start + step] = chi[diff]
+    return out
 
 
 def _conference_core(q: int, skew: bool) -> np.ndarray:
     """[[0, 1^T], [+-1, Q]]: skew-symmetric (q = 3 mod 4) or symmetric (q = 1 mod 4)."""
-    s = np.zeros((q + 1, q + 1), dtype=np.int64)
+    s = np.zeros((q + 1, q + 1), dtype=np.int8)
     s[0, 1:] = 1
     s[1:, 0] = -1 if skew else 1
     s[1:, 1:] = _jacobsthal(q)
     return s
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=32)
 def _paley_block(order: int) -> np.ndarray:
-    """Paley Hadamard matrix of the given order (read-only int64)."""
+    """Paley Hadamard matrix of the given order (read-only int8)."""
     kind = _paley_kind(order)
     if kind is None:
         raise ValueError(f"{order} is not a Paley order")
     name, q = kind
     if name == "I":
-        h = np.eye(q + 1, dtype=np.int64) + _conference_core(q, skew=True)
-    else:
+        h = np.eye(q + 1, dtype=np.int8) + _conference_core(q, skew=True)
+    else:  # 0 -> [[1, -1], [-1, -1]], +-1 -> +-[[1, 1], [1, -1]]
         s = _conference_core(q, skew=False)
-        h = np.kron(s, [[1, 1], [1, -1]]) + np.kron(np.eye(q + 1, dtype=np.int64), [[1, -1], [-1, -1]])
+        eye = np.eye(q + 1, dtype=np.int8)
+        h = np.kron(s, np.array([[1, 1], [1, -1]], np.int8)) + np.kron(eye, np.array([[1, -1], [-1, -1]], np.int8))
     h.setflags(write=False)
     return h
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=16)
 def _sylvester(p: int) -> np.ndarray:
-    """Natural-order Sylvester matrix: H[i, j] = (-1)^popcount(i & j) (read-only int64)."""
+    """Natural-order Sylvester matrix: H[i, j] = (-1)^popcount(i & j) (read-only int8)."""
     idx = np.arange(p, dtype=np.int64)
-    parity = np.bitwise_count(idx[:, None] & idx[None, :]) & 1
-    h = (1 - 2 * parity.astype(np.int64)).astype(np.int64)
+    parity = (np.bitwise_count(idx[:, None] & idx[None, :]) & 1).astype(np.int8)
+    h = 1 - 2 * parity
     h.setflags(write=False)
     return h
 
 
 def _k_block(k: int) -> np.ndarray:
-    return np.ones((1, 1), dtype=np.int64) if k == 1 else _paley_block(k)
+    return np.ones((1, 1), dtype=np.int8) if k == 1 else _paley_block(k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def _size_error(n: int) -> HadamardSizeError:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def hadamard_factors(n: int) -> tuple[int, int]:
     """``(K, p)`` with ``n = K * p``, p a power of 2 and K the smallest constructible block (1 = Sylvester)."""
     if not isinstance(n, int) or n < 1:
@@ -280,14 +284,14 @@ def hadamard_factors(n: int) -> tuple[int, int]:
 def hadamard_int(n: int) -> torch.Tensor:
     """Unnormalized +-1 Hadamard matrix (int64), ``kron(H_K, H_p)``; exactly ``H @ H.T == n * I``."""
     k, p = hadamard_factors(n)
-    return torch.from_numpy(np.kron(_k_block(k), _sylvester(p)))
+    return torch.from_numpy(np.kron(_k_block(k), _sylvester(p)).astype(np.int64))
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Orthogonal Hadamard matrix ``hadamard_int(n) / sqrt(n)`` in ``dtype``."""
     k, p = hadamard_factors(n)
-    hk = torch.from_numpy(_k_block(k)).to(dtype)
-    hp = torch.from_numpy(_sylvester(p)).to(dtype)
+    hk = torch.tensor(_k_block(k), dtype=dtype)
+    hp = torch.tensor(_sylvester(p), dtype=dtype)
     return torch.kron(hk, hp) / math.sqrt(n)  # +-1 entries are exact in dtype; same values as int / sqrt
 
 
@@ -354,7 +358,7 @@ def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
     lead = x.shape[:-1]
     y = _fwht(x.reshape(*lead, num_blocks, k, p))
     if k > 1:
-        hk_t = torch.from_numpy(_paley_block(k)).to(x.dtype).T
+        hk_t = torch.tensor(_paley_block(k), dtype=x.dtype).T
         y = torch.matmul(hk_t, y)
     scale = torch.tensor(1.0 / math.sqrt(n_block), dtype=x.dtype)
     return (y * scale).reshape(*lead, n)

@@ -15,16 +15,21 @@ from infoquant_export.transforms.schema import Fold, Rotation, TransformSchema
 
 RESIDUAL_INPUT_ROLES = ("q", "k", "v", "gate", "up")
 RESIDUAL_OUTPUT_ROLES = ("o", "down")
+ONLINE_ATTRIBUTES = {"qk_post_rope": "qk_rotation", "down_proj_input": "down_rotation"}  # DecoderLayer attributes
 
 
-def hadamard_schema(hidden: int, head_dim: int, intermediate: int, num_blocks: int = 1, seed: int = 0) -> TransformSchema:
-    """QuaRot-style rotations: randomized Hadamard residual basis, per-head V/O Hadamard, online q/k and down Hadamards."""
+def hadamard_schema(hidden: int, head_dim: int, intermediate: int, num_blocks: int = 1,
+                    seed: int = 0) -> TransformSchema:
+    """QuaRot-style rotations: randomized Hadamard residual basis, per-head V/O Hadamard, online q/k and down
+    Hadamards."""
     residual_folds = [Fold("embed", "output"), Fold("lm_head", "input")]
-    residual_folds += [Fold(r, "input") for r in RESIDUAL_INPUT_ROLES] + [Fold(r, "output") for r in RESIDUAL_OUTPUT_ROLES]
+    residual_folds += [Fold(r, "input") for r in RESIDUAL_INPUT_ROLES]
+    residual_folds += [Fold(r, "output") for r in RESIDUAL_OUTPUT_ROLES]
     return TransformSchema(fused_norms=True, rotations=[
         Rotation("R1", "randomized_hadamard", hidden, "residual", "offline", num_blocks=num_blocks, seed=seed,
                  folds=residual_folds),
-        Rotation("R2", "hadamard", head_dim, "attention_value", "offline", folds=[Fold("v", "output"), Fold("o", "input")]),
+        Rotation("R2", "hadamard", head_dim, "attention_value", "offline",
+                 folds=[Fold("v", "output"), Fold("o", "input")]),
         Rotation("R3", "hadamard", head_dim, "qk_post_rope", "online"),
         Rotation("R4", "hadamard", intermediate, "down_proj_input", "online", folds=[Fold("down", "input")]),
     ])
@@ -114,7 +119,7 @@ def attach_online(model: CausalLM, rotation: Rotation) -> None:
             n = rotation.block_size
             op = OnlineRotation(rotation.num_blocks, torch.stack(
                 [blocks[b * n:(b + 1) * n, b * n:(b + 1) * n] for b in range(rotation.num_blocks)]))
-        attribute = {"qk_post_rope": "qk_rotation", "down_proj_input": "down_rotation"}.get(rotation.site, rotation.site)
+        attribute = ONLINE_ATTRIBUTES.get(rotation.site, rotation.site)
         setattr(layer, attribute, op.to(model.device))
 
 

@@ -40,7 +40,8 @@ def test_gptq_beats_rtn_on_layer_output():
     acc = HessianAccumulator(w.shape[1])
     for chunk in x.split(512):
         acc.add(chunk)
-    assert torch.allclose(acc.h, 2 * x.double().T @ x.double() / len(x), rtol=1e-4, atol=1e-4)  # float32 products, float64 accumulation
+    exact = 2 * x.double().T @ x.double() / len(x)
+    assert torch.allclose(acc.h, exact, rtol=1e-4, atol=1e-4)  # float32 products, float64 accumulation
     ref = x @ w.T
     rtn_sqnr = sqnr_db(ref, x @ rtn(w, 4).dequantize().T)
     gptq_w = gptq(w, acc.h, 4)
