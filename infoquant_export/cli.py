@@ -48,7 +48,8 @@ def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity of an artifact (fake quant) or a full-precision model")
     p.add_argument("target", nargs="?", help="artifact directory written by quantize")
     p.add_argument("--model", help="full-precision model instead: demo | .gguf | HF directory")
-    p.add_argument("--corpus", default="default", help="default | wikitext2 | path to .txt file or directory")
+    p.add_argument("--corpus", "--dataset", dest="corpus", default="default",
+                   help="default | wikitext2 | path to .txt file or directory")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
