@@ -263,11 +263,15 @@ def _size_error(n: int) -> HadamardSizeError:
     )
 
 
-@cache
 def hadamard_factors(n: int) -> tuple[int, int]:
     """``(K, p)`` with ``n = K * p``, p a power of 2 and K the smallest constructible block (1 = Sylvester)."""
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise HadamardSizeError(f"no Hadamard construction for size {n!r}", "use a positive integer size")
+    return _factors(int(n))
+
+
+@cache
+def _factors(n: int) -> tuple[int, int]:
     odd = n
     while odd % 2 == 0:
         odd //= 2
@@ -281,18 +285,22 @@ def hadamard_factors(n: int) -> tuple[int, int]:
     raise _size_error(n)
 
 
+def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``kron(a, b)`` for 2-D tensors in one broadcast multiply."""
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+
+
 def hadamard_int(n: int) -> torch.Tensor:
     """Unnormalized +-1 Hadamard matrix (int64), ``kron(H_K, H_p)``; exactly ``H @ H.T == n * I``."""
     k, p = hadamard_factors(n)
-    return torch.from_numpy(np.kron(_k_block(k), _sylvester(p)).astype(np.int64))
+    return _kron(torch.tensor(_k_block(k), dtype=torch.int64), torch.tensor(_sylvester(p), dtype=torch.int64))
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Orthogonal Hadamard matrix ``hadamard_int(n) / sqrt(n)`` in ``dtype``."""
     k, p = hadamard_factors(n)
-    hk = torch.tensor(_k_block(k), dtype=dtype)
-    hp = torch.tensor(_sylvester(p), dtype=dtype)
-    return torch.kron(hk, hp) / math.sqrt(n)  # +-1 entries are exact in dtype; same values as int / sqrt
+    hk = torch.tensor(_k_block(k), dtype=dtype) / math.sqrt(n)  # +-1/sqrt(n), then * +-1 (exact): same values
+    return _kron(hk, torch.tensor(_sylvester(p), dtype=dtype))
 
 
 def _block_size(n: int, num_blocks: int) -> int:
@@ -327,6 +335,7 @@ def randomized_hadamard_matrix(
 
 def _fwht(y: torch.Tensor) -> torch.Tensor:
     """Unnormalized ``y @ H_p`` over the last axis (Sylvester natural order), stages h = 1, 2, ..., p/2."""
+    # Butterfly stages via reshape (no Sylvester matmul, for every p): log2(p) add/sub passes.
     p = y.shape[-1]
     lead = y.shape[:-1]
     h = 1
