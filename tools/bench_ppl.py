@@ -1,6 +1,7 @@
 """Perplexity / quantize-cost benchmark on the demo model: runs the CLI for each configuration, prints JSON.
 
 Usage: python tools/bench_ppl.py [--model demo] [--max-windows 80] [--configs fp,w4a16-rtn,...] [--workdir DIR]
+                                [--repeat N] [--no-eval]
 Each configuration is `infoquant-export quantize ...` (timed, peak RSS) then `infoquant-export eval ... --json`,
 each in its own process, so peak memory is per configuration.
 """
@@ -12,6 +13,7 @@ import datetime
 import json
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--workdir", default=None, help="keep artifacts here (default: a temp dir, removed)")
+    parser.add_argument("--repeat", type=int, default=1, help="quantize N times; report median wall time and RSS")
+    parser.add_argument("--no-eval", action="store_true", help="only time quantize")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="iq-bench-"))
     results = []
@@ -57,11 +61,19 @@ def main() -> None:
         target = ["--model", args.model]
         if flags is not None:
             out = work / name
-            shutil.rmtree(out, ignore_errors=True)
-            q = run_json([*CLI, "quantize", "--model", args.model, *flags, "--out", str(out)])
-            entry.update(quantize_wall_s=q["wall_s"], quantize_peak_rss_mb=q["peak_rss_mb"],
+            runs = []
+            for _ in range(args.repeat):
+                shutil.rmtree(out, ignore_errors=True)
+                runs.append(run_json([*CLI, "quantize", "--model", args.model, *flags, "--out", str(out)]))
+            entry.update(quantize_wall_s=statistics.median(r["wall_s"] for r in runs),
+                         quantize_peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in runs),
+                         quantize_runs=[r["wall_s"] for r in runs],
                          command="infoquant-export quantize --model {} {}".format(args.model, " ".join(flags)))
             target = [str(out)]
+        if args.no_eval:
+            results.append(entry)
+            print(json.dumps(entry), file=sys.stderr, flush=True)
+            continue
         e = run_json([*CLI, "eval", *target, "--max-windows", str(args.max_windows), "--seq-len", str(args.seq_len),
                       "--json"])
         entry.update({k: e[k] for k in ("ppl", "tokens", "windows", "seq_len", "corpus")})
