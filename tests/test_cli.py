@@ -119,7 +119,7 @@ def test_atomic_dir_leaves_nothing_on_interrupt(tmp_path):
 def test_ctrl_c_exits_130_without_partial_output(model_dir, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "infoquant_export.cli", "quantize", "--model", str(model_dir), "--out", str(out),
-           "--calib-windows", "64", "--calib-seq-len", "256"]
+           "--calib-windows", "4000", "--calib-seq-len", "256"]  # seconds of calibration, to interrupt
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path.cwd())
     seen, deadline = b"", time.monotonic() + 300
     while b"GPTQ" not in seen and time.monotonic() < deadline and proc.poll() is None:
