@@ -89,20 +89,18 @@ def load_hf_model(spec: str) -> tuple[Any, Any, dict[str, str]]:
     if not path.exists():
         raise UserError(f"model path {spec} does not exist", "pass --model demo, a .gguf file or a HF model directory")
     if path.is_file() and path.suffix == ".gguf":
-        loader = lambda: _load_hf(path.parent, path.name)  # noqa: E731
-        kind = "gguf"
+        directory, gguf_file, kind = path.parent, path.name, "gguf"
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{spec} has no config.json", "pass a Hugging Face model directory or a .gguf file")
         if not list(path.glob("*.safetensors")):
             raise UserError(f"{spec} has no .safetensors weights",
                             "convert the checkpoint to safetensors (pickled .bin files are never loaded)")
-        loader = lambda: _load_hf(path, None)  # noqa: E731
-        kind = "hf"
+        directory, gguf_file, kind = path, None, "hf"
     else:
         raise UserError(f"{spec} is neither a .gguf file nor a model directory", "pass a .gguf file or a HF directory")
     try:
-        model, tokenizer = loader()
+        model, tokenizer = _load_hf(directory, gguf_file)
     except UserError:
         raise
     except Exception as err:  # transformers raises many types for corrupt files
