@@ -99,8 +99,31 @@ def is_artifact(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
 
 
-def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bool = True) -> Artifact:
-    """Rebuild the fake-quant model of an artifact directory."""
+@dataclass
+class Manifest:
+    """The validated JSON side of an artifact (no tensors loaded)."""
+
+    directory: Path
+    config: dict[str, Any]
+    model: ModelConfig
+    quant: QuantConfig
+    schema: TransformSchema
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / "model.safetensors"
+
+    @property
+    def biases(self) -> dict[str, bool]:
+        return self.config["biases"]
+
+    @property
+    def weight_bits(self) -> dict[str, int]:
+        return self.config["weight_bits"]
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Validate an artifact directory's format version, config and transform schema."""
     directory = Path(directory)
     if not is_artifact(directory):
         raise UserError(f"{directory} is not a quantized artifact (no config.json/model.safetensors)",
@@ -110,11 +133,26 @@ def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bo
         raise UserError(f"{directory} has format {config.get('format')} v{config.get('format_version')}",
                         f"this build reads {FORMAT} v{FORMAT_VERSION}; re-run quantize")
     try:
-        tensors = load_file(str(directory / "model.safetensors"))
         schema = TransformSchema.from_dict(_read_json(directory / "transforms.json"))
-    except (OSError, ValueError, KeyError) as err:
+        return Manifest(directory, config, ModelConfig.from_dict(config["model"]),
+                        QuantConfig.from_dict(config["quant"]), schema)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"corrupt artifact {directory}: {err}", "re-run quantize with this version") from err
+
+
+def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bool = True) -> Artifact:
+    """Rebuild the fake-quant model of an artifact directory."""
+    manifest = read_manifest(directory)
+    directory, config, cfg, quant, schema = (manifest.directory, manifest.config, manifest.model, manifest.quant,
+                                             manifest.schema)
+    try:
+        tensors = load_file(str(manifest.weights_path))
+    except (OSError, ValueError) as err:
         raise UserError(f"corrupt artifact {directory}: {err}", "re-run quantize") from err
-    cfg, quant = ModelConfig.from_dict(config["model"]), QuantConfig.from_dict(config["quant"])
+    missing = [k for k in expected_tensor_keys(manifest) if k not in tensors]
+    if missing:
+        raise UserError(f"artifact {directory} lacks tensor {missing[0]!r} ({len(missing)} missing)",
+                        "re-run quantize; the weights file is incomplete")
     biases = config["biases"]
     model = CausalLM(cfg, tensors["inv_freq"], qkv_bias=biases["q"], o_bias=biases["o"], mlp_bias=biases["down"])
     weights: dict[str, QuantizedWeight] = {}
@@ -145,3 +183,17 @@ def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bo
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
     return Artifact(model.to(device).eval(), tokenizer, quant, schema, config.get("source", {}), weights)
+
+
+def expected_tensor_keys(manifest: Manifest) -> list[str]:
+    """Every tensor key the artifact's config promises."""
+    keys = ["embed.weight", "lm_head.weight", "norm", "inv_freq"]
+    for i in range(manifest.model.num_layers):
+        keys += [f"layers.{i}.input_norm", f"layers.{i}.post_norm"]
+        for role in LINEAR_ROLES:
+            key = f"layers.{i}.{role}"
+            keys += [f"{key}.qweight", f"{key}.scale"] if key in manifest.weight_bits else [f"{key}.weight"]
+            if manifest.biases[role]:
+                keys.append(f"{key}.bias")
+    return keys
+
