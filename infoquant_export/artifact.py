@@ -27,7 +27,7 @@ from infoquant_export import __version__
 from infoquant_export.config import QuantConfig
 from infoquant_export.errors import UserError
 from infoquant_export.models.model import LINEAR_ROLES, CausalLM, ModelConfig
-from infoquant_export.quant.calibrate import configure_activation_quant
+from infoquant_export.quant.calibrate import attach_integer_weights, configure_activation_quant
 from infoquant_export.quant.primitives import pack_int4, unpack_int4
 from infoquant_export.quant.weights import QuantizedWeight
 from infoquant_export.transforms.rotate import attach_online_ops
@@ -176,6 +176,7 @@ def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bo
                 if linear.bias is not None:
                     linear.bias.copy_(tensors[f"{key}.bias"])
     configure_activation_quant(model, quant)
+    attach_integer_weights(model, weights)
     attach_online_ops(model, schema)
     tokenizer = None
     if with_tokenizer and (directory / "tokenizer").is_dir():

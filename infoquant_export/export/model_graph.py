@@ -41,6 +41,7 @@ from infoquant_export.transforms.rotate import rotation_matrix
 from infoquant_export.transforms.schema import Rotation
 
 IR_VERSION = 10
+DOUBLE = ir.DataType.DOUBLE
 MASK_MIN = float(np.finfo(np.float32).min)  # additive mask; exp(MASK_MIN - max) == 0 exactly, like -inf
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up"), "o": ("o",), "down": ("down",)}
 
@@ -145,7 +146,7 @@ class DecoderGraph:
         out_features = sum(self._shape(f"{k}.scale" if w_bits < 16 else f"{k}.weight")[0] for k in keys)
         has_bias = self.m.biases[roles[0]]
         op = self.functions.use(QLinear(in_features, act_bits, w_bits, has_bias))
-        inputs = [x]
+        inputs: list[ir.Value] = [x]
         if w_bits < 16:
             def load_codes() -> np.ndarray:
                 return np.concatenate([self.tensors.get(f"{k}.qweight") for k in keys])
@@ -180,10 +181,26 @@ class DecoderGraph:
         return op.call(self.b, [x, matrix], num_blocks=nb)[0]
 
     def rms_norm(self, x: ir.Value, key: str) -> ir.Value:
+        """``x * (1 / sqrt(mean(x^2) + eps)) * g`` in float64, rounded once (numerics.md section 5)."""
         b = self.b
-        mean_sq = b.ReduceMean(b.Mul(x, x), b.ints([-1]), keepdims=1)
-        inv = b.Reciprocal(b.Sqrt(b.Add(mean_sq, b.const(self.cfg.rms_norm_eps))))
-        return b.Mul(b.Mul(x, inv), self.float_tensor(key, key))
+        xd = b.Cast(x, to=DOUBLE)
+        mean_sq = b.ReduceMean(b.Mul(xd, xd), b.ints([-1]), keepdims=1)
+        inv = b.Div(b.const(1.0, np.float64), b.Sqrt(b.Add(mean_sq, b.const(self.cfg.rms_norm_eps, np.float64))))
+        y = b.Mul(b.Mul(xd, inv), b.Cast(self.float_tensor(key, key), to=DOUBLE))
+        return b.Cast(y, to=ir.DataType.FLOAT)
+
+    def sigmoid64(self, x: ir.Value) -> ir.Value:
+        """``1 / (1 + exp(-x))`` in float64, rounded once."""
+        b = self.b
+        e = b.Exp(b.Neg(b.Cast(x, to=DOUBLE)))
+        return b.Cast(b.Div(b.const(1.0, np.float64), b.Add(b.const(1.0, np.float64), e)), to=ir.DataType.FLOAT)
+
+    def softmax64(self, scores: ir.Value) -> ir.Value:
+        """``exp(s - max(s)) / sum(exp(s - max(s)))`` over the last axis, float64 in and out."""
+        b = self.b
+        axes = b.ints([-1])
+        e = b.Exp(b.Sub(scores, b.ReduceMax(scores, axes, keepdims=1)))
+        return b.Div(e, b.ReduceSum(e, axes, keepdims=1))
 
     def rope(self, x: ir.Value, cos: ir.Value, sin: ir.Value) -> ir.Value:
         b = self.b
@@ -239,11 +256,12 @@ class DecoderGraph:
         b = self.b
         inv_freq = self.float_tensor("inv_freq", "inv_freq")
         freqs = b.Mul(b.Unsqueeze(b.Cast(position_ids, to=ir.DataType.FLOAT), b.ints([-1])), inv_freq)
-        emb = b.Concat(freqs, freqs, axis=-1)
+        emb = b.Cast(b.Concat(freqs, freqs, axis=-1), to=DOUBLE)  # float64 transcendentals, rounded once
         cos, sin = b.Cos(emb), b.Sin(emb)
         if self.cfg.attention_scaling != 1.0:
-            scale = b.const(self.cfg.attention_scaling)
+            scale = b.const(self.cfg.attention_scaling, np.float64)
             cos, sin = b.Mul(cos, scale), b.Mul(sin, scale)
+        cos, sin = b.Cast(cos, to=ir.DataType.FLOAT), b.Cast(sin, to=ir.DataType.FLOAT)
         axis = b.ints([1])
         return b.Unsqueeze(cos, axis), b.Unsqueeze(sin, axis)
 
@@ -260,7 +278,7 @@ class DecoderGraph:
         if self.cfg.sliding_window:
             allowed = b.And(allowed, b.Greater(k_pos, b.Sub(q_pos, b.const(self.cfg.sliding_window, np.int64))))
         keys = b.Unsqueeze(b.Equal(attention_mask, one), b.ints([1, 2, 3]))  # [B, 1, 1, 1, T]
-        return b.Where(b.And(allowed, keys), b.const(0.0), b.const(MASK_MIN))
+        return b.Where(b.And(allowed, keys), b.const(0.0, np.float64), b.const(MASK_MIN, np.float64))
 
     def layer(self, i: int, x: ir.Value, cos: ir.Value, sin: ir.Value, mask: ir.Value,
               past: list[ir.Value]) -> tuple[ir.Value, list[ir.Value]]:
@@ -279,11 +297,13 @@ class DecoderGraph:
         if qk_rotation is not None:
             q_, k_ = self.rotate(q_, qk_rotation, i, "qk_rotation"), self.rotate(k_, qk_rotation, i, "qk_rotation")
         k_full, v_full, present = self.kv_cache(i, k_, v_, past)
-        q5 = b.Reshape(q_, b.ints([0, kv_heads, groups, -1, d]))
-        k5 = b.Unsqueeze(k_full, b.ints([2]))
-        v5 = b.Unsqueeze(v_full, b.ints([2]))
-        scores = b.Add(b.Mul(b.MatMul(q5, b.Transpose(k5, perm=[0, 1, 2, 4, 3])), b.const(d ** -0.5)), mask)
-        attn = b.MatMul(b.Softmax(scores, axis=-1), v5)  # [B, kvH, g, S, D]
+        # attention in float64, rounded once (numerics.md section 5); GQA by grouping q, not repeating k/v
+        q5 = b.Cast(b.Reshape(q_, b.ints([0, kv_heads, groups, -1, d])), to=DOUBLE)
+        k5 = b.Cast(b.Unsqueeze(k_full, b.ints([2])), to=DOUBLE)
+        v5 = b.Cast(b.Unsqueeze(v_full, b.ints([2])), to=DOUBLE)
+        scores = b.MatMul(q5, b.Transpose(k5, perm=[0, 1, 2, 4, 3]))
+        scores = b.Add(b.Mul(scores, b.const(d ** -0.5, np.float64)), mask)
+        attn = b.Cast(b.MatMul(self.softmax64(scores), v5), to=ir.DataType.FLOAT)  # [B, kvH, g, S, D]
         attn = b.Transpose(b.Reshape(attn, b.ints([0, heads, -1, d])), perm=[0, 2, 1, 3])
         attn = b.Reshape(attn, b.ints([0, 0, heads * d]))
         o = self.qlinear(attn, i, "o", q.a_bits, q.a_clip_ratio)
@@ -294,7 +314,7 @@ class DecoderGraph:
         h = self.rms_norm(x, f"layers.{i}.post_norm")
         gate_up = self.qlinear(h, i, "gate_up", q.a_bits, q.a_clip_ratio)
         gate, up = b.multi("Split", [gate_up], 2, axis=-1)
-        m = b.Mul(b.Mul(gate, b.Sigmoid(gate)), up)
+        m = b.Mul(b.Mul(gate, self.sigmoid64(gate)), up)
         down_rotation = self.plan.online("down_proj_input", i)
         if down_rotation is not None:
             m = self.rotate(m, down_rotation, i, "down_rotation")

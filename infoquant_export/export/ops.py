@@ -9,15 +9,17 @@ op name and attributes.
 
 Plugin contracts (all float tensors are float32 in the reference graph; a plugin may also accept float16):
 
-``QLinear`` -- y = dequant(quant_per_token(x)) @ dequant(W)^T + bias
+``QLinear`` -- y = ((q(x) - z) @ W_codes^T) * s_x * weight_scale + bias   (an INT4 x INT4 GEMM, int32 accumulate)
     inputs   x [..., in] float; weight [out, in] int4 (int8 when weight_bits=8), constant;
-             weight_scale [out] float, constant; bias [out] float, constant (only when the node has 4 inputs)
+             weight_scale [out] float, constant; bias [out] float, constant (only when the node has 4 inputs).
+             weight_bits=16: weight [out, in] float and no weight_scale (then y = fq(x) @ W^T + bias)
     outputs  y [..., out] float
     attrs    act_bits (int: 4, 8 or 16 = no activation quantization), act_clip (float, range multiplier),
              weight_bits (int: 4 or 8)
     numerics per row of x: xmin = min(min(x), 0) * clip, xmax = max(max(x), 0) * clip,
              s = max((xmax - xmin) / (2^b - 1), 1e-8), z = clamp(round(-xmin / s), 0, 2^b - 1) (round half even),
-             q = clamp(round(x / s) + z, 0, 2^b - 1); x_hat = (q - z) * s; W_hat = codes * weight_scale[out].
+             q = clamp(round(x / s) + z, 0, 2^b - 1); acc = (q - z) @ codes^T is exact (integers, in float32
+             or int32); y = (acc * s) * weight_scale[out] (+ bias), in this order.
 
 ``Hadamard`` -- y = x @ blockdiag(H_n/sqrt(n), ...) over the last dim
     inputs   x [..., size] float;  outputs y [..., size] float
@@ -136,14 +138,26 @@ class QLinear(CustomOp):
 
     @property
     def input_names(self) -> Sequence[str]:
-        return ("x", "weight", "weight_scale") + (("bias",) if self.has_bias else ())
+        scale = ("weight_scale",) if self.weight_bits < 16 else ()
+        return ("x", "weight", *scale) + (("bias",) if self.has_bias else ())
 
-    def body(self, b: Builder, x: ir.Value, weight: ir.Value, weight_scale: ir.Value,
+    def body(self, b: Builder, x: ir.Value, weight: ir.Value, weight_scale: ir.Value | None = None,
              bias: ir.Value | None = None) -> Sequence[ir.Value]:
-        if self.act_bits < 16:
-            x = fake_quant_rows(b, x, self.act_bits, b.ref_float("act_clip"), self.in_features)
-        w = b.DequantizeLinear(weight, weight_scale, axis=0)
-        y = b.MatMul(x, b.Transpose(w, perm=[1, 0]))
+        if self.weight_bits >= 16:  # float weights: weight_scale is absent, the 2nd optional input is the bias
+            bias = weight_scale
+            a = fake_quant_rows(b, x, self.act_bits, b.ref_float("act_clip"), self.in_features) \
+                if self.act_bits < 16 else x
+            y = b.MatMul(a, b.Transpose(weight, perm=[1, 0]))
+        elif self.act_bits >= 16:
+            y = b.MatMul(x, b.Transpose(b.DequantizeLinear(weight, weight_scale, axis=0), perm=[1, 0]))
+        else:  # integer GEMM: (codes_a - z) @ codes_w^T is exact in float32, then the scales (numerics.md 5)
+            scale, zero_point = act_qparams(b, x, self.act_bits, b.ref_float("act_clip"))
+            codes, zp = quantize_rows(b, x, scale, zero_point, self.act_bits, self.in_features)
+            unit = b.Expand(b.const(1.0), b.Shape(scale))  # DQ with unit scales yields codes - z exactly
+            a_int = b.DequantizeLinear(codes, unit, zp, axis=-1, block_size=self.in_features)
+            w_int = b.DequantizeLinear(weight, b.const(1.0))
+            acc = b.MatMul(a_int, b.Transpose(w_int, perm=[1, 0]))
+            y = b.Mul(b.Mul(acc, scale), weight_scale)
         return [b.Add(y, bias) if bias is not None else y]
 
 
@@ -174,7 +188,8 @@ class Hadamard(CustomOp):
             h *= 2
         y = b.Reshape(y, b.ints([-1, k, p]))
         if k > 1:
-            y = b.MatMul(b.const(np.asarray(_paley_block(k), np.float32).T), y)
+            hk_t = b.const(np.asarray(_paley_block(k), np.float64).T, np.float64)
+            y = b.Cast(b.MatMul(hk_t, b.Cast(y, to=ir.DataType.DOUBLE)), to=ir.DataType.FLOAT)  # float64, once
         y = b.Mul(y, b.const(np.float32(1.0 / math.sqrt(n_block))))
         return [b.Reshape(y, shape)]
 
@@ -197,7 +212,9 @@ class BlockRotation(CustomOp):
     def body(self, b: Builder, x: ir.Value, matrix: ir.Value) -> Sequence[ir.Value]:
         n = self.size // self.num_blocks
         blocks = b.Transpose(b.Reshape(x, b.ints([-1, self.num_blocks, n])), perm=[1, 0, 2])
-        y = b.Transpose(b.MatMul(blocks, matrix), perm=[1, 0, 2])
+        double = ir.DataType.DOUBLE
+        y = b.MatMul(b.Cast(blocks, to=double), b.Cast(matrix, to=double))  # float64, rounded once
+        y = b.Transpose(b.Cast(y, to=ir.DataType.FLOAT), perm=[1, 0, 2])
         return [b.Reshape(y, b.Shape(x))]
 
 

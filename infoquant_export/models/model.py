@@ -21,10 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from infoquant_export.quant.primitives import fake_quantize_activation
+from infoquant_export.quant.primitives import (
+    fake_quantize_activation,
+    integer_activation,
+    integer_linear,
+    sigmoid64,
+    softmax64,
+)
 from infoquant_export.transforms.hadamard import apply_hadamard
 
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -64,10 +69,18 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.bits, self.clip, self.group_size, self.enabled = bits, clip, group_size, True
 
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.bits < 16
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or self.bits >= 16:
+        if not self.active:
             return x
         return fake_quantize_activation(x, self.bits, self.clip, self.group_size)
+
+    def integer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``(codes - zero point)`` as float32 and the scale (for the integer GEMM)."""
+        return integer_activation(x, self.bits, self.clip)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, clip={self.clip}, group_size={self.group_size}"
@@ -84,14 +97,14 @@ class OnlineRotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.matrix is None:
             return apply_hadamard(x, self.num_blocks)
-        blocks = x.reshape(*x.shape[:-1], self.num_blocks, -1)
-        return torch.einsum("...bi,bij->...bj", blocks, self.matrix.to(x.dtype)).reshape(x.shape)
+        blocks = x.reshape(*x.shape[:-1], self.num_blocks, -1).double()  # float64, rounded once (numerics.md 5)
+        return torch.einsum("...bi,bij->...bj", blocks, self.matrix.double()).reshape(x.shape).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x * rsqrt(mean(x^2) + eps) * weight`` in float32."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    """``x * (1 / sqrt(mean(x^2) + eps)) * weight`` evaluated in float64, rounded once to x's dtype."""
+    xd = x.double()
+    return (xd * (1.0 / torch.sqrt((xd * xd).mean(-1, keepdim=True) + eps)) * weight.double()).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +140,20 @@ class DecoderLayer(nn.Module):
     def linear(self, role: str) -> nn.Linear:
         return getattr(self, role)
 
+    def set_integer_weight(self, role: str, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Run ``role`` as an integer GEMM (codes and per-channel scales) whenever its input is quantized."""
+        self.register_buffer(f"codes_{role}", codes.float(), persistent=False)
+        self.register_buffer(f"wscale_{role}", scale.reshape(-1).float(), persistent=False)
+
+    def project(self, x: torch.Tensor, quantizer: ActQuantizer, roles: tuple[str, ...]) -> list[torch.Tensor]:
+        """Quantize ``x`` once and apply the linears of ``roles`` (integer-exact GEMM when weights are integer)."""
+        if quantizer.active and all(hasattr(self, f"codes_{r}") for r in roles):
+            a, scale = quantizer.integer(x)
+            return [integer_linear(a, scale, getattr(self, f"codes_{r}"), getattr(self, f"wscale_{r}"),
+                                   self.linear(r).bias) for r in roles]
+        a = quantizer(x)
+        return [self.linear(r)(a) for r in roles]
+
     def attention_core(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
@@ -134,10 +161,10 @@ class DecoderLayer(nn.Module):
         """Normed input -> attention output before o_proj [B, S, heads * head_dim], and the present K/V."""
         cfg = self.cfg
         b, s, _ = h.shape
-        a = self.qkv_in(h)
-        q = self.q(a).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k(a).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v(a).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k, v = self.project(h, self.qkv_in, ("q", "k", "v"))
+        q = q.view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.qk_rotation is not None:
@@ -147,12 +174,12 @@ class DecoderLayer(nn.Module):
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         groups = cfg.num_heads // cfg.num_kv_heads
         kr, vr = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ kr.transpose(-1, -2)) * (cfg.head_dim ** -0.5) + mask
-        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr
+        scores = (q.double() @ kr.double().transpose(-1, -2)) * (cfg.head_dim ** -0.5) + mask
+        out = (softmax64(scores) @ vr.double()).to(q.dtype)  # float64 attention, rounded once
         return out.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim), (k, v)
 
     def attention_out(self, pre_o: torch.Tensor) -> torch.Tensor:
-        return self.o(self.o_in(pre_o))
+        return self.project(pre_o, self.o_in, ("o",))[0]
 
     def mid_residual(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual after attention (with the online basis change into the MLP basis, when present)."""
@@ -162,12 +189,12 @@ class DecoderLayer(nn.Module):
 
     def mlp_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Normed input -> the down_proj input (after the online rotation, before quantization)."""
-        a = self.gate_up_in(h)
-        m = F.silu(self.gate(a)) * self.up(a)
+        gate, up = self.project(h, self.gate_up_in, ("gate", "up"))
+        m = gate * sigmoid64(gate) * up
         return self.down_rotation(m) if self.down_rotation is not None else m
 
     def mlp_out(self, m: torch.Tensor) -> torch.Tensor:
-        return self.down(self.down_in(m))
+        return self.project(m, self.down_in, ("down",))[0]
 
     def out_residual(self, x: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
         if self.residual_mlp_to_attn is not None:
@@ -215,6 +242,7 @@ class CausalLM(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.cfg.attention_scaling
+        emb = emb.double()  # float64 transcendentals, rounded once (numerics.md section 5)
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def causal_mask(self, s: int, past_len: int, dtype: torch.dtype) -> torch.Tensor:

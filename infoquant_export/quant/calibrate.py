@@ -24,6 +24,13 @@ def configure_activation_quant(model: CausalLM, cfg: QuantConfig) -> None:
             q.bits, q.clip, q.group_size = cfg.kv_bits, cfg.kv_clip_ratio, model.cfg.head_dim
 
 
+def attach_integer_weights(model: CausalLM, weights: QuantizedWeights) -> None:
+    """Let every quantized linear run as an integer GEMM on quantized activations (numerics.md section 5)."""
+    for key, qw in weights.items():
+        _, index, role = key.split(".")
+        model.layers[int(index)].set_integer_weight(role, qw.codes.to(model.device), qw.scale.to(model.device))
+
+
 def _set_weight(layer: DecoderLayer, role: str, qw: QuantizedWeight) -> None:
     layer.linear(role).weight.copy_(qw.dequantize().to(layer.linear(role).weight.device))
 

@@ -106,6 +106,38 @@ def fake_quantize_activation(
     return out.reshape(shape).to(x.dtype)
 
 
+def integer_activation(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(codes - z)`` as float32 (integer-valued, |.| <= 2^b - 1) and the float32 scale [..., 1]."""
+    scale, zero_point = activation_qparams(x, bits, clip)
+    return quantize_activation(x, scale, zero_point, bits).float() - zero_point, scale
+
+
+def integer_linear(a_int: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``((a_int @ w_codes^T) * a_scale) * w_scale + bias`` (numerics.md section 5).
+
+    Both operands hold integers, so the float32 GEMM is exact in any summation order while every partial sum stays
+    below 2^24 (|a| <= 15, |w| <= 8: in_features < 139810), like the int32 accumulator of an INT4 kernel.
+    """
+    y = (a_int @ w_codes.T) * a_scale * w_scale
+    return y if bias is None else y + bias
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deterministic float ops (numerics.md section 5): reductions and transcendentals in float64, rounded once
+# ---------------------------------------------------------------------------------------------------------------
+def sigmoid64(x: torch.Tensor) -> torch.Tensor:
+    """``1 / (1 + exp(-x))`` evaluated in float64, rounded to x's dtype."""
+    return (1.0 / (1.0 + torch.exp(-x.double()))).to(x.dtype)
+
+
+def softmax64(scores: torch.Tensor) -> torch.Tensor:
+    """``exp(s - max(s)) / sum(exp(s - max(s)))`` over the last dim, in float64 (returns float64)."""
+    s = scores.double()
+    e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # packing (numerics.md section 4): two 4-bit codes per byte along the last dim, element 2i in the low nibble
 # ---------------------------------------------------------------------------------------------------------------

@@ -355,8 +355,8 @@ def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
 
     1. FWHT over the p axis: butterfly stages ``h = 1, 2, 4, ..., p/2``; each stage maps the pair
        ``(y[j], y[j + h])`` (j with bit h clear) to ``(y[j] + y[j + h], y[j] - y[j + h])``. Unnormalized.
-    2. ``H_K^T @ Y`` over the K axis: dense matmul with the int K x K Paley block cast to ``x.dtype``
-       (skipped when K == 1).
+    2. ``H_K^T @ Y`` over the K axis: dense matmul with the int K x K Paley block, computed in float64 and rounded
+       once to ``x.dtype`` (so every summation order gives the same float32 result; skipped when K == 1).
     3. Multiply by the python float ``1 / math.sqrt(n_block)`` cast to ``x.dtype``.
     """
     if not x.is_floating_point():
@@ -367,7 +367,7 @@ def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
     lead = x.shape[:-1]
     y = _fwht(x.reshape(*lead, num_blocks, k, p))
     if k > 1:
-        hk_t = torch.tensor(_paley_block(k), dtype=x.dtype).T
-        y = torch.matmul(hk_t, y)
+        hk_t = torch.tensor(_paley_block(k), dtype=torch.float64).T
+        y = torch.matmul(hk_t, y.double()).to(x.dtype)
     scale = torch.tensor(1.0 / math.sqrt(n_block), dtype=x.dtype)
     return (y * scale).reshape(*lead, n)
