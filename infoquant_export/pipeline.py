@@ -17,7 +17,7 @@ from infoquant_export.errors import UserError
 from infoquant_export.fsutil import atomic_output_dir
 from infoquant_export.models.loading import load_model
 from infoquant_export.models.model import CausalLM
-from infoquant_export.quant.calibrate import QuantizedWeights, attach_integer_weights, quantize_model
+from infoquant_export.quant.calibrate import QuantizedWeights, quantize_model
 from infoquant_export.transforms.hadamard import hadamard_factors
 from infoquant_export.transforms.rotate import apply_transforms, hadamard_schema
 from infoquant_export.transforms.schema import TransformSchema
@@ -70,7 +70,6 @@ def quantize(model_spec: str, cfg: QuantConfig, device: str = "cpu", progress: b
         tokens = corpus.tokenize(loaded.tokenizer, corpus.load_text(c.corpus, "calibration"))
         windows = corpus.calibration_windows(tokens, c.num_windows, c.seq_len, c.seed)
     weights = quantize_model(model, cfg, windows, progress=progress)
-    attach_integer_weights(model, weights)
     return QuantizedModel(model, loaded.tokenizer, schema, weights, loaded.source)
 
 

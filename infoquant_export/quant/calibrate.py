@@ -103,7 +103,10 @@ def quantize_model(model: CausalLM, cfg: QuantConfig, windows: torch.Tensor | No
     if cfg.w_bits >= 16:
         return {}
     if cfg.weights == "rtn":
-        return quantize_weights_rtn(model, cfg, progress)
-    if windows is None:
+        weights = quantize_weights_rtn(model, cfg, progress)
+    elif windows is None:
         raise ValueError("GPTQ needs calibration windows")
-    return quantize_weights_gptq(model, cfg, windows, progress=progress)
+    else:
+        weights = quantize_weights_gptq(model, cfg, windows, progress=progress)
+    attach_integer_weights(model, weights)
+    return weights
