@@ -1,4 +1,4 @@
-"""Command line: ``infoquant-export quantize | eval | generate``.
+"""Command line: ``infoquant-export quantize | eval | generate | export | verify``.
 
 Bad input exits with code 2 and one line naming the problem and the fix; Ctrl-C exits with 130 and leaves no
 partial output.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from infoquant_export.config import ROTATIONS, WEIGHT_METHODS, CalibrationConfig, QuantConfig
@@ -58,13 +59,43 @@ def _add_eval(sub: Any) -> None:
 
 
 def _add_generate(sub: Any) -> None:
-    p = sub.add_parser("generate", help="greedy chat reply from an artifact or a full-precision model")
-    p.add_argument("target", nargs="?", help="artifact directory written by quantize")
+    p = sub.add_parser("generate", help="greedy chat reply from an artifact, an exported .onnx or a FP model")
+    p.add_argument("target", nargs="?", help="artifact directory (--backend torch) or .onnx file (--backend ort)")
     p.add_argument("--model", help="full-precision model instead: demo | .gguf | HF directory")
+    p.add_argument("--backend", choices=("torch", "ort"), default=None,
+                   help="torch = fake-quant model (default for directories), ort = ONNX Runtime (default for .onnx)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     _add_device(p)
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="export an artifact directory to ONNX (Q/DQ + infoquant custom nodes)")
+    p.add_argument("artifact", help="artifact directory written by quantize")
+    p.add_argument("--out", required=True, help="output .onnx path (its directory must exist)")
+    p.add_argument("--target", choices=("ort", "trt"), default="ort",
+                   help="trt also writes NAME.trt.onnx without function bodies, for TensorRT < 10.7")
+    ext = p.add_mutually_exclusive_group()
+    ext.add_argument("--external-data", dest="external_data", action="store_true", default=None,
+                     help="weights in NAME.onnx.data (automatic above 1.8 GB)")
+    ext.add_argument("--no-external-data", dest="external_data", action="store_false")
+
+
+def _add_verify(sub: Any) -> None:
+    p = sub.add_parser("verify", help="parity of ONNX Runtime against the fake-quant model (exit 1 when it fails)")
+    p.add_argument("artifact", help="artifact directory the ONNX file was exported from")
+    p.add_argument("onnx", help="exported .onnx file")
+    p.add_argument("--json", dest="json_path", help="write the full report to this JSON file")
+    p.add_argument("--per-layer", action="store_true", help="compare the residual stream after every layer")
+    p.add_argument("--plot", help="PNG of per-layer SQNR (implies --per-layer)")
+    p.add_argument("--corpus", "--dataset", dest="corpus", default="default")
+    p.add_argument("--windows", type=int, default=16, help="number of evaluation windows (16 x 512 = 8192 tokens)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--min-top1", type=float, default=0.995)
+    p.add_argument("--max-ppl-rel-diff", type=float, default=0.005)
+    p.add_argument("--min-sqnr-db", type=float, default=40.0)
+    p.add_argument("--layer-sqnr-db", type=float, default=40.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_export(sub)
+    _add_verify(sub)
     return parser
 
 
@@ -113,14 +146,66 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from infoquant_export.eval.generate import chat
+    from infoquant_export.eval.generate import chat, chat_prompt_ids
+
+    target = _target(args)
+    backend = args.backend or ("ort" if str(target).endswith(".onnx") else "torch")
+    if backend == "ort":
+        from infoquant_export.runtime.ort_decoder import OrtDecoder, ort_greedy_generate
+
+        if args.model or not str(target).endswith(".onnx"):
+            raise UserError("--backend ort runs an exported .onnx file", "infoquant-export generate model.onnx "
+                            "--backend ort --prompt ...")
+        _positive("--max-new-tokens", args.max_new_tokens)
+        decoder = OrtDecoder(target)
+        tokenizer = decoder.tokenizer()
+        ids = chat_prompt_ids(tokenizer, args.prompt).numpy()
+        tokens = ort_greedy_generate(decoder, ids, args.max_new_tokens, decoder.stop_ids(tokenizer))
+        return {"backend": "ort", "prompt": args.prompt, "tokens": tokens,
+                "text": tokenizer.decode(tokens, skip_special_tokens=True)}
     from infoquant_export.pipeline import load_for_eval, resolve_device
 
-    model, tokenizer, label = load_for_eval(_target(args), resolve_device(args.device))
-    return {"config": label, **chat(model, tokenizer, args.prompt, args.max_new_tokens)}
+    if str(target).endswith(".onnx"):
+        raise UserError(f"{target} is an ONNX file; --backend torch runs an artifact directory",
+                        "pass --backend ort, or the artifact directory")
+    model, tokenizer, label = load_for_eval(target, resolve_device(args.device))
+    return {"backend": "torch", "config": label, **chat(model, tokenizer, args.prompt, args.max_new_tokens)}
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from infoquant_export.export.exporter import export_onnx
+    from infoquant_export.pipeline import peak_rss_mb
+
+    result = export_onnx(args.artifact, args.out, target=args.target, external_data=args.external_data)
+    return {"onnx": str(result.onnx_path), "trt_onnx": str(result.trt_path) if result.trt_path else None,
+            "external_data": result.external_data, "seconds": round(result.seconds, 2),
+            "initializer_mb": round(result.initializer_bytes / 2**20, 1), "custom_nodes": result.num_custom_nodes,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from infoquant_export.verify import Thresholds, verify
+
+    _positive("--windows", args.windows)
+    _positive("--seq-len", args.seq_len)
+    th = Thresholds(top1_agreement=args.min_top1, ppl_rel_diff=args.max_ppl_rel_diff,
+                    logits_sqnr_db=args.min_sqnr_db, layer_sqnr_db=args.layer_sqnr_db)
+    if args.json_path and not Path(args.json_path).parent.is_dir():
+        raise UserError(f"directory of --json {args.json_path} does not exist", "create it first")
+    if args.plot and not Path(args.plot).parent.is_dir():
+        raise UserError(f"directory of --plot {args.plot} does not exist", "create it first")
+    report = verify(args.artifact, args.onnx, args.corpus, args.seq_len, args.windows,
+                    per_layer=args.per_layer or bool(args.plot), thresholds=th, plot=args.plot)
+    if args.json_path:
+        from infoquant_export.fsutil import atomic_output_file
+
+        with atomic_output_file(args.json_path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    return report
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
+            "verify": cmd_verify}
 
 
 def _report(command: str, result: dict[str, Any], as_json: bool) -> None:
@@ -128,6 +213,13 @@ def _report(command: str, result: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(result))
     elif command == "generate":
         print(result["text"])
+    elif command == "verify":
+        verdict = "PASSED" if result["passed"] else "FAILED"
+        where = (f"; first divergent layer {result['first_divergent_layer']}"
+                 if result.get("first_divergent_layer") is not None else "")
+        print(f"verify {verdict}: top-1 agreement {result['top1_agreement']:.4%}, ppl {result['ppl_reference']:.4f} "
+              f"(torch) vs {result['ppl_backend']:.4f} (ort), logits SQNR {result['logits_sqnr_db']} dB, "
+              f"KL {result['kl_divergence']:.3g} over {result['tokens']} tokens{where}")
     elif command == "eval":
         print(f"{result['config']}: ppl {result['ppl']:.3f} on {result['corpus']} "
               f"({result['windows']} windows x {result['seq_len']} tokens)")
@@ -146,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print("infoquant-export: interrupted; no partial output was left", file=sys.stderr)
         return 130
     _report(args.command, result, getattr(args, "json", False))
-    return 0
+    return 1 if args.command == "verify" and not result["passed"] else 0
 
 
 if __name__ == "__main__":

@@ -226,7 +226,8 @@ class DecoderGraph:
         for i in range(cfg.num_layers):
             past_values = []
             for name, (dtype, last) in zip(kv_names("past", i, kv_bits), cache_specs, strict=True):
-                v = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape([batch, cfg.num_kv_heads, past, last]))
+                shape = ir.Shape([batch, cfg.num_kv_heads, past, last])
+                v = ir.Value(name=name, type=ir.TensorType(dtype), shape=shape)
                 inputs.append(v)
                 past_values.append(v)
             x, present = self.layer(i, x, cos, sin, mask, past_values)

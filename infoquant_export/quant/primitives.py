@@ -106,7 +106,8 @@ def fake_quantize_activation(
     return out.reshape(shape).to(x.dtype)
 
 
-def integer_activation(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def integer_activation(x: torch.Tensor, bits: int,
+                       clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(codes - z)`` as float32 (integer-valued, |.| <= 2^b - 1) and the float32 scale [..., 1]."""
     scale, zero_point = activation_qparams(x, bits, clip)
     return quantize_activation(x, scale, zero_point, bits).float() - zero_point, scale

@@ -1,0 +1,1 @@
+"""Backends that run an exported model (ONNX Runtime today; TensorRT later)."""
