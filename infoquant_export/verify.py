@@ -3,7 +3,7 @@
 Both run the same token windows of the evaluation split. Reported per output: max abs error, SQNR, cosine, top-1
 agreement, KL(reference || backend), and the perplexity of each; with ``per_layer`` the residual stream after every
 decoder layer is compared too and the first layer whose SQNR falls below ``layer_sqnr_db`` is named. Element-wise
-tolerance checks use Polygraphy's comparator (``CompareFunc.simple``) on every window.
+tolerance checks use Polygraphy's comparator (``SimpleCompareFunc``) on every window.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Thresholds:
     ppl_rel_diff: float = 0.005  # |ppl_backend - ppl_reference| / ppl_reference
     logits_sqnr_db: float = 40.0
     layer_sqnr_db: float = 40.0  # per-layer divergence threshold (reporting only)
-    polygraphy_atol: float = 1e-3  # Polygraphy CompareFunc.simple on logits, median error statistic
+    polygraphy_atol: float = 1e-3  # Polygraphy SimpleCompareFunc on logits, median error statistic
     polygraphy_rtol: float = 1e-3
 
 
@@ -78,7 +78,7 @@ def verify(artifact_dir: str | Path, onnx_path: str | Path, source: str = "defau
            num_windows: int = 16, per_layer: bool = False, thresholds: Thresholds | None = None,
            plot: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Compare ONNX Runtime against the fake-quant model; returns the report (``passed`` included)."""
-    from polygraphy.comparator import CompareFunc, IterationResult
+    from polygraphy.comparator import IterationResult, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
     from tqdm.auto import tqdm
 
@@ -93,7 +93,7 @@ def verify(artifact_dir: str | Path, onnx_path: str | Path, source: str = "defau
     backend = OrtDecoder(onnx_path, extra_outputs=extra)
     tokens = corpus.tokenize(artifact.tokenizer, corpus.load_text(source, "evaluation"))
     windows = corpus.eval_windows(tokens, seq_len, num_windows)
-    compare = CompareFunc.simple(atol=th.polygraphy_atol, rtol=th.polygraphy_rtol, check_error_stat="median")
+    compare = SimpleCompareFunc(atol=th.polygraphy_atol, rtol=th.polygraphy_rtol, check_error_stat="median")
 
     logits_stats, layer_stats = _Stats(), [_Stats() for _ in layers]
     agree = total = 0
