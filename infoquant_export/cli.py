@@ -78,7 +78,7 @@ def _add_export(sub: Any) -> None:
                    help="trt also writes NAME.trt.onnx without function bodies, for TensorRT < 10.7")
     ext = p.add_mutually_exclusive_group()
     ext.add_argument("--external-data", dest="external_data", action="store_true", default=None,
-                     help="weights in NAME.onnx.data (automatic above 1.8 GB)")
+                     help="weights in NAME.onnx.data (automatic above 512 MB)")
     ext.add_argument("--no-external-data", dest="external_data", action="store_false")
 
 
