@@ -125,7 +125,7 @@ def export_onnx(directory: str | Path, out: str | Path, target: str = "ort", ext
         if check:
             check_onnx(tmp)  # check
         if trt_out is not None:
-            stripped = trt_variant(tmp, external)
+            stripped = trt_variant(tmp)
             written.append(stripped)
         # publish: data first, then the graph that references it
         if external:
@@ -144,20 +144,14 @@ def export_onnx(directory: str | Path, out: str | Path, target: str = "ort", ext
                         sum(1 for n in model.graph.all_nodes() if n.domain == "infoquant"))
 
 
-def trt_variant(path: Path, external: bool) -> Path:
+def trt_variant(path: Path) -> Path:
     """The same graph without the local function bodies (TensorRT < 10.7 always inlines a local function)."""
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(path), load_external_data=False)  # inline weights load; external ones stay shared
     del model.functions[:]
     for prop in model.metadata_props:
         if prop.key == META_PREFIX + "variant":
             prop.value = "trt-plugins"
     stripped = path.with_name(path.name.replace(".tmp-", ".trt.tmp-"))
-    if not external:
-        model = onnx.load(str(path))
-        del model.functions[:]
-        for prop in model.metadata_props:
-            if prop.key == META_PREFIX + "variant":
-                prop.value = "trt-plugins"
     onnx.save(model, str(stripped))
     onnx.checker.check_model(str(stripped), full_check=True)
     onnx.shape_inference.infer_shapes(onnx.load(str(stripped), load_external_data=False), check_type=True)

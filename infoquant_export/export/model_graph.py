@@ -63,6 +63,9 @@ class TensorSource:
     def get(self, key: str) -> np.ndarray:
         return self._file.get_tensor(key)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
 
 def kv_names(prefix: str, layer: int, bits: int) -> list[str]:
     """Graph I/O names of one layer's K/V cache (``prefix`` = past / present)."""
@@ -128,7 +131,7 @@ class DecoderGraph:
         return self.lazy(name, ir.DataType.FLOAT, shape, load)
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors._file.get_slice(key).get_shape())
+        return self.tensors.shape(key)
 
     # -- building blocks --------------------------------------------------------------------------------------------
     def qlinear(self, x: ir.Value, layer: int, fused: str, act_bits: int, act_clip: float,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from infoquant_export.errors import UserError
+from infoquant_export.eval.generate import greedy_loop, stop_ids
 from infoquant_export.export.exporter import META_PREFIX
 from infoquant_export.export.model_graph import kv_names
 
@@ -112,21 +113,10 @@ class OrtDecoder:
             return AutoTokenizer.from_pretrained(tmp)
 
     def stop_ids(self, tokenizer: Any) -> set[int]:
-        eos = self.meta["model_config"].get("eos_token_id")
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            ids.add(tokenizer.eos_token_id)
-        return ids
+        return stop_ids(self.meta["model_config"].get("eos_token_id"), tokenizer)
 
 
 def ort_greedy_generate(decoder: OrtDecoder, input_ids: np.ndarray, max_new_tokens: int, stop: set[int]) -> list[int]:
-    """Prefill once, then one token per step from the 4-bit KV cache (mirrors ``eval.generate.greedy_generate``)."""
+    """Prefill once, then one token per step from the 4-bit KV cache (the loop of ``eval.generate``)."""
     logits, cache, _ = decoder(input_ids)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        new.append(token)
-        if token in stop:
-            break
-        logits, cache, _ = decoder(np.array([[token]], np.int64), cache)
-    return new
+    return greedy_loop(logits, cache, lambda t, c: decoder(np.array([[t]], np.int64), c)[:2], max_new_tokens, stop)
