@@ -1,0 +1,1 @@
+"""PSOT: learned block rotations that minimise activation peaks before low-bit quantization."""
