@@ -7,6 +7,8 @@ Layout (format version 1)::
     DIR/model.safetensors  weights: 4-bit codes packed two per byte (``*.qweight`` uint8, low nibble first) or
                            int8 codes for other widths, per-output-channel float32 ``*.scale`` [out, 1],
                            float32 embedding / LM head / norms / biases / RoPE inv_freq, learned rotation matrices
+                           (``psot.*.{layer}``), LAC clip factors (``layers.{i}.{site}.clip`` = [max, min])
+    DIR/report/            what quantize measured (``psot.json`` / ``psot.png``, when PSOT ran)
     DIR/tokenizer/         the model's tokenizer and chat template (``save_pretrained``)
 
 Loading rebuilds the fake-quant model with the same arithmetic (``codes * scale``), so logits are bit-identical.
@@ -26,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from infoquant_export import __version__
 from infoquant_export.config import QuantConfig
 from infoquant_export.errors import UserError
-from infoquant_export.models.model import LINEAR_ROLES, CausalLM, ModelConfig
+from infoquant_export.models.model import ACTIVATION_SITES, LINEAR_ROLES, CausalLM, ModelConfig
 from infoquant_export.quant.calibrate import attach_integer_weights, configure_activation_quant
 from infoquant_export.quant.primitives import pack_int4, unpack_int4
 from infoquant_export.quant.weights import QuantizedWeight
@@ -50,14 +52,18 @@ class Artifact:
     weights: dict[str, QuantizedWeight]
 
 
-def _tensors(model: CausalLM, weights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def _tensors(model: CausalLM, weights: dict[str, QuantizedWeight], matrices: dict[str, torch.Tensor],
+             lac: bool) -> dict[str, torch.Tensor]:
     t: dict[str, torch.Tensor] = {
         "embed.weight": model.embed.weight, "lm_head.weight": model.lm_head.weight,
-        "norm": model.norm, "inv_freq": model.inv_freq,
+        "norm": model.norm, "inv_freq": model.inv_freq, **matrices,
     }
     for i, layer in enumerate(model.layers):
         t[f"layers.{i}.input_norm"] = layer.input_norm
         t[f"layers.{i}.post_norm"] = layer.post_norm
+        if lac:
+            for site in ACTIVATION_SITES:
+                t[f"layers.{i}.{site}.clip"] = torch.tensor(getattr(layer, site).clips(), dtype=torch.float32)
         for role in LINEAR_ROLES:
             key, linear = f"layers.{i}.{role}", layer.linear(role)
             qw = weights.get(key)
@@ -72,9 +78,11 @@ def _tensors(model: CausalLM, weights: dict[str, QuantizedWeight]) -> dict[str, 
 
 
 def save_artifact(directory: Path, model: CausalLM, tokenizer: Any, quant: QuantConfig, schema: TransformSchema,
-                  source: dict[str, Any], weights: dict[str, QuantizedWeight]) -> None:
-    """Write the artifact into ``directory`` (an empty directory; callers make it atomic)."""
-    tensors = _tensors(model, weights)
+                  source: dict[str, Any], weights: dict[str, QuantizedWeight],
+                  matrices: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the artifact into ``directory`` (an empty directory; callers make it atomic). ``matrices`` are the
+    schema's learned rotations; LAC clip factors (``layers.{i}.{site}.clip`` = [max, min]) when LAC is on."""
+    tensors = _tensors(model, weights, matrices or {}, quant.lac.enabled)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": FORMAT})
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "infoquant_export_version": __version__,
@@ -176,8 +184,13 @@ def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bo
                 if linear.bias is not None:
                     linear.bias.copy_(tensors[f"{key}.bias"])
     configure_activation_quant(model, quant)
+    if quant.lac.enabled:
+        for i, layer in enumerate(model.layers):
+            for site in ACTIVATION_SITES:
+                clip, clip_min = tensors[f"layers.{i}.{site}.clip"].tolist()
+                getattr(layer, site).clip, getattr(layer, site).clip_min = clip, clip_min
     attach_integer_weights(model, weights)
-    attach_online_ops(model, schema)
+    attach_online_ops(model, schema, {k: tensors[k] for k in schema.matrix_keys(cfg.num_layers)})
     tokenizer = None
     if with_tokenizer and (directory / "tokenizer").is_dir():
         from transformers import AutoTokenizer
@@ -189,8 +202,11 @@ def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bo
 def expected_tensor_keys(manifest: Manifest) -> list[str]:
     """Every tensor key the artifact's config promises."""
     keys = ["embed.weight", "lm_head.weight", "norm", "inv_freq"]
+    keys += manifest.schema.matrix_keys(manifest.model.num_layers)
     for i in range(manifest.model.num_layers):
         keys += [f"layers.{i}.input_norm", f"layers.{i}.post_norm"]
+        if manifest.quant.lac.enabled:
+            keys += [f"layers.{i}.{site}.clip" for site in ACTIVATION_SITES]
         for role in LINEAR_ROLES:
             key = f"layers.{i}.{role}"
             keys += [f"{key}.qweight", f"{key}.scale"] if key in manifest.weight_bits else [f"{key}.weight"]

@@ -7,12 +7,22 @@ partial output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from infoquant_export.config import ROTATIONS, WEIGHT_METHODS, CalibrationConfig, QuantConfig
+from infoquant_export.config import (
+    PRESET_VALUES,
+    PRESETS,
+    ROTATIONS,
+    WEIGHT_METHODS,
+    CalibrationConfig,
+    LacConfig,
+    PsotConfig,
+    QuantConfig,
+)
 from infoquant_export.errors import UserError
 
 
@@ -28,8 +38,14 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def _add_quantize(sub: Any) -> None:
     p = sub.add_parser("quantize", help="rotate and quantize a model into an artifact directory")
     p.add_argument("--model", required=True, help="demo | path to a .gguf file | Hugging Face model directory")
-    p.add_argument("--rotation", default="hadamard", choices=ROTATIONS)
-    p.add_argument("--rotation-blocks", type=int, default=1, help="block-diagonal residual rotation (1, 2 or 4)")
+    p.add_argument("--rotation", default="hadamard",
+                   help=f"{' | '.join(ROTATIONS)} | infoquant:DIR (import the InfoQuant reference code's Q/*.pth)")
+    p.add_argument("--rotation-blocks", type=int, default=None,
+                   help="block-diagonal residual rotation (1, 2 or 4; default 1, or the imported files' count)")
+    p.add_argument("--lac", action="store_true", help="learn per-quantizer activation clip factors (LAC)")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="cpu: a practical CPU run (fewer/shorter windows and epochs); reference: the InfoQuant "
+                        "reference's calibration (128 x 2048 tokens everywhere); explicit options override it")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized Hadamard and calibration windows")
     p.add_argument("--weights", default="gptq", choices=WEIGHT_METHODS)
     p.add_argument("--w-bits", type=int, default=4)
@@ -39,10 +55,37 @@ def _add_quantize(sub: Any) -> None:
     p.add_argument("--kv-clip-ratio", type=float, default=0.95)
     p.add_argument("--no-clip-search", action="store_true", help="plain max-abs weight scales (no MSE search)")
     p.add_argument("--calib-corpus", default="default", help="default | wikitext2 | path to .txt file or directory")
-    p.add_argument("--calib-windows", type=int, default=64)
-    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--calib-windows", type=int, default=None, help="GPTQ/LAC calibration windows (default 64)")
+    p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     p.add_argument("--out", required=True, help="new artifact directory (must not exist)")
     _add_device(p)
+    for prefix, cls in (("psot", PsotConfig), ("lac", LacConfig)):
+        group = p.add_argument_group(f"{prefix.upper()} hyper-parameters (defaults: the InfoQuant reference's)")
+        for f in dataclasses.fields(cls):
+            if f.name == "enabled":
+                continue
+            flag = f"--{prefix}-{f.name.replace('_', '-')}"
+            kind = {bool: _bool, int: int, float: float, str: str}.get(type(f.default), int)
+            group.add_argument(flag, dest=f"{prefix}__{f.name}", type=kind, default=None,
+                               help=f"default {f.default}")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _section(cls: type, preset: dict[str, Any], args: argparse.Namespace, prefix: str, **extra: Any) -> Any:
+    """A config dataclass from its defaults, then the preset, then explicit command-line options."""
+    values = {**preset}
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f"{prefix}__{f.name}", None)
+        if given is not None:
+            values[f.name] = given
+    return cls(**{**values, **extra})
 
 
 def _add_eval(sub: Any) -> None:
@@ -124,15 +167,21 @@ def _positive(name: str, value: int) -> None:
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from infoquant_export.pipeline import quantize_to_dir, resolve_device
 
-    _positive("--calib-windows", args.calib_windows)
-    _positive("--calib-seq-len", args.calib_seq_len)
+    preset = PRESET_VALUES[args.preset] if args.preset else {"calibration": {}, "psot": {}, "lac": {}}
+    calib = {**preset["calibration"]}
+    for name, value in (("num_windows", args.calib_windows), ("seq_len", args.calib_seq_len)):
+        if value is not None:
+            _positive(f"--calib-{name.replace('num_', '').replace('_', '-')}", value)
+            calib[name] = value
     cfg = QuantConfig(
         w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, weights=args.weights, rotation=args.rotation,
-        rotation_blocks=args.rotation_blocks, rotation_seed=args.seed, w_clip_search=not args.no_clip_search,
+        rotation_blocks=args.rotation_blocks or 1, rotation_seed=args.seed, w_clip_search=not args.no_clip_search,
         a_clip_ratio=args.a_clip_ratio, kv_clip_ratio=args.kv_clip_ratio,
-        calibration=CalibrationConfig(args.calib_corpus, args.calib_windows, args.calib_seq_len, args.seed),
+        calibration=CalibrationConfig(corpus=args.calib_corpus, seed=args.seed, **calib),
+        psot=_section(PsotConfig, preset["psot"], args, "psot"),
+        lac=_section(LacConfig, preset["lac"], args, "lac", enabled=args.lac),
     ).validate()
-    return quantize_to_dir(args.model, cfg, args.out, resolve_device(args.device))
+    return quantize_to_dir(args.model, cfg, args.out, resolve_device(args.device), import_blocks=args.rotation_blocks)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

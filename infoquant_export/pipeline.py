@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from infoquant_export.artifact import is_artifact, load_artifact, save_artifact
-from infoquant_export.config import QuantConfig
+from infoquant_export.config import IMPORT_PREFIX, QuantConfig
 from infoquant_export.data import corpus
 from infoquant_export.errors import UserError
 from infoquant_export.fsutil import atomic_output_dir
 from infoquant_export.models.loading import load_model
 from infoquant_export.models.model import CausalLM
+from infoquant_export.psot.report import summarize, write_report
+from infoquant_export.psot.run import run_psot
 from infoquant_export.quant.calibrate import QuantizedWeights, quantize_model
-from infoquant_export.transforms.hadamard import hadamard_factors
-from infoquant_export.transforms.rotate import apply_transforms, hadamard_schema
+from infoquant_export.transforms.hadamard import hadamard_factors, hadamard_matrix
+from infoquant_export.transforms.rotate import apply_transforms, fuse_norms, hadamard_schema, psot_matrices, psot_schema
 from infoquant_export.transforms.schema import TransformSchema
 
 
@@ -42,7 +45,11 @@ def build_schema(model: CausalLM, cfg: QuantConfig) -> TransformSchema:
     if c.hidden_size % cfg.rotation_blocks:
         raise UserError(f"hidden size {c.hidden_size} is not divisible into {cfg.rotation_blocks} rotation blocks",
                         "choose --rotation-blocks that divides the hidden size")
-    schema = hadamard_schema(c.hidden_size, c.head_dim, c.intermediate_size, cfg.rotation_blocks, cfg.rotation_seed)
+    if cfg.learned_rotation:
+        schema = psot_schema(c.hidden_size, c.head_dim, c.intermediate_size, cfg.rotation_blocks)
+    else:
+        schema = hadamard_schema(c.hidden_size, c.head_dim, c.intermediate_size, cfg.rotation_blocks,
+                                 cfg.rotation_seed)
     for rotation in schema.rotations:
         hadamard_factors(rotation.block_size)
     return schema
@@ -55,36 +62,98 @@ class QuantizedModel:
     schema: TransformSchema
     weights: QuantizedWeights
     source: dict[str, Any]
+    matrices: dict[str, torch.Tensor] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # psot / import / lac summaries and stage seconds
 
 
-def quantize(model_spec: str, cfg: QuantConfig, device: str = "cpu", progress: bool = True) -> QuantizedModel:
-    """Load, transform and quantize a model in memory (no files written)."""
+def _calibration_windows(tokenizer: Any, cfg: QuantConfig, num: int, seq_len: int) -> torch.Tensor:
+    tokens = corpus.tokenize(tokenizer, corpus.load_text(cfg.calibration.corpus, "calibration"))
+    return corpus.calibration_windows(tokens, num, seq_len, cfg.calibration.seed)
+
+
+def import_rotations(directory: str, model: CausalLM, cfg: QuantConfig,
+                     num_blocks: int | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Matrices of ``psot_schema`` from the InfoQuant reference code's files (``Q/*_layer_<i>_Q.pth``); sets
+    ``cfg.rotation_blocks`` to the files' block count (``num_blocks``, when given, must match it)."""
+    from infoquant_export.transforms.infoquant_import import load_reference_rotations
+
+    c = model.cfg
+    ref = load_reference_rotations(directory, num_layers=c.num_layers, hidden_size=c.hidden_size,
+                                   num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                   num_blocks=num_blocks)
+    cfg.rotation_blocks = ref.num_blocks
+    final = hadamard_matrix(c.hidden_size // ref.num_blocks, torch.float64)
+    info = {"directory": directory, "model_name": ref.model_name, "num_blocks": ref.num_blocks,
+            "clip_parameters": "not applied: the reference's clip factors belong to its quantizer layout (separate "
+                               "q/k/v and gate/up quantizers, per-head o_proj); use --lac to learn clips for this "
+                               "layout" if ref.clips is not None else None}
+    return psot_matrices(ref.q1, ref.q2, ref.q4, final), info
+
+
+def quantize(model_spec: str, cfg: QuantConfig, device: str = "cpu", progress: bool = True,
+             import_blocks: int | None = None) -> QuantizedModel:
+    """Load, transform and quantize a model in memory (no files written). ``import_blocks``: the block count an
+    ``infoquant:DIR`` import must have (None = take the files')."""
     cfg.validate()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
     loaded = load_model(model_spec)
     model = loaded.model.to(device)
+    matrices: dict[str, torch.Tensor] = {}
+    report: dict[str, Any] = {"seconds": seconds}
+    if cfg.rotation.startswith(IMPORT_PREFIX):
+        matrices, report["import"] = import_rotations(cfg.rotation[len(IMPORT_PREFIX):], model, cfg, import_blocks)
     schema = build_schema(model, cfg)
-    apply_transforms(model, schema)
+    seconds["load"] = time.perf_counter() - start
+    if cfg.learned_rotation:
+        fuse_norms(model)
+    if cfg.rotation == "psot":
+        start = time.perf_counter()
+        windows = _calibration_windows(loaded.tokenizer, cfg, cfg.psot.num_windows, cfg.psot.seq_len)
+        matrices, report["psot"] = run_psot(model, windows, cfg, progress)
+        seconds["psot"] = time.perf_counter() - start
+    start = time.perf_counter()
+    apply_transforms(model, schema, matrices, fuse=not cfg.learned_rotation)
+    seconds["fold"] = time.perf_counter() - start
     windows = None
-    if cfg.weights == "gptq" and cfg.w_bits < 16:
+    if cfg.w_bits < 16 and (cfg.weights == "gptq" or cfg.lac.enabled):
         c = cfg.calibration
-        tokens = corpus.tokenize(loaded.tokenizer, corpus.load_text(c.corpus, "calibration"))
-        windows = corpus.calibration_windows(tokens, c.num_windows, c.seq_len, c.seed)
-    weights = quantize_model(model, cfg, windows, progress=progress)
-    return QuantizedModel(model, loaded.tokenizer, schema, weights, loaded.source)
+        windows = _calibration_windows(loaded.tokenizer, cfg, c.num_windows, c.seq_len)
+    start = time.perf_counter()
+    weights = quantize_model(model, cfg, windows, progress=progress, report=report)
+    seconds["weights" + ("+lac" if cfg.lac.enabled else "")] = time.perf_counter() - start
+    report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    return QuantizedModel(model, loaded.tokenizer, schema, weights, loaded.source, matrices, report)
 
 
 def quantize_to_dir(model_spec: str, cfg: QuantConfig, out: str | Path, device: str = "cpu",
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, import_blocks: int | None = None) -> dict[str, Any]:
     """Quantize and write the artifact atomically; returns a summary with wall time and peak memory."""
     out = Path(out)
     if out.exists():
         raise UserError(f"output directory {out} already exists", "choose a new --out path or remove it first")
     start = time.perf_counter()
-    result = quantize(model_spec, cfg, device, progress)
+    result = quantize(model_spec, cfg, device, progress, import_blocks)
     with atomic_output_dir(out) as tmp:
-        save_artifact(tmp, result.model, result.tokenizer, cfg, result.schema, result.source, result.weights)
-    return {"out": str(out), "config": cfg.label(), "model": result.source.get("name"),
-            "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb()}
+        save_artifact(tmp, result.model, result.tokenizer, cfg, result.schema, result.source, result.weights,
+                      result.matrices)
+        write_quantize_report(tmp / "report", result.report)
+    summary: dict[str, Any] = {"out": str(out), "config": cfg.label(), "model": result.source.get("name"),
+                               "wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
+                               "stage_seconds": result.report["seconds"]}
+    if "psot" in result.report:
+        summary["psot_report"] = str(out / "report" / "psot.json")
+        summary["psot_summary"] = summarize(result.report["psot"])
+    return summary
+
+
+def write_quantize_report(directory: Path, report: dict[str, Any]) -> None:
+    """``quantize.json`` (stage seconds, LAC, import) and, after PSOT, ``psot.json`` + ``psot.png``."""
+    directory.mkdir()
+    rest = {k: v for k, v in report.items() if k != "psot"}
+    (directory / "quantize.json").write_text(json.dumps(rest, indent=2))
+    if "psot" in report:
+        write_report(report["psot"], directory / "psot.json", directory / "psot.png")
 
 
 def peak_rss_mb() -> float:

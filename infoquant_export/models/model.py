@@ -25,6 +25,7 @@ from torch import nn
 
 from infoquant_export.quant.primitives import (
     fake_quantize_activation,
+    fake_quantize_activation_ste,
     integer_activation,
     integer_linear,
     sigmoid64,
@@ -33,6 +34,7 @@ from infoquant_export.quant.primitives import (
 from infoquant_export.transforms.hadamard import apply_hadamard
 
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+ACTIVATION_SITES = ("qkv_in", "o_in", "gate_up_in", "down_in")  # per-token activation quantizers of a layer
 
 
 @dataclass
@@ -63,27 +65,47 @@ class ModelConfig:
 
 
 class ActQuantizer(nn.Module):
-    """Dynamic per-token asymmetric activation quantizer (identity when bits >= 16 or disabled)."""
+    """Dynamic per-token asymmetric activation quantizer (identity when bits >= 16 or disabled).
+
+    ``clip`` multiplies the row maximum and ``clip_min`` (default: ``clip``) the row minimum. While ``lac_logits``
+    (a [2] parameter: max, min) is set, the quantizer is in LAC training mode: clips are ``0.5 * (1 + sigmoid(c))``
+    and rounding is straight-through.
+    """
 
     def __init__(self, bits: int = 16, clip: float = 1.0, group_size: int | None = None) -> None:
         super().__init__()
         self.bits, self.clip, self.group_size, self.enabled = bits, clip, group_size, True
+        self.clip_min: float | None = None
+        self.lac_logits: nn.Parameter | None = None
 
     @property
     def active(self) -> bool:
         return self.enabled and self.bits < 16
 
+    @property
+    def learning(self) -> bool:
+        return self.lac_logits is not None
+
+    def clips(self) -> tuple[float, float]:
+        return self.clip, self.clip if self.clip_min is None else self.clip_min
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        return fake_quantize_activation(x, self.bits, self.clip, self.group_size)
+        if self.lac_logits is not None:
+            alpha = 0.5 * (1.0 + torch.sigmoid(self.lac_logits.float()))
+            return fake_quantize_activation_ste(x, self.bits, alpha[0], alpha[1], self.group_size)
+        if torch.is_grad_enabled() and x.requires_grad:  # let gradients pass (LAC trains the layer around it)
+            clip, clip_min = self.clips()
+            return fake_quantize_activation_ste(x, self.bits, clip, clip_min, self.group_size)
+        return fake_quantize_activation(x, self.bits, self.clip, self.group_size, self.clip_min)
 
     def integer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token ``(codes - zero point)`` as float32 and the scale (for the integer GEMM)."""
-        return integer_activation(x, self.bits, self.clip)
+        return integer_activation(x, self.bits, self.clip, self.clip_min)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, clip={self.clip}, group_size={self.group_size}"
+        return f"bits={self.bits}, clip={self.clips()}, group_size={self.group_size}"
 
 
 class OnlineRotation(nn.Module):
@@ -129,7 +151,7 @@ class DecoderLayer(nn.Module):
         self.up = nn.Linear(h, i, bias=mlp_bias)
         self.down = nn.Linear(i, h, bias=mlp_bias)
         self.qkv_in, self.o_in = ActQuantizer(), ActQuantizer()
-        self.gate_up_in, self.down_in = ActQuantizer(), ActQuantizer()
+        self.gate_up_in, self.down_in = ActQuantizer(), ActQuantizer()  # names listed in ACTIVATION_SITES
         self.k_cache, self.v_cache = ActQuantizer(group_size=d), ActQuantizer(group_size=d)
         self.qk_rotation: OnlineRotation | None = None
         self.down_rotation: OnlineRotation | None = None
@@ -147,7 +169,7 @@ class DecoderLayer(nn.Module):
 
     def project(self, x: torch.Tensor, quantizer: ActQuantizer, roles: tuple[str, ...]) -> list[torch.Tensor]:
         """Quantize ``x`` once and apply the linears of ``roles`` (integer-exact GEMM when weights are integer)."""
-        if quantizer.active and all(hasattr(self, f"codes_{r}") for r in roles):
+        if quantizer.active and not quantizer.learning and all(hasattr(self, f"codes_{r}") for r in roles):
             a, scale = quantizer.integer(x)
             return [integer_linear(a, scale, getattr(self, f"codes_{r}"), getattr(self, f"wscale_{r}"),
                                    self.linear(r).bias) for r in roles]

@@ -62,17 +62,18 @@ def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tor
 # activations and KV: per-token asymmetric (numerics.md section 3)
 # ---------------------------------------------------------------------------------------------------------------
 def activation_qparams(
-    x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0
+    x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0, clip_min: float | torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row asymmetric (scale, zero point) over the last dim, both float32 with keepdim.
 
-    xmin = min(min(x), 0) * clip, xmax = max(max(x), 0) * clip; s = max((xmax - xmin) / qmax, eps);
-    z = clamp(round(-xmin / s), 0, qmax). The range always includes 0, so 0 is exactly representable.
+    xmin = min(min(x), 0) * clip_min, xmax = max(max(x), 0) * clip (clip_min defaults to clip; LAC learns both);
+    s = max((xmax - xmin) / qmax, eps); z = clamp(round(-xmin / s), 0, qmax). The range always includes 0, so 0 is
+    exactly representable.
     """
     xf = x.float()
     qmax = unsigned_max(bits)
     zero = torch.zeros((), dtype=torch.float32, device=xf.device)
-    xmin = torch.minimum(xf.amin(dim=-1, keepdim=True), zero) * clip
+    xmin = torch.minimum(xf.amin(dim=-1, keepdim=True), zero) * (clip if clip_min is None else clip_min)
     xmax = torch.maximum(xf.amax(dim=-1, keepdim=True), zero) * clip
     scale = torch.clamp_min((xmax - xmin) / qmax, SCALE_EPS)
     zero_point = torch.clamp(torch.round(-xmin / scale), 0, qmax)
@@ -91,7 +92,8 @@ def dequantize_activation(codes: torch.Tensor, scale: torch.Tensor, zero_point: 
 
 
 def fake_quantize_activation(
-    x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0, group_size: int | None = None
+    x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0, group_size: int | None = None,
+    clip_min: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token (or per-group along the last dim) asymmetric quantize-dequantize; returns x's dtype.
 
@@ -101,16 +103,41 @@ def fake_quantize_activation(
         return x
     shape = x.shape
     xg = x if group_size is None else x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
-    scale, zero_point = activation_qparams(xg, bits, clip)
+    scale, zero_point = activation_qparams(xg, bits, clip, clip_min)
     out = dequantize_activation(quantize_activation(xg, scale, zero_point, bits), scale, zero_point)
     return out.reshape(shape).to(x.dtype)
 
 
-def integer_activation(x: torch.Tensor, bits: int,
-                       clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def integer_activation(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0,
+                       clip_min: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(codes - z)`` as float32 (integer-valued, |.| <= 2^b - 1) and the float32 scale [..., 1]."""
-    scale, zero_point = activation_qparams(x, bits, clip)
+    scale, zero_point = activation_qparams(x, bits, clip, clip_min)
     return quantize_activation(x, scale, zero_point, bits).float() - zero_point, scale
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round`` in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_activation_ste(x: torch.Tensor, bits: int, clip: torch.Tensor | float,
+                                 clip_min: torch.Tensor | float, group_size: int | None = None) -> torch.Tensor:
+    """Differentiable per-row fake quantization for learning clip factors (LAC): the same steps as
+    :func:`activation_qparams` / :func:`fake_quantize_activation` with straight-through rounding; gradients reach
+    ``x``, ``clip`` and ``clip_min`` through the scale and zero point. Training only (the deployed path is exact)."""
+    if group_size is not None:
+        shape = x.shape
+        grouped = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+        return fake_quantize_activation_ste(grouped, bits, clip, clip_min).reshape(shape)
+    xf = x.float()
+    qmax = unsigned_max(bits)
+    zero = torch.zeros((), dtype=torch.float32, device=xf.device)
+    xmin = torch.minimum(xf.amin(dim=-1, keepdim=True), zero) * clip_min
+    xmax = torch.maximum(xf.amax(dim=-1, keepdim=True), zero) * clip
+    scale = torch.clamp_min((xmax - xmin) / qmax, SCALE_EPS)
+    zero_point = torch.clamp(round_ste(-xmin / scale), 0, qmax)
+    q = torch.clamp(round_ste(xf / scale) + zero_point, 0, qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
 
 
 def integer_linear(a_int: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,

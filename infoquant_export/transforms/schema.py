@@ -10,8 +10,17 @@ Sites
 - ``attention_value``: per KV head on the V projection output and the o_proj input (head size). Offline.
 - ``qk_post_rope``: q and k after RoPE, per head (head size). Online, cancels inside q.k^T, no fold.
 - ``down_proj_input``: the MLP activation before down_proj (intermediate size). Online, folded into down_proj.
+- ``residual_attn`` / ``residual_mlp``: per-layer residual-stream bases (PSOT's Q1 / Q4): the stream entering layer
+  l's attention block is in basis ``Q1_l``, the one entering its MLP in ``Q4_l``. Offline, learned, block-diagonal.
+  For ``residual_attn`` the ``down`` output fold applies to layer l-1 (the writer of that stream) and the ``embed``
+  fold to layer 0 only.
+- ``residual_final``: the basis after the last layer (folded into the last ``down`` output and the LM head).
 - ``residual_attn_to_mlp`` / ``residual_mlp_to_attn``: basis changes of the residual stream between blocks
-  (hidden size, block-diagonal, per layer, learned). Online; written by the PSOT stage.
+  (``blockdiag(Q1_l,b^T Q4_l,b)`` and ``blockdiag(Q4_l,b^T Q1_{l+1},b)``; hidden size, block-diagonal, per layer,
+  learned). Online: they run at inference on the residual stream; written by the PSOT stage.
+
+Learned matrices live in the artifact's safetensors file as ``{matrix}.{layer}`` with shape ``[num_blocks, n, n]``
+(``attention_value``: one block per KV head; every query head of a GQA group uses its KV head's block).
 
 Fold sides: ``input`` means W <- W @ R (the layer consumes rotated inputs), ``output`` means W <- R^T @ W and
 b <- b @ R (the layer produces rotated outputs). For ``attention_value`` both apply per head.
@@ -24,11 +33,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 added the per-layer residual sites
 KINDS = ("hadamard", "randomized_hadamard", "learned", "identity")
 MODES = ("offline", "online")
 SITES = {
     "residual": "offline",
+    "residual_attn": "offline",
+    "residual_mlp": "offline",
+    "residual_final": "offline",
     "attention_value": "offline",
     "qk_post_rope": "online",
     "down_proj_input": "online",
@@ -102,6 +115,11 @@ class TransformSchema:
     def online(self) -> list[Rotation]:
         return [r for r in self.rotations if r.mode == "online"]
 
+    def matrix_keys(self, num_layers: int) -> list[str]:
+        """Safetensors keys of every learned matrix."""
+        return [f"{r.matrix}.{i}" for r in self.rotations if r.kind == "learned"
+                for i in range(num_layers) if r.layers is None or i in r.layers]
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "fused_norms": self.fused_norms,
                 "rotations": [dataclasses.asdict(r) for r in self.rotations]}
@@ -112,8 +130,9 @@ class TransformSchema:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransformSchema:
         version = data.get("version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"transform schema version {version} is not supported (this build reads {SCHEMA_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"transform schema version {version} is not supported (this build reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
         rotations = []
         for raw in data["rotations"]:
             raw = dict(raw)

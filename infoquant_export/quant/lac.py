@@ -1,0 +1,86 @@
+"""LAC: learned activation clipping (reference ``pipelines/lac.py:Lac``), one decoder layer at a time.
+
+Every per-token activation quantizer of the layer (q/k/v input, o_proj input, gate/up input, down_proj input) gets
+two logits ``c = (c_max, c_min)``; its clip factors are ``alpha = 0.5 * (1 + sigmoid(c))`` in (0.5, 1), multiplying
+the row maximum and minimum. They start at the configured static clip and are trained with AdamW (linear warm-up,
+then cosine decay to ``lr * min_lr_ratio``) so that the quantized layer (integer weights, straight-through rounding)
+matches the full-precision layer's output on the same inputs; the loss is the MSE divided by its own detached
+value. The learned factors are stored as float32 and used by every backend exactly like static clips.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from infoquant_export.config import LacConfig
+from infoquant_export.errors import UserError
+from infoquant_export.models.model import ACTIVATION_SITES, ActQuantizer, DecoderLayer
+
+
+def clip_to_logit(clip: float) -> float:
+    """Inverse of ``alpha = 0.5 * (1 + sigmoid(c))`` (alpha clamped into the open interval (0.5, 1))."""
+    a = min(max(2.0 * clip - 1.0, 1e-4), 1.0 - 1e-4)
+    return math.log(a / (1.0 - a))
+
+
+def _lr_factor(step: int, total: int, cfg: LacConfig) -> float:
+    warm = 0.01 + 0.99 * min(step, cfg.warmup_steps) / cfg.warmup_steps if cfg.warmup_steps else 1.0
+    cosine = cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return warm * cosine
+
+
+def _set_enabled(layer: DecoderLayer, enabled: bool) -> None:
+    for m in layer.modules():
+        if isinstance(m, ActQuantizer):
+            m.enabled = enabled
+
+
+def train_layer_clips(layer: DecoderLayer, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                      cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cfg: LacConfig, index: int,
+                      seed: int = 0) -> dict[str, Any]:
+    """Train the clip factors of ``layer`` on windows ``inputs`` [1, S, D] -> ``targets``; returns a summary."""
+    quantizers = {s: getattr(layer, s) for s in ACTIVATION_SITES if getattr(layer, s).bits < 16}
+    if not quantizers:
+        return {}
+    _set_enabled(layer, True)
+    params = []
+    for q in quantizers.values():
+        q.lac_logits = torch.nn.Parameter(torch.tensor([clip_to_logit(c) for c in q.clips()]))
+        params.append(q.lac_logits)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    n = len(inputs)
+    total = cfg.epochs * math.ceil(n / cfg.batch_size)
+    step, curve = 0, []
+    try:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator).tolist()
+            mses = []
+            for b in range(0, n, cfg.batch_size):
+                idx = order[b:b + cfg.batch_size]
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * _lr_factor(step, total, cfg)
+                x = torch.cat([inputs[i] for i in idx]).requires_grad_(True)
+                y = layer(x, cos, sin, mask)[0]
+                mse = (y - torch.cat([targets[i] for i in idx])).pow(2).mean()
+                if not torch.isfinite(mse):
+                    raise UserError(f"LAC layer {index}: the loss became NaN/Inf at epoch {epoch}",
+                                    "lower --lac-lr or check the calibration activations")
+                opt.zero_grad()
+                (mse / mse.detach().clamp_min(1e-30)).backward()
+                if not all(torch.isfinite(p.grad).all() for p in params):
+                    raise UserError(f"LAC layer {index}: NaN/Inf gradients at epoch {epoch}", "lower --lac-lr")
+                opt.step()
+                step += 1
+                mses.append(float(mse))
+            curve.append(sum(mses) / len(mses))
+    finally:
+        for q in quantizers.values():
+            if q.lac_logits is not None:
+                alpha = (0.5 * (1.0 + torch.sigmoid(q.lac_logits.detach().float()))).tolist()
+                q.clip, q.clip_min = float(alpha[0]), float(alpha[1])
+                q.lac_logits = None
+    return {"mse_curve": curve, "clips": {s: list(q.clips()) for s, q in quantizers.items()}}
