@@ -66,7 +66,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     "reference": {"calibration": {"num_windows": 128, "seq_len": 2048}, "psot": {}, "lac": {}},
     # practical on a 2-core CPU for a ~100M-parameter model (see BENCHMARKS.md)
     "cpu": {"calibration": {"num_windows": 64, "seq_len": 512},
-            "psot": {"num_windows": 32, "seq_len": 512, "epochs": 10},
+            "psot": {"num_windows": 32, "seq_len": 512},
             "lac": {"num_windows": 16, "epochs": 2}},
 }
 

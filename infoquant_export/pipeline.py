@@ -143,7 +143,10 @@ def quantize_to_dir(model_spec: str, cfg: QuantConfig, out: str | Path, device: 
                                "stage_seconds": result.report["seconds"]}
     if "psot" in result.report:
         summary["psot_report"] = str(out / "report" / "psot.json")
-        summary["psot_summary"] = summarize(result.report["psot"])
+        summary["psot_effect"] = {  # mean over layers, before (Hadamard) -> after (PSOT)
+            name: {stat: [round(v["before"][stat], 4), round(v["after"][stat], 4)]
+                   for stat in ("code_entropy_bits", "mse", "range_mean")}
+            for name, v in summarize(result.report["psot"]).items()}
     return summary
 
 

@@ -37,13 +37,14 @@ from infoquant_export.export.ops import (
     KVQuantize,
     QLinear,
 )
-from infoquant_export.transforms.rotate import rotation_matrix
+from infoquant_export.transforms.rotate import rotation_blocks
 from infoquant_export.transforms.schema import Rotation
 
 IR_VERSION = 10
 DOUBLE = ir.DataType.DOUBLE
 MASK_MIN = float(np.finfo(np.float32).min)  # additive mask; exp(MASK_MIN - max) == 0 exactly, like -inf
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up"), "o": ("o",), "down": ("down",)}
+SITES = {"qkv": "qkv_in", "gate_up": "gate_up_in", "o": "o_in", "down": "down_in"}  # DecoderLayer quantizers
 
 
 class TensorSource:
@@ -84,10 +85,6 @@ class GraphPlan:
         for what, bits in (("a_bits", q.a_bits), ("kv_bits", q.kv_bits), ("w_bits", q.w_bits)):
             if bits not in EXPORTABLE_BITS:
                 raise UserError(f"{what}={bits} has no ONNX integer type", "export supports 4, 8 or 16 bits")
-        for rotation in self.manifest.schema.online():
-            if rotation.kind == "learned":
-                raise UserError(f"online rotation {rotation.name} is learned; its export is not implemented yet",
-                                "export a Hadamard-rotated artifact")
 
     def online(self, site: str, layer: int) -> Rotation | None:
         r = self.manifest.schema.find(site)
@@ -134,8 +131,14 @@ class DecoderGraph:
         return self.tensors.shape(key)
 
     # -- building blocks --------------------------------------------------------------------------------------------
-    def qlinear(self, x: ir.Value, layer: int, fused: str, act_bits: int, act_clip: float,
-                name: str | None = None) -> ir.Value:
+    def clips(self, layer: int, site: str) -> tuple[float, float]:
+        """(max, min) clip factors of an activation quantizer: learned by LAC, else the static ratio."""
+        if self.quant.lac.enabled:
+            clip, clip_min = self.tensors.get(f"layers.{layer}.{site}.clip").tolist()
+            return float(clip), float(clip_min)
+        return float(self.quant.a_clip_ratio), float(self.quant.a_clip_ratio)
+
+    def qlinear(self, x: ir.Value, layer: int, fused: str, act_bits: int, name: str | None = None) -> ir.Value:
         roles = FUSED[fused]
         keys = [f"layers.{layer}.{r}" for r in roles]
         prefix = f"layers.{layer}.{fused}"
@@ -166,7 +169,9 @@ class DecoderGraph:
         if has_bias:
             inputs.append(self.lazy(f"{prefix}.bias", ir.DataType.FLOAT, [out_features],
                                     lambda: np.concatenate([self.tensors.get(f"{k}.bias") for k in keys])))
-        attrs: dict[str, Any] = {"act_bits": act_bits, "act_clip": float(act_clip), "weight_bits": w_bits}
+        clip, clip_min = self.clips(layer, SITES[fused])
+        attrs: dict[str, Any] = {"act_bits": act_bits, "act_clip": clip, "act_clip_min": clip_min,
+                                 "weight_bits": w_bits}
         return op.call(self.b, inputs, names=[name] if name else None, **attrs)[0]
 
     def rotate(self, x: ir.Value, rotation: Rotation, layer: int, name: str) -> ir.Value:
@@ -176,8 +181,9 @@ class DecoderGraph:
         n, nb = rotation.block_size, rotation.num_blocks
 
         def load() -> np.ndarray:
-            dense = rotation_matrix(rotation).float().numpy()
-            return np.stack([dense[i * n:(i + 1) * n, i * n:(i + 1) * n] for i in range(nb)])
+            if rotation.kind == "learned":
+                return self.tensors.get(f"{rotation.matrix}.{layer}").astype(np.float32)
+            return rotation_blocks(rotation).float().numpy()
 
         matrix = self.lazy(f"layers.{layer}.{name}.matrix", ir.DataType.FLOAT, [nb, n, n], load)
         op = self.functions.use(BlockRotation(rotation.size, nb))
@@ -290,7 +296,7 @@ class DecoderGraph:
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         groups = heads // kv_heads
         h = self.rms_norm(x, f"layers.{i}.input_norm")
-        qkv = self.qlinear(h, i, "qkv", q.a_bits, q.a_clip_ratio)
+        qkv = self.qlinear(h, i, "qkv", q.a_bits)
         split = [heads * d, kv_heads * d, kv_heads * d]
         q_, k_, v_ = b.multi("Split", [qkv, b.ints(split)], 3, axis=-1)
         q_ = b.Transpose(b.Reshape(q_, b.ints([0, 0, heads, d])), perm=[0, 2, 1, 3])
@@ -310,19 +316,19 @@ class DecoderGraph:
         attn = b.Cast(b.MatMul(self.softmax64(scores), v5), to=ir.DataType.FLOAT)  # [B, kvH, g, S, D]
         attn = b.Transpose(b.Reshape(attn, b.ints([0, heads, -1, d])), perm=[0, 2, 1, 3])
         attn = b.Reshape(attn, b.ints([0, 0, heads * d]))
-        o = self.qlinear(attn, i, "o", q.a_bits, q.a_clip_ratio)
+        o = self.qlinear(attn, i, "o", q.a_bits)
         to_mlp = self.plan.online("residual_attn_to_mlp", i)
         if to_mlp is not None:
             x = self.rotate(x, to_mlp, i, "residual_attn_to_mlp")
         x = b.Add(x, o)
         h = self.rms_norm(x, f"layers.{i}.post_norm")
-        gate_up = self.qlinear(h, i, "gate_up", q.a_bits, q.a_clip_ratio)
+        gate_up = self.qlinear(h, i, "gate_up", q.a_bits)
         gate, up = b.multi("Split", [gate_up], 2, axis=-1)
         m = b.Mul(b.Mul(gate, self.sigmoid64(gate)), up)
         down_rotation = self.plan.online("down_proj_input", i)
         if down_rotation is not None:
             m = self.rotate(m, down_rotation, i, "down_rotation")
-        down = self.qlinear(m, i, "down", q.a_bits, q.a_clip_ratio)
+        down = self.qlinear(m, i, "down", q.a_bits)
         to_attn = self.plan.online("residual_mlp_to_attn", i)
         if to_attn is not None:
             x = self.rotate(x, to_attn, i, "residual_mlp_to_attn")

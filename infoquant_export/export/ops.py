@@ -14,9 +14,10 @@ Plugin contracts (all float tensors are float32 in the reference graph; a plugin
              weight_scale [out] float, constant; bias [out] float, constant (only when the node has 4 inputs).
              weight_bits=16: weight [out, in] float and no weight_scale (then y = fq(x) @ W^T + bias)
     outputs  y [..., out] float
-    attrs    act_bits (int: 4, 8 or 16 = no activation quantization), act_clip (float, range multiplier),
+    attrs    act_bits (int: 4, 8 or 16 = no activation quantization), act_clip (float, multiplier of the row
+             maximum), act_clip_min (float, multiplier of the row minimum; LAC learns both),
              weight_bits (int: 4 or 8)
-    numerics per row of x: xmin = min(min(x), 0) * clip, xmax = max(max(x), 0) * clip,
+    numerics per row of x: xmin = min(min(x), 0) * act_clip_min, xmax = max(max(x), 0) * act_clip,
              s = max((xmax - xmin) / (2^b - 1), 1e-8), z = clamp(round(-xmin / s), 0, 2^b - 1) (round half even),
              q = clamp(round(x / s) + z, 0, 2^b - 1); acc = (q - z) @ codes^T is exact (integers, in float32
              or int32); y = (acc * s) * weight_scale[out] (+ bias), in this order.
@@ -65,10 +66,11 @@ EXPORTABLE_BITS = (4, 8, 16)
 INT, FLOAT = ir.AttributeType.INT, ir.AttributeType.FLOAT
 
 
-def act_qparams(b: Builder, x: ir.Value, bits: int, clip: ir.Value) -> tuple[ir.Value, ir.Value]:
+def act_qparams(b: Builder, x: ir.Value, bits: int, clip: ir.Value,
+                clip_min: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
     """Per-row (last dim) asymmetric scale and zero point, float32 [..., 1] (numerics.md section 3)."""
     axes, zero = b.ints([-1]), b.const(0.0)
-    xmin = b.Mul(b.Min(b.ReduceMin(x, axes, keepdims=1), zero), clip)
+    xmin = b.Mul(b.Min(b.ReduceMin(x, axes, keepdims=1), zero), clip if clip_min is None else clip_min)
     xmax = b.Mul(b.Max(b.ReduceMax(x, axes, keepdims=1), zero), clip)
     qmax = b.const(float(unsigned_max(bits)))
     scale = b.Max(b.Div(b.Sub(xmax, xmin), qmax), b.const(SCALE_EPS))
@@ -83,8 +85,9 @@ def quantize_rows(b: Builder, x: ir.Value, scale: ir.Value, zero_point: ir.Value
     return b.QuantizeLinear(x, scale, zp, axis=-1, block_size=width), zp
 
 
-def fake_quant_rows(b: Builder, x: ir.Value, bits: int, clip: ir.Value, width: int) -> ir.Value:
-    scale, zero_point = act_qparams(b, x, bits, clip)
+def fake_quant_rows(b: Builder, x: ir.Value, bits: int, clip: ir.Value, width: int,
+                    clip_min: ir.Value | None = None) -> ir.Value:
+    scale, zero_point = act_qparams(b, x, bits, clip, clip_min)
     codes, zp = quantize_rows(b, x, scale, zero_point, bits, width)
     return b.DequantizeLinear(codes, scale, zp, axis=-1, block_size=width)
 
@@ -130,7 +133,7 @@ class QLinear(CustomOp):
     weight_bits: int
     has_bias: bool
     name = "QLinear"
-    attributes = {"act_bits": INT, "act_clip": FLOAT, "weight_bits": INT}
+    attributes = {"act_bits": INT, "act_clip": FLOAT, "act_clip_min": FLOAT, "weight_bits": INT}
 
     @property
     def overload(self) -> str:
@@ -145,13 +148,13 @@ class QLinear(CustomOp):
              bias: ir.Value | None = None) -> Sequence[ir.Value]:
         if self.weight_bits >= 16:  # float weights: weight_scale is absent, the 2nd optional input is the bias
             bias = weight_scale
-            a = fake_quant_rows(b, x, self.act_bits, b.ref_float("act_clip"), self.in_features) \
-                if self.act_bits < 16 else x
+            a = fake_quant_rows(b, x, self.act_bits, b.ref_float("act_clip"), self.in_features,
+                                b.ref_float("act_clip_min")) if self.act_bits < 16 else x
             y = b.MatMul(a, b.Transpose(weight, perm=[1, 0]))
         elif self.act_bits >= 16:
             y = b.MatMul(x, b.Transpose(b.DequantizeLinear(weight, weight_scale, axis=0), perm=[1, 0]))
         else:  # integer GEMM: (codes_a - z) @ codes_w^T is exact in float32, then the scales (numerics.md 5)
-            scale, zero_point = act_qparams(b, x, self.act_bits, b.ref_float("act_clip"))
+            scale, zero_point = act_qparams(b, x, self.act_bits, b.ref_float("act_clip"), b.ref_float("act_clip_min"))
             codes, zp = quantize_rows(b, x, scale, zero_point, self.act_bits, self.in_features)
             unit = b.Expand(b.const(1.0), b.Shape(scale))  # DQ with unit scales yields codes - z exactly
             a_int = b.DequantizeLinear(codes, unit, zp, axis=-1, block_size=self.in_features)

@@ -64,16 +64,22 @@ def _lr(cfg: PsotConfig, epoch: int) -> float:
 
 def optimize(init: torch.Tensor, num_samples: int, loss: Callable[[torch.Tensor, list[int]], torch.Tensor],
              cfg: PsotConfig, generator: torch.Generator, where: str) -> tuple[torch.Tensor, list[float]]:
-    """Cayley SGD over shuffled batches of samples; returns the matrices and [initial cost, mean cost per epoch]."""
+    """Cayley SGD over shuffled batches of samples.
+
+    Returns the matrices with the lowest cost over all samples among the initial ones and those after each epoch
+    (the reference's steps are normalised to ``alpha * ||W||_1 <= 1``, so an epoch can overshoot; keeping the best
+    iterate means PSOT never ends above its Hadamard initialisation), and the cost curve [initial, each epoch]."""
+
+    def full_cost(blocks: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(sum(loss(blocks, list(range(b, min(b + cfg.batch_size, num_samples))))
+                             for b in range(0, num_samples, cfg.batch_size))) / num_samples
+
     blocks = init.clone()
-    everything = list(range(num_samples))
-    with torch.no_grad():
-        curve = [float(sum(loss(blocks, everything[b:b + cfg.batch_size])
-                           for b in range(0, num_samples, cfg.batch_size))) / num_samples]
+    best, curve = blocks, [full_cost(blocks)]
     for epoch in range(cfg.epochs):
         lr = _lr(cfg, epoch)
         order = torch.randperm(num_samples, generator=generator).tolist()
-        total = 0.0
         for b in range(0, num_samples, cfg.batch_size):
             param = blocks.detach().requires_grad_(True)
             value = loss(param, order[b:b + cfg.batch_size])
@@ -82,9 +88,10 @@ def optimize(init: torch.Tensor, num_samples: int, loss: Callable[[torch.Tensor,
                 raise UserError(f"PSOT {where}: the cost or its gradient became NaN/Inf at epoch {epoch}",
                                 "check the calibration activations, or lower --psot-lr")
             blocks = cayley_step(param.detach(), param.grad, lr, cfg.cayley)
-            total += float(value.detach())
-        curve.append(total / num_samples)
-    return blocks, curve
+        curve.append(full_cost(blocks))
+        if curve[-1] < min(curve[:-1]):
+            best = blocks
+    return best, curve
 
 
 def _weights(samples: list[torch.Tensor], cfg: PsotConfig, all_outliers: bool) -> tuple[list[torch.Tensor],
