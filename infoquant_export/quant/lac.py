@@ -75,7 +75,7 @@ def train_layer_clips(layer: DecoderLayer, inputs: list[torch.Tensor], targets: 
                     raise UserError(f"LAC layer {index}: NaN/Inf gradients at epoch {epoch}", "lower --lac-lr")
                 opt.step()
                 step += 1
-                mses.append(float(mse))
+                mses.append(float(mse.detach()))
             curve.append(sum(mses) / len(mses))
     finally:
         for q in quantizers.values():
