@@ -122,7 +122,7 @@ def _plot(report: dict[str, Any], png_path: Path) -> None:
                     norm = curve[0] if math.isfinite(curve[0]) and curve[0] != 0 else 1.0
                     ax.plot([c / norm for c in curve], color=colormaps["viridis"](lnorm(x)), lw=1)
             fig.colorbar(ScalarMappable(lnorm, "viridis"), ax=ax, label="layer")
-            ax.set(title=f"PSOT cost: {key}", xlabel="step", ylabel="cost / initial cost")
+            ax.set(title=f"PSOT cost: {key}", xlabel="epoch (0 = initial)", ylabel="cost / initial cost")
             continue
         for name in [key] if kind == "entropy" else names:
             stat = "code_entropy_bits" if kind == "entropy" else kind
