@@ -28,22 +28,23 @@ def test_cayley_step_keeps_float32_matrices_orthogonal():
         q = cayley_step(q, torch.randn(q.shape, generator=gen) * 5.0, lr=2.0)
         assert q.dtype == torch.float32
         worst = max(worst, orthogonality_error(q))
-    assert worst < 1e-5  # measured: 4.2e-7 (float32 storage rounding; re-orthonormalised above 1e-6)
+    assert worst < 1e-5  # measured: 3.8e-7 (float32 storage rounding; re-orthonormalised above 1e-6)
 
 
 def test_iterative_cayley_matches_exact_for_small_steps():
     gen = torch.Generator().manual_seed(2)
     q = initial_blocks(1, 32, seed=0)
-    g = torch.randn(q.shape, generator=gen) * 1e-3
+    g = torch.randn(q.shape, generator=gen) * 0.3
     exact, iterative = cayley_step(q, g, 0.1, "exact"), cayley_step(q, g, 0.1, "iterative")
-    assert (exact - iterative).abs().max() < 1e-6  # measured: 1.2e-8
-    assert orthogonality_error(iterative) < 1e-5  # measured: 3.6e-7
+    assert (exact - q).abs().max() > 0.03  # a real step (measured: 0.064)
+    assert (exact - iterative).abs().max() < 1e-5  # measured: 3.9e-7
+    assert orthogonality_error(iterative) < 1e-5  # measured: 7.3e-7
 
 
 def test_outlier_selection_finds_exactly_the_planted_tokens():
     xs = planted_batch()
     selection = select_k(xs[:10])
-    assert 1 <= selection.k < 50  # measured: k = 6
+    assert 1 <= selection.k < 50  # measured: k = 5
     for x in xs:
         weights = token_weights(x, selection.k, 30.0)
         assert torch.nonzero(weights == 30.0).flatten().tolist() == [0, 37]
