@@ -39,7 +39,9 @@ def test_quantize_eval_generate_reload(model_dir, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["config"] == "W4A4KV4-hadamard-gptq" and summary["peak_rss_mb"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer", "transforms.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "report", "tokenizer",
+                                                   "transforms.json"]
+    assert "weights" in json.loads((out / "report" / "quantize.json").read_text())["seconds"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial directory left
 
     code, stdout, _ = run(["eval", out, "--seq-len", "64", "--max-windows", "4", "--json"], capsys)
