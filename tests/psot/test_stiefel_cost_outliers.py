@@ -75,3 +75,18 @@ def test_peak_cost_decreases_under_psot_on_planted_outliers():
     # a larger outlier weight raises the cost of the same activations
     x = torch.cat(xs[:2])
     assert float(peak_cost(x, torch.cat(ws[:2]), 32)) > float(peak_cost(x, torch.ones(len(x)), 32))
+
+
+def test_activation_store_spills_to_memory_mapped_files_and_cleans_up():
+    from infoquant_export.psot.capture import ActivationStore
+
+    store = ActivationStore(budget_bytes=1000)  # the second 64 x 8 tensor (2 KiB each) already spills
+    xs = [torch.randn(64, 8) for _ in range(3)]
+    for x in xs:
+        store.put("v", x)
+    assert store.spilled
+    spill_dir = store._dir
+    assert len(list(spill_dir.glob("*.npy"))) == 3
+    assert all(torch.equal(a, b) for a, b in zip(store.get("v"), xs, strict=True))
+    store.close()
+    assert not spill_dir.exists()
