@@ -45,7 +45,7 @@ class ActivationStore:
             path = self._dir / f"{self._count}.npy"
             self._count += 1
             np.save(path, x.numpy())
-            x = torch.from_numpy(np.load(path, mmap_mode="r"))
+            x = torch.from_numpy(np.load(path, mmap_mode="c"))
         self.data[name].append(x)
 
     def get(self, name: str) -> list[torch.Tensor]:
