@@ -21,7 +21,7 @@ from infoquant_export.models.model import CausalLM
 from infoquant_export.psot.report import summarize, write_report
 from infoquant_export.psot.run import run_psot
 from infoquant_export.quant.calibrate import QuantizedWeights, quantize_model
-from infoquant_export.transforms.hadamard import hadamard_factors, hadamard_matrix
+from infoquant_export.transforms.hadamard import hadamard_factors
 from infoquant_export.transforms.rotate import apply_transforms, fuse_norms, hadamard_schema, psot_matrices, psot_schema
 from infoquant_export.transforms.schema import TransformSchema
 
@@ -82,12 +82,11 @@ def import_rotations(directory: str, model: CausalLM, cfg: QuantConfig,
                                    num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                                    num_blocks=num_blocks)
     cfg.rotation_blocks = ref.num_blocks
-    final = hadamard_matrix(c.hidden_size // ref.num_blocks, torch.float64)
     info = {"directory": directory, "model_name": ref.model_name, "num_blocks": ref.num_blocks,
             "clip_parameters": "not applied: the reference's clip factors belong to its quantizer layout (separate "
                                "q/k/v and gate/up quantizers, per-head o_proj); use --lac to learn clips for this "
                                "layout" if ref.clips is not None else None}
-    return psot_matrices(ref.q1, ref.q2, ref.q4, final), info
+    return psot_matrices(ref.q1, ref.q2, ref.q4), info
 
 
 def quantize(model_spec: str, cfg: QuantConfig, device: str = "cpu", progress: bool = True,

@@ -13,7 +13,6 @@ from infoquant_export.models.model import CausalLM
 from infoquant_export.psot.capture import capture_layers
 from infoquant_export.psot.report import build_layer_entry
 from infoquant_export.psot.train import STAGES, LayerRotations, initial_blocks, rotate_blocks, rotate_heads, train_layer
-from infoquant_export.transforms.hadamard import hadamard_matrix
 from infoquant_export.transforms.rotate import psot_matrices
 
 REPORT_WINDOWS = 4  # windows whose activations the report measures
@@ -62,9 +61,8 @@ def run_psot(model: CausalLM, windows: torch.Tensor, cfg: QuantConfig,
         q4s.append(rot.q4)
         entries.append(_report_entry(i, store, rot, model, cfg))
     bar.close()
-    final = hadamard_matrix(c.hidden_size // cfg.rotation_blocks, torch.float64)
     report = {"model": c.family, "bits": cfg.a_bits, "num_blocks": cfg.rotation_blocks,
               "basis_before": "randomized Hadamard (PSOT's initialisation; what --rotation hadamard uses)",
               "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
               "seconds": round(time.perf_counter() - start, 1), "layers": entries}
-    return psot_matrices(q1s, q2s, q4s, final), report
+    return psot_matrices(q1s, q2s, q4s), report

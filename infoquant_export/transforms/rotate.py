@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from infoquant_export.models.model import CausalLM, DecoderLayer, OnlineRotation
-from infoquant_export.transforms.hadamard import block_hadamard_matrix, randomized_hadamard_matrix
+from infoquant_export.transforms.hadamard import block_hadamard_matrix, hadamard_matrix, randomized_hadamard_matrix
 from infoquant_export.transforms.schema import Fold, Rotation, TransformSchema
 
 RESIDUAL_INPUT_ROLES = ("q", "k", "v", "gate", "up")
@@ -58,17 +58,18 @@ def psot_schema(hidden: int, head_dim: int, intermediate: int, num_blocks: int =
     ])
 
 
-def psot_matrices(q1: list[torch.Tensor], q2: list[torch.Tensor], q4: list[torch.Tensor],
-                  final_block: torch.Tensor) -> dict[str, torch.Tensor]:
+def psot_matrices(q1: list[torch.Tensor], q2: list[torch.Tensor], q4: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The learned tensors of :func:`psot_schema` (float32), including the derived online basis changes
-    ``Q1_l,b^T Q4_l,b`` and ``Q4_l,b^T Q1_{l+1},b`` (last layer: the final basis), computed in float64.
+    ``Q1_l,b^T Q4_l,b`` and ``Q4_l,b^T Q1_{l+1},b`` (last layer: the schema's block-Hadamard final basis),
+    computed in float64.
 
     Transposes are used as inverses, as the reference does (imported matrices are only nearly orthogonal)."""
     out: dict[str, torch.Tensor] = {}
     num_layers = len(q1)
+    final_block = hadamard_matrix(q1[0].shape[-1], torch.float64)
     for i in range(num_layers):
         a, m = q1[i].double(), q4[i].double()
-        nxt = q1[i + 1].double() if i + 1 < num_layers else final_block.double().expand_as(m)
+        nxt = q1[i + 1].double() if i + 1 < num_layers else final_block.expand_as(m)
         out[f"psot.Q1.{i}"], out[f"psot.Q2.{i}"], out[f"psot.Q4.{i}"] = q1[i].float(), q2[i].float(), q4[i].float()
         out[f"psot.attn_to_mlp.{i}"] = (a.transpose(-1, -2) @ m).float()
         out[f"psot.mlp_to_attn.{i}"] = (m.transpose(-1, -2) @ nxt).float()
