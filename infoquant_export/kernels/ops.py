@@ -1,0 +1,402 @@
+"""Checked Python entry points of the W4A4KV4 kernels (numerics.md sections 1, 3, 4, 5).
+
+Every function validates shapes, dtypes, devices and contiguity and raises :class:`KernelInputError` (a one-line
+``UserError``) naming the constraint, before anything is launched. Tensors must all be on one CUDA device, or all
+on the CPU when the kernels run in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from infoquant_export.errors import UserError
+from infoquant_export.kernels import interpreted, kernel_module
+from infoquant_export.quant.primitives import pack_int4, unpack_int4
+from infoquant_export.transforms.hadamard import _paley_block, hadamard_factors
+
+MAX_ROW_TILE = 32768  # one program holds a row tile of at most this many float32 values
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class KernelInputError(UserError):
+    """An input the kernels do not support (shape, dtype, device, layout)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem, fix)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _check_device(*tensors: torch.Tensor) -> torch.device:
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise KernelInputError(f"kernel inputs on different devices ({device} and {t.device})",
+                                   "move every tensor to one CUDA device")
+    if interpreted() and device.type != "cpu":
+        raise KernelInputError(f"TRITON_INTERPRET=1 runs kernels on CPU tensors, got {device}",
+                               "unset TRITON_INTERPRET to run compiled kernels on the GPU")
+    if not interpreted() and device.type != "cuda":
+        raise KernelInputError(f"compiled kernels need CUDA tensors, got {device}",
+                               "move the tensors to a CUDA device (or set TRITON_INTERPRET=1 before import)")
+    return device
+
+
+def _check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise KernelInputError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})",
+                               f"pass {name}.contiguous()")
+
+
+def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        raise KernelInputError(f"{name} has dtype {t.dtype}; the kernel takes {', '.join(map(str, allowed))}",
+                               f"convert {name} with .to(...)")
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (4, 8):
+        raise KernelInputError(f"the kernels quantize to 4 or 8 bits, not {bits}",
+                               "use --a-bits/--kv-bits 4 or 8, or the fake-quant model")
+
+
+@cache
+def _hk_t(k: int, device: str) -> torch.Tensor:
+    kp = max(16, _pow2(k))
+    m = torch.zeros(kp, kp, dtype=torch.float64)
+    m[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    return m.to(device)
+
+
+@dataclass(frozen=True)
+class RowTile:
+    """How a row of ``num_blocks * n_block`` values maps onto the kernel's [NBP, KP, P] tile."""
+
+    nb: int
+    n_block: int
+    k: int
+    p: int
+    rotate: bool
+
+    @property
+    def kp(self) -> int:
+        return max(16, _pow2(self.k)) if self.k > 1 else 1
+
+    @property
+    def elements(self) -> int:
+        return _pow2(self.nb) * self.kp * self.p
+
+    def constexprs(self) -> dict[str, int | bool]:
+        return {"NB": self.nb, "NBP": _pow2(self.nb), "N_BLOCK": self.n_block, "K": self.k, "KP": self.kp,
+                "P": self.p, "LOG2P": int(math.log2(self.p)), "ROTATE": self.rotate}
+
+
+def row_tile(n: int, num_blocks: int, rotate: bool) -> RowTile:
+    """The tile for rows of length ``n`` split into ``num_blocks`` blocks (Hadamard blocks or quantization groups)."""
+    if num_blocks < 1 or n % num_blocks:
+        raise KernelInputError(f"a row of {n} values does not split into {num_blocks} equal blocks",
+                               "use a block count that divides the row length")
+    n_block = n // num_blocks
+    if rotate:
+        k, p = hadamard_factors(n_block)  # raises HadamardSizeError (a UserError) for sizes without a construction
+        if k > 1 and p < 16:
+            raise KernelInputError(f"Hadamard block {n_block} = {k} x {p}: the kernel needs a power-of-2 factor >= 16",
+                                   "use the fake-quant model for this size")
+    else:
+        if n_block % 2:
+            raise KernelInputError(f"4-bit codes pack in pairs; a block of {n_block} values is odd",
+                                   "use an even row / head size")
+        k, p = 1, _pow2(n_block)
+    tile = RowTile(num_blocks, n_block, k, p, rotate)
+    if tile.elements > MAX_ROW_TILE:
+        raise KernelInputError(f"a row of {n} values needs a {tile.elements}-value tile (limit {MAX_ROW_TILE})",
+                               "split the rotation into more blocks or use the fake-quant model")
+    return tile
+
+
+def _warps(elements: int) -> int:
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
+@dataclass
+class PackedRows:
+    """Per-row quantized values: codes ``[M, n/2]`` uint8 (4-bit, packed) or ``[M, n]`` (8-bit),
+    scale ``[M]`` float32, zero point ``[M]`` uint8."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int = 4
+
+
+def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: bool, bits: int, clip: float,
+                 clip_min: float, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, y: torch.Tensor,
+                 seq_len: int, pos0: int, code_strides: tuple[int, int, int],
+                 scale_strides: tuple[int, int, int]) -> None:
+    mod = kernel_module("quantize")
+    hk = _hk_t(tile.k, str(x2.device)) if tile.k > 1 else scale  # any pointer when K == 1
+    inv_sqrt = float(torch.tensor(1.0 / math.sqrt(tile.n_block), dtype=torch.float32))
+    mod.hadamard_quantize_kernel[(x2.shape[0],)](
+        x2, x2.stride(0), hk, inv_sqrt, codes, scale, zero, y, y.stride(0) if y.dim() > 1 else 0,
+        seq_len, pos0, *code_strides, *scale_strides,
+        float(torch.tensor(clip, dtype=torch.float32)), float(torch.tensor(clip_min, dtype=torch.float32)),
+        **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits,
+        num_warps=_warps(tile.elements), enable_fp_fusion=False)
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    _check_dtype(name, x, FLOAT_DTYPES)
+    _check_contiguous(name, x)
+    if x.dim() < 1 or x.numel() == 0:
+        raise KernelInputError(f"{name} is empty (shape {tuple(x.shape)})", f"pass at least one row in {name}")
+    return x.reshape(-1, x.shape[-1])
+
+
+def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
+                  hadamard_blocks: int | None = None) -> PackedRows:
+    """Per-row asymmetric quantization of ``x [..., n]``, optionally after the block Hadamard (fused, one pass).
+
+    Bit-identical to ``apply_hadamard`` + ``activation_qparams`` / ``quantize_activation`` + ``pack_uint4``.
+    """
+    _check_bits(bits)
+    x2 = _rows(x, "x")
+    _check_device(x2)
+    tile = row_tile(x2.shape[1], hadamard_blocks or 1, hadamard_blocks is not None)
+    m, n = x2.shape
+    codes = torch.empty(m, n // 2 if bits == 4 else n, dtype=torch.uint8, device=x2.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x2.device)
+    zero = torch.empty(m, dtype=torch.uint8, device=x2.device)
+    block_bytes = tile.n_block // 2 if bits == 4 else tile.n_block
+    _launch_rows(x2, tile, quant=True, per_block=False, bits=bits, clip=clip,
+                 clip_min=clip if clip_min is None else clip_min, codes=codes, scale=scale, zero=zero,
+                 y=scale, seq_len=m, pos0=0, code_strides=(0, codes.stride(0), block_bytes),
+                 scale_strides=(0, 1, 0))
+    return PackedRows(codes, scale, zero, bits)
+
+
+def hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
+    """``apply_hadamard(x, num_blocks)`` (same float32 result; float16/bfloat16 inputs are rotated in float32)."""
+    x2 = _rows(x, "x")
+    _check_device(x2)
+    tile = row_tile(x2.shape[1], num_blocks, True)
+    y = torch.empty_like(x2)
+    _launch_rows(x2, tile, quant=False, per_block=False, bits=4, clip=1.0, clip_min=1.0, codes=y, scale=y,
+                 zero=y, y=y, seq_len=x2.shape[0], pos0=0, code_strides=(0, 0, 0), scale_strides=(0, 0, 0))
+    return y.reshape(x.shape)
+
+
+@dataclass
+class KVCache4:
+    """One layer's K or V cache: codes ``[B, H, T, D/2]`` uint8, scale and zero point ``[B, H, T]``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, capacity: int, head_dim: int, device: torch.device | str) -> KVCache4:
+        return cls(torch.zeros(batch, heads, capacity, head_dim // 2, dtype=torch.uint8, device=device),
+                   torch.ones(batch, heads, capacity, dtype=torch.float32, device=device),
+                   torch.zeros(batch, heads, capacity, dtype=torch.uint8, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.codes.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.codes.shape[3] * 2
+
+
+def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate: bool) -> None:
+    """Quantize K or V ``x [B, S, H, D]`` per token and head (after the per-head Hadamard when ``rotate``) into
+    ``cache`` at token positions ``pos0 .. pos0 + S - 1`` (numerics.md section 3; KVQuantize)."""
+    _check_dtype("k/v", x, FLOAT_DTYPES)
+    _check_contiguous("k/v", x)
+    if x.dim() != 4:
+        raise KernelInputError(f"k/v must be [batch, seq, heads, head_dim], got shape {tuple(x.shape)}",
+                               "reshape to 4 dims")
+    b, s, h, d = x.shape
+    if (cache.codes.shape[0], cache.codes.shape[1], cache.head_dim) != (b, h, d):
+        raise KernelInputError(f"k/v [B={b}, H={h}, D={d}] does not fit the cache {tuple(cache.codes.shape)}",
+                               "allocate the cache for this batch, head count and head_dim")
+    if pos0 < 0 or pos0 + s > cache.capacity:
+        raise KernelInputError(f"tokens {pos0}..{pos0 + s - 1} do not fit a cache of {cache.capacity} positions",
+                               "allocate a larger cache (max context)")
+    _check_device(x, cache.codes, cache.scale, cache.zero)
+    tile = row_tile(h * d, h, rotate)
+    x2 = x.reshape(b * s, h * d)
+    c, sc = cache.codes, cache.scale
+    _launch_rows(x2, tile, quant=True, per_block=True, bits=4, clip=clip, clip_min=clip, codes=c, scale=sc,
+                 zero=cache.zero, y=sc, seq_len=s, pos0=pos0, code_strides=(c.stride(0), c.stride(2), c.stride(1)),
+                 scale_strides=(sc.stride(0), sc.stride(2), sc.stride(1)))
+
+
+def dequantize_kv(cache: KVCache4, n_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The first ``n_tokens`` of a cache as ``[B, H, n_tokens, D]`` floats: ``(codes - z) * s`` (KVDequantize)."""
+    _check_device(cache.codes, cache.scale, cache.zero)
+    if not 0 < n_tokens <= cache.capacity:
+        raise KernelInputError(f"cannot read {n_tokens} tokens from a cache of {cache.capacity}",
+                               "read between 1 and the cache capacity")
+    b, h, _, half = cache.codes.shape
+    d = half * 2
+    y = torch.empty(b, h, n_tokens, d, dtype=dtype, device=cache.codes.device)
+    bt = 32
+    kernel_module("quantize").dequantize_kernel[(b * h, triton_cdiv(n_tokens, bt))](
+        cache.codes, cache.scale, cache.zero, y, n_tokens, cache.codes.stride(1), cache.codes.stride(2),
+        cache.scale.stride(1), y.stride(1), y.stride(2), D=d, BT=bt, BITS=4, num_warps=4, enable_fp_fusion=False)
+    return y
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class PackedWeight:
+    """A linear layer's 4-bit weight for the GEMM kernel: codes ``[N, K/2]`` uint8 (numerics.md section 4, the ONNX
+    INT4 layout), per-channel scale ``[N]`` float32, code row sums ``[N]`` int32 (zero-point correction), bias."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    rowsum: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1] * 2
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
+        """From integer codes ``[N, K]`` in [-8, 7] (any dtype holding integers) and scales ``[N]`` / ``[N, 1]``."""
+        ints = codes.round().to(torch.int8) if codes.is_floating_point() else codes.to(torch.int8)
+        if ints.dim() != 2 or ints.shape[1] % 64:
+            raise KernelInputError(f"weight codes {tuple(ints.shape)}: the GEMM needs [out, in] with in % 64 == 0",
+                                   "pad the input dimension to a multiple of 64 or use the fake-quant model")
+        return cls(pack_int4(ints).contiguous(), scale.reshape(-1).float().contiguous(),
+                   ints.to(torch.int32).sum(dim=1).to(torch.int32).contiguous(),
+                   None if bias is None else bias.float().contiguous())
+
+    def unpacked(self) -> torch.Tensor:
+        return unpack_int4(self.codes)
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        return PackedWeight(self.codes.to(device), self.scale.to(device), self.rowsum.to(device),
+                            None if self.bias is None else self.bias.to(device))
+
+
+def gemm_config(m: int, k2: int) -> dict[str, int]:
+    """Tile sizes by the number of rows (tokens): small M is weight-bandwidth bound, large M tensor-core bound."""
+    bk2 = 64 if k2 % 64 == 0 else 32
+    if m <= 16:
+        return {"BM": 16, "BN": 64, "BK2": bk2, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    if m <= 128:
+        return {"BM": 64, "BN": 128, "BK2": bk2, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    return {"BM": 128, "BN": 128, "BK2": bk2, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float32, config: dict[str, int] | None = None) -> torch.Tensor:
+    """``((acc - z_a * rowsum) * s_a) * s_w + bias (+ residual)`` with ``acc = q_a @ codes_w^T`` in int32.
+
+    Returns ``[M, N]`` in ``out_dtype``; bit-identical to ``integer_linear`` (+ residual) in float32.
+    """
+    if act.bits != 4:
+        raise KernelInputError(f"the W4A4 GEMM takes 4-bit activations, got {act.bits}-bit",
+                               "quantize the activations with bits=4")
+    _check_dtype("activation codes", act.codes, (torch.uint8,))
+    _check_dtype("weight codes", weight.codes, (torch.uint8,))
+    _check_dtype("out_dtype", torch.empty(0, dtype=out_dtype), FLOAT_DTYPES)
+    for name, t in (("activation codes", act.codes), ("weight codes", weight.codes)):
+        _check_contiguous(name, t)
+    m, k2 = act.codes.shape
+    n = weight.out_features
+    if weight.codes.shape[1] != k2:
+        raise KernelInputError(f"activation has {2 * k2} features but the weight expects {weight.in_features}",
+                               "quantize the matching input")
+    if k2 % 32:
+        raise KernelInputError(f"in_features {2 * k2} is not a multiple of 64", "pad the layer to a multiple of 64")
+    tensors = [act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum]
+    if weight.bias is not None:
+        tensors.append(weight.bias)
+    if residual is not None:
+        _check_contiguous("residual", residual)
+        if residual.shape != (m, n):
+            raise KernelInputError(f"residual {tuple(residual.shape)} does not match the output ({m}, {n})",
+                                   "pass the residual as [tokens, out_features]")
+        tensors.append(residual)
+    _check_device(*tensors)
+    y = torch.empty(m, n, dtype=out_dtype, device=act.codes.device)
+    cfg = dict(config or gemm_config(m, k2))
+    grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
+    kernel_module("gemm").w4a4_gemm_kernel[grid](
+        act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum,
+        weight.bias if weight.bias is not None else weight.scale, residual if residual is not None else y, y,
+        m, n, k2, act.codes.stride(0), weight.codes.stride(0), residual.stride(0) if residual is not None else 0,
+        y.stride(0), HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, enable_fp_fusion=False, **cfg)
+    return y
+
+
+def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs: int) -> int:
+    """Power-of-2 number of context chunks so that ``batch_heads * splits`` fills the GPU."""
+    splits = 1
+    while batch_heads * splits < target_programs and splits * 2 * block_t <= max_len and splits < 128:
+        splits *= 2
+    return splits
+
+
+def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int,
+                         splits: int | None = None) -> torch.Tensor:
+    """Attention of one new token per row, ``q [B, Hq, D]``, over the 4-bit caches' first ``lengths[b]`` tokens.
+
+    ``max_len`` (>= every length) sizes the split; returns ``[B, Hq, D]`` in q's dtype (float32 softmax).
+    """
+    _check_dtype("q", q, FLOAT_DTYPES)
+    _check_contiguous("q", q)
+    _check_dtype("lengths", lengths, (torch.int32,))
+    if q.dim() != 3:
+        raise KernelInputError(f"q must be [batch, heads, head_dim], got {tuple(q.shape)}", "pass one token per row")
+    b, hq, d = q.shape
+    hkv = k.codes.shape[1]
+    if k.codes.shape != v.codes.shape or k.codes.shape[0] != b or k.head_dim != d:
+        raise KernelInputError(f"caches {tuple(k.codes.shape)} / {tuple(v.codes.shape)} do not fit q {tuple(q.shape)}",
+                               "use the caches written for this batch and head_dim")
+    if hq % hkv:
+        raise KernelInputError(f"{hq} query heads are not a multiple of {hkv} KV heads", "check num_kv_heads")
+    if d < 16 or d & (d - 1):
+        raise KernelInputError(f"head_dim {d} is not a power of two >= 16", "use the fake-quant model")
+    if not 0 < max_len <= k.capacity or lengths.shape != (b,):
+        raise KernelInputError(f"max_len {max_len} / lengths {tuple(lengths.shape)} invalid for a cache of "
+                               f"{k.capacity} and batch {b}", "pass lengths [B] int32 with 0 < length <= max_len")
+    for t in (k.codes, k.scale, k.zero, v.codes, v.scale, v.zero):
+        _check_contiguous("cache", t)
+    _check_device(q, lengths, k.codes, v.codes)
+    g = hq // hkv
+    gp = max(1, _pow2(g))
+    block_t = max(16, min(64, 8192 // (gp * d // 2)))
+    target = 2 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2)
+    splits = splits or decode_splits(b * hkv, max_len, block_t, target)
+    chunk = triton_cdiv(triton_cdiv(max_len, splits), block_t) * block_t
+    part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    mod = kernel_module("attention")
+    mod.kv4_decode_partial_kernel[(b * hkv, splits)](
+        q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
+        k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
+        lengths, part_o, part_m, part_l, hkv, chunk, float(d ** -0.5 * math.log2(math.e)),
+        G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, num_warps=4)
+    out = torch.empty_like(q)
+    mod.kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits, SP=splits, D=d,
+                                             num_warps=4)
+    return out

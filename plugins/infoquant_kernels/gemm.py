@@ -1,0 +1,73 @@
+"""W4A4 GEMM: 4-bit activation codes x 4-bit weight codes, int32 accumulation, float epilogue.
+
+``y[m, n] = ((acc[m, n] - z_a[m] * rowsum_w[n]) * s_a[m]) * s_w[n] (+ bias[n]) (+ residual[m, n])`` with
+``acc = q_a @ codes_w^T`` (numerics.md section 5, "integer GEMM": the zero point is removed through the weight row
+sums, which is the same integer as ``(q_a - z_a) @ codes_w^T``; the float steps run in this order, unfused).
+
+Operand layout: both operands are packed two codes per byte along K, element 2i in the low nibble (numerics.md
+section 4; activations unsigned [0, 15], weights two's complement [-8, 7]); weights row-major ``[N, K/2]``, i.e.
+exactly the ONNX INT4 initializer. The kernel never interleaves nibbles: the low nibbles of both operands are the
+even-k elements and the high nibbles the odd-k elements, so ``acc = lo_a @ lo_w^T + hi_a @ hi_w^T`` -- two int8
+dot products of depth BK2 per K step.
+
+Tensor cores: the codes are int8 operands of ``tl.dot(..., out_dtype=int32)`` -- on sm_90 Triton emits
+``wgmma.mma_async ... .s32.s8.s8`` (Hopper has no INT4 MMA), on sm_80/86/87/89 ``mma.sync ... m16n8k32 .s8.s8``
+(IMMA). INT4 MMA (``m16n8k64 .s4``) would double sm_80-89 peak but Triton does not expose it; int8 is exact too.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import unpack_signed, unpack_unsigned
+
+
+@triton.jit
+def w4a4_gemm_kernel(
+    a_ptr, a_scale_ptr, a_zero_ptr,      # activation codes [M, K/2] uint8, scale [M] f32, zero point [M] uint8
+    w_ptr, w_scale_ptr, w_rowsum_ptr,    # weight codes [N, K/2] uint8, scale [N] f32, row sums [N] int32
+    bias_ptr, res_ptr, y_ptr,            # bias [N] f32, residual [M, N], output [M, N]
+    M, N, K2,
+    stride_am, stride_wn, stride_rm, stride_ym,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * grid_n)          # grouped ordering: GROUP_M row tiles share weight tiles in L2
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK2)
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)   # wrap rows instead of masking loads
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for _ in range(0, K2, BK2):
+        a_lo, a_hi = unpack_unsigned(tl.load(a_ptrs))
+        w_lo, w_hi = unpack_signed(tl.load(w_ptrs))
+        acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+        acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        a_ptrs += BK2
+        w_ptrs += BK2
+
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    z = tl.load(a_zero_ptr + rm).to(tl.int32)
+    rowsum = tl.load(w_rowsum_ptr + rn)
+    acc = acc - z[:, None] * rowsum[None, :]
+    y = acc.to(tl.float32) * tl.load(a_scale_ptr + rm)[:, None]
+    y = y * tl.load(w_scale_ptr + rn)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        y = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask).to(tl.float32) + y
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)

@@ -1,0 +1,145 @@
+"""Fused online Hadamard + per-token (or per-group) asymmetric quantization, and dequantization.
+
+One program handles one row (a token). The row is viewed as a tile ``[NBP, KP, P]``: ``NB`` blocks (Hadamard
+blocks, or quantization groups such as KV heads), each ``K x P`` (``K`` padded to the power of two ``KP``). Steps,
+exactly as numerics.md sections 1 and 3:
+
+1. FWHT over ``P`` in float32, butterfly stages h = 1, 2, ..., P/2 (same order as ``transforms.hadamard._fwht``,
+   so the float32 result is bit-identical);
+2. ``H_K^T`` over the K axis as a float64 dot product (each term is exact, the float64 sum rounds once);
+3. multiply by the float32 constant ``1/sqrt(n_block)``;
+4. xmin = min(min x, 0) * clip_min, xmax = max(max x, 0) * clip, s = max((xmax - xmin) / qmax, 1e-8),
+   z = clamp(round(-xmin / s), 0, qmax), q = clamp(round(x / s) + z, 0, qmax) with IEEE division (div_rn);
+5. pack two 4-bit codes per byte (element 2i low nibble) and store codes, scale (float32), zero point (uint8).
+
+Where the codes, scales and zero points go is given by strides over (batch, token, block) so the same kernel
+writes GEMM operands ``[M, K/2]`` and the KV cache ``[B, H, T, D/2]`` in place.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import round_half_even
+
+
+@triton.jit
+def _fwht(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
+    """Unnormalised Walsh-Hadamard transform of each row of ``x`` [R, P] (Sylvester natural order)."""
+    for stage in tl.static_range(LOG2P):
+        v = tl.reshape(x, (R, P // (2 << stage), 2, 1 << stage))
+        a, b = tl.split(tl.permute(v, (0, 1, 3, 2)))
+        v = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+        x = tl.reshape(v, (R, P))
+    return x
+
+
+@triton.jit
+def _rotate(x, hk_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr,
+            LOG2P: tl.constexpr):
+    """numerics.md section 1 on a [NBP, KP, P] tile: FWHT over P, H_K^T over K in float64, * 1/sqrt(n)."""
+    x = tl.reshape(_fwht(tl.reshape(x, (NBP * KP, P)), NBP * KP, P, LOG2P), (NBP, KP, P))
+    if K > 1:
+        rows = tl.arange(0, KP)
+        hk_t = tl.load(hk_ptr + rows[:, None] * KP + rows[None, :])  # float64 H_K^T, zero padded
+        hk_t = tl.broadcast_to(hk_t[None, :, :], (NBP, KP, KP))
+        x = tl.dot(hk_t, x.to(tl.float64)).to(tl.float32)
+    return x * inv_sqrt
+
+
+@triton.jit
+def hadamard_quantize_kernel(
+    x_ptr, stride_xr,                    # input rows; element (r, j, col) at r*stride_xr + j*N_BLOCK + col
+    hk_ptr, inv_sqrt,                    # H_K^T float64 [KP, KP] (K > 1 only), float32 1/sqrt(n_block)
+    codes_ptr, scale_ptr, zero_ptr,      # outputs (QUANT)
+    y_ptr, stride_yr,                    # float output (not QUANT): the rotated row
+    seq_len, pos0,                       # row r = b * seq_len + s is written at token position pos0 + s
+    stride_cb, stride_ct, stride_cj,     # codes byte strides over batch, token, block
+    stride_sb, stride_st, stride_sj,     # scale / zero element strides over batch, token, block
+    clip, clip_min,
+    NB: tl.constexpr, NBP: tl.constexpr, N_BLOCK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    P: tl.constexpr, LOG2P: tl.constexpr,
+    ROTATE: tl.constexpr, QUANT: tl.constexpr, PER_BLOCK: tl.constexpr, BITS: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, NBP)[:, None, None]
+    a = tl.arange(0, KP)[None, :, None]
+    c = tl.arange(0, P)[None, None, :]
+    col = a * P + c
+    mask = (j < NB) & (col < N_BLOCK)
+    x = tl.load(x_ptr + r * stride_xr + j * N_BLOCK + col, mask=mask, other=0.0).to(tl.float32)
+    if ROTATE:
+        x = _rotate(x, hk_ptr, inv_sqrt, NBP, K, KP, P, LOG2P)
+    if not QUANT:
+        tl.store(y_ptr + r * stride_yr + j * N_BLOCK + col, x.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        qmax: tl.constexpr = (1 << BITS) - 1
+        # padded elements are 0, and the range includes 0 anyway, so they never change min/max
+        if PER_BLOCK:
+            lo = tl.min(tl.min(x, axis=2), axis=1)
+            hi = tl.max(tl.max(x, axis=2), axis=1)
+        else:
+            lo = tl.min(tl.reshape(x, (NBP * KP * P,)), axis=0)
+            hi = tl.max(tl.reshape(x, (NBP * KP * P,)), axis=0)
+        lo = tl.minimum(lo, 0.0) * clip_min
+        hi = tl.maximum(hi, 0.0) * clip
+        scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, qmax, tl.float32)), 1e-8)
+        zero = tl.minimum(tl.maximum(round_half_even(tl.div_rn(-lo, scale)), 0.0), qmax)
+        if PER_BLOCK:
+            s3 = scale[:, None, None]
+            z3 = zero[:, None, None]
+        else:
+            s3 = scale
+            z3 = zero
+        q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, s3)) + z3, 0.0), qmax).to(tl.uint8)
+
+        b = r // seq_len
+        t = pos0 + r % seq_len
+        if BITS == 4:
+            lo_c, hi_c = tl.split(tl.reshape(q, (NBP, KP, P // 2, 2)))
+            packed = lo_c | (hi_c << 4)
+            jj = tl.arange(0, NBP)[:, None, None]
+            byte = a * (P // 2) + tl.arange(0, P // 2)[None, None, :]
+            bmask = (jj < NB) & (byte < N_BLOCK // 2)
+            tl.store(codes_ptr + b * stride_cb + t * stride_ct + jj * stride_cj + byte, packed, mask=bmask)
+        else:
+            tl.store(codes_ptr + b * stride_cb + t * stride_ct + j * stride_cj + col, q, mask=mask)
+        sofs = b * stride_sb + t * stride_st
+        if PER_BLOCK:
+            jb = tl.arange(0, NBP)
+            tl.store(scale_ptr + sofs + jb * stride_sj, scale, mask=jb < NB)
+            tl.store(zero_ptr + sofs + jb * stride_sj, zero.to(tl.uint8), mask=jb < NB)
+        else:
+            tl.store(scale_ptr + sofs, scale)
+            tl.store(zero_ptr + sofs, zero.to(tl.uint8))
+
+
+@triton.jit
+def dequantize_kernel(
+    codes_ptr, scale_ptr, zero_ptr, y_ptr, n_tokens,
+    stride_cg, stride_ct,                # codes: byte strides over (batch*head) group and token
+    stride_sg,                           # scale / zero: element stride over the group (tokens contiguous)
+    stride_yg, stride_yt,                # output strides over group and token
+    D: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
+):
+    """x_hat = (codes - z) * s per token (numerics.md section 3); 4-bit codes unpacked from two per byte.
+
+    Grid: (groups, cdiv(n_tokens, BT)); reads only the first ``n_tokens`` of a cache with room for more.
+    """
+    g = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    tmask = t < n_tokens
+    s = tl.load(scale_ptr + g * stride_sg + t, mask=tmask, other=1.0)[:, None]
+    z = tl.load(zero_ptr + g * stride_sg + t, mask=tmask, other=0).to(tl.float32)[:, None]
+    if BITS == 4:
+        half = tl.arange(0, D // 2)[None, :]
+        packed = tl.load(codes_ptr + g * stride_cg + t[:, None] * stride_ct + half, mask=tmask[:, None], other=0)
+        lo = ((packed & 15).to(tl.float32) - z) * s
+        hi = ((packed >> 4).to(tl.float32) - z) * s
+        out = tl.reshape(tl.join(lo, hi), (BT, D))
+    else:
+        cols = tl.arange(0, D)[None, :]
+        codes = tl.load(codes_ptr + g * stride_cg + t[:, None] * stride_ct + cols, mask=tmask[:, None], other=0)
+        out = (codes.to(tl.float32) - z) * s
+    cols = tl.arange(0, D)[None, :]
+    tl.store(y_ptr + g * stride_yg + t[:, None] * stride_yt + cols, out.to(y_ptr.dtype.element_ty),
+             mask=tmask[:, None])
