@@ -66,12 +66,15 @@ def _check_bits(bits: int) -> None:
                                "use --a-bits/--kv-bits 4 or 8, or the fake-quant model")
 
 
+FUSED_K_ROWS = 64  # the fused kernel does the H_K^T step as one float64 dot of at most this many rows
+
+
 @cache
-def _hk_t(k: int, device: str) -> torch.Tensor:
-    kp = max(16, _pow2(k))
-    m = torch.zeros(kp, kp, dtype=torch.float64)
-    m[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float64).T
-    return m.to(device)
+def _hk_t(k: int, copies: int, pad: int, device: str) -> torch.Tensor:
+    """``blockdiag(H_K^T, ...)`` (``copies`` blocks, each zero padded to ``pad``) in float64."""
+    block = torch.zeros(pad, pad, dtype=torch.float64)
+    block[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    return torch.block_diag(*[block] * copies).to(device)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ class RowTile:
     @property
     def elements(self) -> int:
         return _pow2(self.nb) * self.kp * self.p
+
+    @property
+    def fused(self) -> bool:
+        """Whether the kernel applies the whole rotation (else the K step runs as a float64 torch matmul)."""
+        return not self.rotate or self.k == 1 or _pow2(self.nb) * self.kp <= FUSED_K_ROWS
 
     def constexprs(self) -> dict[str, int | bool]:
         return {"NB": self.nb, "NBP": _pow2(self.nb), "N_BLOCK": self.n_block, "K": self.k, "KP": self.kp,
@@ -114,7 +122,7 @@ def row_tile(n: int, num_blocks: int, rotate: bool) -> RowTile:
                                    "use an even row / head size")
         k, p = 1, _pow2(n_block)
     tile = RowTile(num_blocks, n_block, k, p, rotate)
-    if tile.elements > MAX_ROW_TILE:
+    if tile.elements > MAX_ROW_TILE and tile.fused:
         raise KernelInputError(f"a row of {n} values needs a {tile.elements}-value tile (limit {MAX_ROW_TILE})",
                                "split the rotation into more blocks or use the fake-quant model")
     return tile
@@ -135,15 +143,22 @@ class PackedRows:
     bits: int = 4
 
 
+def _inv_sqrt(n: int) -> float:
+    """The float32 constant ``1/sqrt(n)`` of numerics.md section 1 (as a Python float holding that value)."""
+    return float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))
+
+
 def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: bool, bits: int, clip: float,
                  clip_min: float, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, y: torch.Tensor,
                  seq_len: int, pos0: int, code_strides: tuple[int, int, int],
-                 scale_strides: tuple[int, int, int]) -> None:
+                 scale_strides: tuple[int, int, int], inv_sqrt: float | None = None) -> None:
     mod = kernel_module("quantize")
-    hk = _hk_t(tile.k, str(x2.device)) if tile.k > 1 else scale  # any pointer when K == 1
-    inv_sqrt = float(torch.tensor(1.0 / math.sqrt(tile.n_block), dtype=torch.float32))
+    k_step = tile.rotate and tile.k > 1
+    hk = _hk_t(tile.k, _pow2(tile.nb), tile.kp, str(x2.device)) if k_step else scale
+    scratch = torch.empty(x2.shape[0] * tile.elements if k_step else 1, dtype=torch.float32, device=x2.device)
+    inv_sqrt = _inv_sqrt(tile.n_block) if inv_sqrt is None else inv_sqrt
     mod.hadamard_quantize_kernel[(x2.shape[0],)](
-        x2, x2.stride(0), hk, inv_sqrt, codes, scale, zero, y, y.stride(0) if y.dim() > 1 else 0,
+        x2, x2.stride(0), hk, scratch, inv_sqrt, codes, scale, zero, y, y.stride(0) if y.dim() > 1 else 0,
         seq_len, pos0, *code_strides, *scale_strides,
         float(torch.tensor(clip, dtype=torch.float32)), float(torch.tensor(clip_min, dtype=torch.float32)),
         **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits,
@@ -158,6 +173,19 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
+    """The block Hadamard for large K: FWHT kernel over p (unnormalised), H_K^T as a float64 matmul, * 1/sqrt(n)."""
+    m = x2.shape[0]
+    rows = x2.float().reshape(m * tile.nb * tile.k, tile.p).contiguous()
+    fwht = torch.empty_like(rows)
+    _launch_rows(rows, RowTile(1, tile.p, 1, tile.p, True), quant=False, per_block=False, bits=4, clip=1.0,
+                 clip_min=1.0, codes=fwht, scale=fwht, zero=fwht, y=fwht, seq_len=rows.shape[0], pos0=0,
+                 code_strides=(0, 0, 0), scale_strides=(0, 0, 0), inv_sqrt=1.0)
+    hk_t = _hk_t(tile.k, 1, tile.k, str(x2.device))
+    y = torch.matmul(hk_t, fwht.reshape(m * tile.nb, tile.k, tile.p).double()).float()
+    return (y * torch.tensor(_inv_sqrt(tile.n_block), dtype=torch.float32)).reshape(m, -1)
+
+
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
                   hadamard_blocks: int | None = None) -> PackedRows:
     """Per-row asymmetric quantization of ``x [..., n]``, optionally after the block Hadamard (fused, one pass).
@@ -168,6 +196,9 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
     x2 = _rows(x, "x")
     _check_device(x2)
     tile = row_tile(x2.shape[1], hadamard_blocks or 1, hadamard_blocks is not None)
+    if not tile.fused:
+        x2 = _rotate_unfused(x2, tile)
+        tile = row_tile(x2.shape[1], 1, False)
     m, n = x2.shape
     codes = torch.empty(m, n // 2 if bits == 4 else n, dtype=torch.uint8, device=x2.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
@@ -185,6 +216,8 @@ def hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
     x2 = _rows(x, "x")
     _check_device(x2)
     tile = row_tile(x2.shape[1], num_blocks, True)
+    if not tile.fused:
+        return _rotate_unfused(x2, tile).to(x.dtype).reshape(x.shape)
     y = torch.empty_like(x2)
     _launch_rows(x2, tile, quant=False, per_block=False, bits=4, clip=1.0, clip_min=1.0, codes=y, scale=y,
                  zero=y, y=y, seq_len=x2.shape[0], pos0=0, code_strides=(0, 0, 0), scale_strides=(0, 0, 0))
@@ -232,6 +265,9 @@ def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate
     _check_device(x, cache.codes, cache.scale, cache.zero)
     tile = row_tile(h * d, h, rotate)
     x2 = x.reshape(b * s, h * d)
+    if not tile.fused:
+        x2 = _rotate_unfused(x2, tile)
+        tile = row_tile(h * d, h, False)
     c, sc = cache.codes, cache.scale
     _launch_rows(x2, tile, quant=True, per_block=True, bits=4, clip=clip, clip_min=clip, codes=c, scale=sc,
                  zero=cache.zero, y=sc, seq_len=s, pos0=pos0, code_strides=(c.stride(0), c.stride(2), c.stride(1)),

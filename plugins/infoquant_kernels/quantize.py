@@ -6,7 +6,8 @@ exactly as numerics.md sections 1 and 3:
 
 1. FWHT over ``P`` in float32, butterfly stages h = 1, 2, ..., P/2 (same order as ``transforms.hadamard._fwht``,
    so the float32 result is bit-identical);
-2. ``H_K^T`` over the K axis as a float64 dot product (each term is exact, the float64 sum rounds once);
+2. ``H_K^T`` over the K axis in float64 (each term is exact, the float64 sum rounds once) when
+   ``NBP * KP <= 64``; larger K runs this step outside the kernel (``ops``), still in float64;
 3. multiply by the float32 constant ``1/sqrt(n_block)``;
 4. xmin = min(min x, 0) * clip_min, xmax = max(max x, 0) * clip, s = max((xmax - xmin) / qmax, 1e-8),
    z = clamp(round(-xmin / s), 0, qmax), q = clamp(round(x / s) + z, 0, qmax) with IEEE division (div_rn);
@@ -34,22 +35,34 @@ def _fwht(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
 
 
 @triton.jit
-def _rotate(x, hk_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr,
-            LOG2P: tl.constexpr):
-    """numerics.md section 1 on a [NBP, KP, P] tile: FWHT over P, H_K^T over K in float64, * 1/sqrt(n)."""
-    x = tl.reshape(_fwht(tl.reshape(x, (NBP * KP, P)), NBP * KP, P, LOG2P), (NBP, KP, P))
+def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+            P: tl.constexpr, LOG2P: tl.constexpr):
+    """numerics.md section 1 on a [NBP, KP, P] tile: FWHT over P, H_K^T over K in float64, * 1/sqrt(n).
+
+    The K step multiplies by ``blockdiag(H_K^T, ...)`` ([R, R], R = NBP*KP, zero padded) one output row at a time
+    (a float64 broadcast-and-sum over the tile), writing rows to this program's float32 scratch row, then reloads
+    the tile. (A float64 ``tl.dot`` on the butterfly output does not lower in Triton 3.6.)
+    """
+    R: tl.constexpr = NBP * KP
+    x = _fwht(tl.reshape(x, (R, P)), R, P, LOG2P)
     if K > 1:
-        rows = tl.arange(0, KP)
-        hk_t = tl.load(hk_ptr + rows[:, None] * KP + rows[None, :])  # float64 H_K^T, zero padded
-        hk_t = tl.broadcast_to(hk_t[None, :, :], (NBP, KP, KP))
-        x = tl.dot(hk_t, x.to(tl.float64)).to(tl.float32)
-    return x * inv_sqrt
+        rows = tl.arange(0, R)
+        cols = tl.arange(0, P)
+        x64 = x.to(tl.float64)
+        for a in tl.static_range(R):
+            h_row = tl.load(hk_ptr + a * R + rows)
+            y_row = tl.sum(h_row[:, None] * x64, axis=0).to(tl.float32)
+            tl.store(scratch_ptr + a * P + cols, y_row)
+        tl.debug_barrier()
+        x = tl.load(scratch_ptr + rows[:, None] * P + cols[None, :])
+    return tl.reshape(x, (NBP, KP, P)) * inv_sqrt
 
 
 @triton.jit
 def hadamard_quantize_kernel(
     x_ptr, stride_xr,                    # input rows; element (r, j, col) at r*stride_xr + j*N_BLOCK + col
-    hk_ptr, inv_sqrt,                    # H_K^T float64 [KP, KP] (K > 1 only), float32 1/sqrt(n_block)
+    hk_ptr, scratch_ptr, inv_sqrt,       # K > 1: blockdiag(H_K^T) f64 [R, R], f32 scratch [rows, R*P]
+                                         # (R = NBP*KP); float32 1/sqrt(n_block)
     codes_ptr, scale_ptr, zero_ptr,      # outputs (QUANT)
     y_ptr, stride_yr,                    # float output (not QUANT): the rotated row
     seq_len, pos0,                       # row r = b * seq_len + s is written at token position pos0 + s
@@ -68,7 +81,7 @@ def hadamard_quantize_kernel(
     mask = (j < NB) & (col < N_BLOCK)
     x = tl.load(x_ptr + r * stride_xr + j * N_BLOCK + col, mask=mask, other=0.0).to(tl.float32)
     if ROTATE:
-        x = _rotate(x, hk_ptr, inv_sqrt, NBP, K, KP, P, LOG2P)
+        x = _rotate(x, hk_ptr, scratch_ptr + r * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P)
     if not QUANT:
         tl.store(y_ptr + r * stride_yr + j * N_BLOCK + col, x.to(y_ptr.dtype.element_ty), mask=mask)
     else:

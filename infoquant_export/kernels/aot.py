@@ -1,0 +1,105 @@
+"""Ahead-of-time compilation of the kernels to PTX and cubin for every target, on a machine without a GPU.
+
+``triton.compile`` with a ``GPUTarget`` needs no device (Triton bundles ptxas). Each :class:`KernelSpec` is one
+specialisation the runtime launches (the same tile configs as ``ops.gemm_config`` / ``ops.row_tile``). Run in a
+process with ``TRITON_INTERPRET=0`` (the interpreter's kernels cannot be compiled): ``tools/compile_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from infoquant_export.kernels import interpreted, kernel_module
+from infoquant_export.kernels.ops import gemm_config, row_tile
+
+TARGETS = {"sm_80": 80, "sm_86": 86, "sm_87": 87, "sm_89": 89, "sm_90": 90}  # A100, RTX 30, Orin, RTX 40, H100
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled specialisation: kernel, argument types, constexpr values and launch options."""
+
+    name: str
+    module: str
+    kernel: str
+    types: dict[str, str]                      # runtime argument -> Triton type ("*u8", "i32", "fp32", ...)
+    constexprs: dict[str, Any]
+    divisible: tuple[str, ...] = ()            # arguments known to be multiples of 16 (pointers, strides)
+    options: dict[str, int] = field(default_factory=dict)
+
+
+def _gemm(name: str, m: int, k: int, out: str) -> KernelSpec:
+    cfg = gemm_config(m, k // 2)
+    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    types = {"a_ptr": "*u8", "a_scale_ptr": "*fp32", "a_zero_ptr": "*u8", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
+             "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "M": "i32",
+             "N": "i32", "K2": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_ym": "i32"}
+    return KernelSpec(name, "gemm", "w4a4_gemm_kernel", types, {"HAS_BIAS": False, "HAS_RES": True, **cfg},
+                      ("a_ptr", "w_ptr", "res_ptr", "y_ptr", "K2", "stride_am", "stride_wn", "stride_rm",
+                       "stride_ym"), opts)
+
+
+def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str) -> KernelSpec:
+    tile = row_tile(n, blocks, rotate)
+    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp64", "scratch_ptr": "*fp32", "inv_sqrt": "fp32", "codes_ptr": "*u8",
+             "scale_ptr": "*fp32", "zero_ptr": "*u8", "y_ptr": f"*{x}", "stride_yr": "i32", "seq_len": "i32",
+             "pos0": "i32", "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32",
+             "stride_st": "i32", "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32"}
+    warps = 4 if tile.elements <= 2048 else 8 if tile.elements <= 8192 else 16
+    return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
+                      {**tile.constexprs(), "QUANT": True, "PER_BLOCK": per_block, "BITS": 4},
+                      ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": warps})
+
+
+def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
+    gp = 1 << max(0, (group - 1).bit_length())
+    types = {"q_ptr": "*fp16", "stride_qb": "i32", "stride_qh": "i32", "kc_ptr": "*u8", "ks_ptr": "*fp32",
+             "kz_ptr": "*u8", "vc_ptr": "*u8", "vs_ptr": "*fp32", "vz_ptr": "*u8", "stride_cb": "i32",
+             "stride_ch": "i32", "stride_ct": "i32", "stride_sb": "i32", "stride_sh": "i32", "len_ptr": "*i32",
+             "part_o_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "num_kv_heads": "i32",
+             "chunk": "i32", "qk_scale": "fp32"}
+    bt = max(16, min(64, 8192 // (gp * head_dim // 2)))
+    return KernelSpec(name, "attention", "kv4_decode_partial_kernel", types,
+                      {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8},
+                      ("kc_ptr", "vc_ptr", "stride_ct"), {"num_warps": 4})
+
+
+def default_specs() -> list[KernelSpec]:
+    """The specialisations of LLaMA-2-7B (hidden 4096, intermediate 11008, 32 heads of 128) and the demo model."""
+    return [
+        _gemm("w4a4_gemm_m1_k4096", 1, 4096, "fp16"),
+        _gemm("w4a4_gemm_m64_k4096", 64, 4096, "fp16"),
+        _gemm("w4a4_gemm_m2048_k4096", 2048, 4096, "fp16"),
+        _rows("quantize_4096", 4096, 1, False, False, "fp16"),
+        _rows("hadamard_quantize_4096", 4096, 1, True, False, "fp16"),
+        _rows("hadamard_quantize_1536_k12", 1536, 1, True, False, "fp32"),
+        _rows("kv_hadamard_quantize_32x128", 4096, 32, True, True, "fp16"),
+        _decode("kv4_decode_g1_d128", 1, 128),
+        _decode("kv4_decode_g3_d64", 3, 64),
+    ]
+
+
+def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
+    """Compile one spec for compute capability ``cc``; returns ptx, cubin and the MMA instructions used."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreted():
+        raise RuntimeError("compile kernels in a process with TRITON_INTERPRET=0 (tools/compile_kernels.py)")
+    fn = getattr(kernel_module(spec.module), spec.kernel)
+    signature = {a: spec.types.get(a, "constexpr") for a in fn.arg_names}
+    missing = [a for a, t in signature.items() if t == "constexpr" and a not in spec.constexprs]
+    if missing:
+        raise ValueError(f"{spec.name}: no type or constexpr for {missing}")
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible}
+    src = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
+    options = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False, **spec.options}
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
+    return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma,
+            "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest()}

@@ -1,0 +1,64 @@
+"""Compile every kernel specialisation to PTX and cubin for sm_80/86/87/89/90 on a CPU machine.
+
+    python tools/compile_kernels.py --out build/kernels [--targets sm_90,sm_87] [--only w4a4_gemm_m2048_k4096]
+
+Writes ``OUT/<target>/<spec>.ptx`` / ``.cubin`` and ``OUT/manifest.json``; prints the manifest (JSON): per target
+and spec the MMA instructions in the PTX, shared memory, cubin size and sha256, compile seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are imported: compile, do not interpret
+
+from infoquant_export.errors import UserError  # noqa: E402
+from infoquant_export.fsutil import atomic_output_dir  # noqa: E402
+from infoquant_export.kernels.aot import TARGETS, compile_spec, default_specs  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from " + ",".join(TARGETS))
+    p.add_argument("--only", default=None, help="comma-separated spec names")
+    args = p.parse_args(argv)
+    try:
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown:
+            raise UserError(f"unknown target(s) {unknown}", f"choose from {', '.join(TARGETS)}")
+        specs = default_specs()
+        if args.only:
+            wanted = set(args.only.split(","))
+            specs = [s for s in specs if s.name in wanted]
+            if not specs:
+                raise UserError(f"no spec named {sorted(wanted)}", "see default_specs() in kernels/aot.py")
+        manifest: dict = {"targets": {}}
+        with atomic_output_dir(Path(args.out)) as tmp:
+            for target in targets:
+                (tmp / target).mkdir()
+                entries = manifest["targets"][target] = {}
+                for spec in specs:
+                    start = time.perf_counter()
+                    res = compile_spec(spec, TARGETS[target])
+                    (tmp / target / f"{spec.name}.ptx").write_text(res["ptx"])
+                    (tmp / target / f"{spec.name}.cubin").write_bytes(res["cubin"])
+                    entries[spec.name] = {"mma": res["mma"], "shared_bytes": res["shared_bytes"],
+                                          "cubin_bytes": len(res["cubin"]), "sha256": res["sha256"],
+                                          "seconds": round(time.perf_counter() - start, 2)}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
