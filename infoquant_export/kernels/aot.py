@@ -44,8 +44,9 @@ def _gemm(name: str, m: int, k: int, out: str) -> KernelSpec:
 
 def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str) -> KernelSpec:
     tile = row_tile(n, blocks, rotate)
-    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp64", "scratch_ptr": "*fp32", "inv_sqrt": "fp32", "codes_ptr": "*u8",
-             "scale_ptr": "*fp32", "zero_ptr": "*u8", "y_ptr": f"*{x}", "stride_yr": "i32", "seq_len": "i32",
+    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp64", "scratch_ptr": "*fp32", "inv_sqrt": "fp32",
+             "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8", "y_ptr": f"*{x}", "stride_yr": "i32",
+             "seq_len": "i32",
              "pos0": "i32", "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32",
              "stride_st": "i32", "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32"}
     warps = 4 if tile.elements <= 2048 else 8 if tile.elements <= 8192 else 16

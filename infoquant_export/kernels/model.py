@@ -1,0 +1,210 @@
+"""A W4A4KV4 decoder that runs the kernels: packed 4-bit weights, 4-bit activations and a 4-bit KV cache in memory.
+
+:class:`KernelCausalLM` is built from the fake-quant :class:`CausalLM` of an artifact (``load_artifact``) and has
+its interface (``forward(input_ids, past) -> (logits, cache)``, ``device``, ``cfg``), so perplexity and greedy
+generation run on it unchanged. Per layer (numerics.md section 5):
+
+    RMSNorm -> quantize (kernel) -> QKV GEMM (kernel, q/k/v fused) -> RoPE -> q Hadamard (kernel)
+      -> K: Hadamard + quantize into the 4-bit cache (kernel), V: quantize into the cache (kernel)
+      -> attention: decode = 4-bit split-K kernel; prefill = dequantize kernel + SDPA
+      -> quantize -> o GEMM + residual (kernel) -> RMSNorm -> quantize -> gate/up GEMM (kernel) -> SiLU * up
+      -> down Hadamard + quantize (one fused kernel) -> down GEMM + residual (kernel)
+
+Norms, RoPE, SiLU, the LM head and PSOT's residual basis changes run in PyTorch in ``dtype``. Differences from the
+fake-quant reference: the activation dtype (float16 by default, float32 on request), attention and norms in
+float32 instead of float64; quantization, GEMMs and the cache are the reference's integer arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from infoquant_export.errors import UserError
+from infoquant_export.kernels.ops import (
+    KVCache4,
+    PackedWeight,
+    dequantize_kv,
+    hadamard,
+    kv4_decode_attention,
+    quantize_kv,
+    quantize_rows,
+    w4a4_linear,
+)
+from infoquant_export.models.model import ActQuantizer, CausalLM, DecoderLayer, OnlineRotation, rotate_half
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def _require_w4a4(layer_index: int, name: str, quantizer: ActQuantizer) -> tuple[float, float]:
+    if not quantizer.active or quantizer.bits != 4:
+        raise UserError(f"layer {layer_index} {name} is not a 4-bit quantizer (bits={quantizer.bits}); the kernels "
+                        "run W4A4KV4 only", "use the fake-quant model (--no-kernels) for other bit widths")
+    return quantizer.clips()
+
+
+@dataclass
+class Quant:
+    """One activation quantizer: clips and the online Hadamard (number of blocks) applied before it, if any."""
+
+    clip: float
+    clip_min: float
+    hadamard_blocks: int | None = None
+
+
+def _hadamard_blocks(rotation: OnlineRotation | None, what: str, i: int) -> int | None:
+    if rotation is None:
+        return None
+    if rotation.matrix is not None:
+        raise UserError(f"layer {i}: the kernels apply Hadamard {what} rotations, this one is a learned matrix",
+                        "use the fake-quant model (--no-kernels)")
+    return rotation.num_blocks
+
+
+class KernelLayer:
+    """One decoder layer's packed weights, quantizer settings and online ops."""
+
+    def __init__(self, layer: DecoderLayer, index: int, device: torch.device) -> None:
+        for role in ("q", "k", "v", "o", "gate", "up", "down"):
+            if not hasattr(layer, f"codes_{role}"):
+                raise UserError(f"layer {index} {role}_proj has no 4-bit integer weight", "quantize with --w-bits 4")
+
+        def packed(*roles: str) -> PackedWeight:
+            codes = torch.cat([getattr(layer, f"codes_{r}") for r in roles])
+            if codes.abs().max() > 8:
+                raise UserError(f"layer {index} {'/'.join(roles)} weights are not 4-bit", "quantize with --w-bits 4")
+            scale = torch.cat([getattr(layer, f"wscale_{r}") for r in roles])
+            biases = [layer.linear(r).bias for r in roles]
+            bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            return PackedWeight.from_codes(codes, scale, bias).to(device)
+
+        self.qkv, self.o, self.gate_up, self.down = packed("q", "k", "v"), packed("o"), packed("gate", "up"), \
+            packed("down")
+        self.qkv_in = Quant(*_require_w4a4(index, "qkv input", layer.qkv_in))
+        self.o_in = Quant(*_require_w4a4(index, "o_proj input", layer.o_in))
+        self.gate_up_in = Quant(*_require_w4a4(index, "gate/up input", layer.gate_up_in))
+        self.down_in = Quant(*_require_w4a4(index, "down_proj input", layer.down_in),
+                             _hadamard_blocks(layer.down_rotation, "down_proj input", index))
+        for name in ("k_cache", "v_cache"):
+            q = getattr(layer, name)
+            if not q.active or q.bits != 4:
+                raise UserError(f"layer {index} {name} is not 4-bit", "quantize with --kv-bits 4")
+        self.k_clip, self.v_clip = layer.k_cache.clip, layer.v_cache.clip
+        self.qk_blocks = _hadamard_blocks(layer.qk_rotation, "q/k", index)
+        self.attn_to_mlp = layer.residual_attn_to_mlp
+        self.mlp_to_attn = layer.residual_mlp_to_attn
+        self.input_norm, self.post_norm = layer.input_norm, layer.post_norm
+
+
+@dataclass
+class KernelCache:
+    """Per layer 4-bit K and V caches of one capacity, and how many positions are filled."""
+
+    layers: list[tuple[KVCache4, KVCache4]]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0][0].capacity
+
+
+class KernelCausalLM:
+    """The artifact's W4A4KV4 model on a GPU through the kernels (see the module docstring)."""
+
+    def __init__(self, model: CausalLM, dtype: torch.dtype = torch.float16, block: int = 256) -> None:
+        self.model, self.cfg, self.dtype, self.block = model, model.cfg, dtype, block
+        dev = model.device
+        self.layers = [KernelLayer(layer, i, dev) for i, layer in enumerate(model.layers)]
+        self.lm_head = model.lm_head.weight.to(dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def new_cache(self, batch: int, capacity: int) -> KernelCache:
+        cfg = self.cfg
+        cap = -(-capacity // self.block) * self.block
+        return KernelCache([(KVCache4.empty(batch, cfg.num_kv_heads, cap, cfg.head_dim, self.device),
+                             KVCache4.empty(batch, cfg.num_kv_heads, cap, cfg.head_dim, self.device))
+                            for _ in self.layers])
+
+    def _grow(self, cache: KernelCache, needed: int) -> None:
+        if needed <= cache.capacity:
+            return
+        bigger = self.new_cache(cache.layers[0][0].codes.shape[0], max(needed, 2 * cache.capacity))
+        for (k_old, v_old), (k_new, v_new) in zip(cache.layers, bigger.layers, strict=True):
+            for old, new in ((k_old, k_new), (v_old, v_new)):
+                n = cache.length
+                new.codes[:, :, :n].copy_(old.codes[:, :, :n])
+                new.scale[:, :, :n].copy_(old.scale[:, :, :n])
+                new.zero[:, :, :n].copy_(old.zero[:, :, :n])
+        cache.layers = bigger.layers
+
+    def _linear(self, x: torch.Tensor, quant: Quant, weight: PackedWeight,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        act = quantize_rows(x, 4, quant.clip, quant.clip_min, quant.hadamard_blocks)
+        return w4a4_linear(act, weight, residual, out_dtype=self.dtype)
+
+    def _attention(self, q: torch.Tensor, layer_cache: tuple[KVCache4, KVCache4], start: int,
+                   length: int) -> torch.Tensor:
+        """q [B, S, Hq, D] (rotated) over cache positions [0, length); query i sits at position start + i."""
+        cfg = self.cfg
+        b, s = q.shape[:2]
+        k_cache, v_cache = layer_cache
+        if s == 1 and not cfg.sliding_window:
+            lengths = torch.full((b,), length, dtype=torch.int32, device=q.device)
+            return kv4_decode_attention(q[:, 0].contiguous(), k_cache, v_cache, lengths, length)[:, None]
+        k = dequantize_kv(k_cache, length, q.dtype)
+        v = dequantize_kv(v_cache, length, q.dtype)
+        q_pos = torch.arange(start, start + s, device=q.device)[:, None]
+        k_pos = torch.arange(length, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if cfg.sliding_window:
+            allowed &= k_pos > q_pos - cfg.sliding_window
+        groups = cfg.num_heads // cfg.num_kv_heads
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(groups, 1),
+                                             v.repeat_interleave(groups, 1), attn_mask=allowed)
+        return out.transpose(1, 2)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, past: KernelCache | None = None) -> tuple[torch.Tensor, KernelCache]:
+        cfg, model = self.cfg, self.model
+        b, s = input_ids.shape
+        cache = past if past is not None else self.new_cache(b, s)
+        start = cache.length
+        self._grow(cache, start + s)
+        x = model.embed(input_ids).to(self.dtype)
+        cos, sin = model.rope(torch.arange(start, start + s, device=self.device), torch.float32)
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x2 = x.reshape(b * s, -1)
+            h = _norm(x2, layer.input_norm, cfg.rms_norm_eps)
+            qkv = self._linear(h, layer.qkv_in, layer.qkv).float()
+            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+            q = q.reshape(b, s, hq, d)
+            k = k.reshape(b, s, hkv, d)
+            q = (q * cos + rotate_half(q) * sin).to(self.dtype)
+            k = (k * cos + rotate_half(k) * sin).contiguous()
+            if layer.qk_blocks is not None:
+                q = hadamard(q.contiguous(), layer.qk_blocks)
+            quantize_kv(k, layer_cache[0], start, layer.k_clip, layer.qk_blocks is not None)
+            quantize_kv(v.reshape(b, s, hkv, d).contiguous(), layer_cache[1], start, layer.v_clip, False)
+            attn = self._attention(q, layer_cache, start, start + s).reshape(b * s, hq * d).contiguous()
+            resid = x2 if layer.attn_to_mlp is None else layer.attn_to_mlp(x2.float()).to(self.dtype)
+            x2 = self._linear(attn, layer.o_in, layer.o, resid.contiguous())
+            h = _norm(x2, layer.post_norm, cfg.rms_norm_eps)
+            gate, up = self._linear(h, layer.gate_up_in, layer.gate_up).float().chunk(2, dim=-1)
+            m = (F.silu(gate) * up).to(self.dtype).contiguous()
+            resid = x2 if layer.mlp_to_attn is None else layer.mlp_to_attn(x2.float()).to(self.dtype)
+            x = self._linear(m, layer.down_in, layer.down, resid.contiguous()).reshape(b, s, -1)
+        cache.length = start + s
+        logits = (_norm(x, model.norm, cfg.rms_norm_eps) @ self.lm_head.T).float()
+        return logits, cache
+
+    __call__ = forward
