@@ -1,0 +1,193 @@
+"""Compiled kernels on the GPU against the numerics primitives (computed on the CPU), and against the interpreter.
+
+Bit-identity of integer codes, scales, zero points, int32 GEMM results and the float32 epilogue is the claim; the
+float32 attention and the float16 paths are compared with stated tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infoquant_export.kernels import ops
+from infoquant_export.quant.primitives import (
+    activation_qparams,
+    dequantize_activation,
+    integer_activation,
+    integer_linear,
+    pack_uint4,
+    quantize_activation,
+    quantize_weight,
+    softmax64,
+    weight_scale,
+)
+from infoquant_export.transforms.hadamard import apply_hadamard
+from tests.helpers import sqnr_db
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _ref_rows(x: torch.Tensor, blocks: int | None, clip: float = 0.9, clip_min: float | None = None):
+    xr = apply_hadamard(x, blocks) if blocks else x
+    s, z = activation_qparams(xr, 4, clip, clip_min)
+    return pack_uint4(quantize_activation(xr, s, z, 4)), s.squeeze(-1), z.squeeze(-1).to(torch.uint8)
+
+
+def _ties(m: int, n: int) -> torch.Tensor:
+    """Rows with max 7.5 and min -7.5 (scale exactly 1 at clip 1) holding values at k + 0.5: round-half-even ties."""
+    x = torch.randint(-8, 7, (m, n)).float() + 0.5
+    x[:, 0], x[:, 1] = 7.5, -7.5
+    return x
+
+
+@pytest.mark.parametrize("n,blocks", [(4096, None), (4096, 1), (1536, 1), (576, None), (11008, 43), (11008, 1),
+                                      (2048, 2)])
+def test_quantize_rows_bit_identical(n, blocks):
+    x = torch.randn(512, n) * 2
+    x[:3] *= 40  # outlier tokens
+    codes, scale, zero = _ref_rows(x, blocks)
+    got = ops.quantize_rows(x.to(CUDA), 4, 0.9, None, blocks)
+    assert torch.equal(got.codes.cpu(), codes)
+    assert torch.equal(got.scale.cpu(), scale)
+    assert torch.equal(got.zero.cpu(), zero)
+
+
+def test_quantize_ties_round_half_even():
+    x = _ties(64, 256)
+    s, z = activation_qparams(x, 4, 1.0)
+    assert torch.all(s == 1.0)  # (7.5 + 7.5) / 15: x / s lands on k + 0.5 for every element
+    got = ops.quantize_rows(x.to(CUDA), 4, 1.0)
+    assert torch.equal(got.codes.cpu(), pack_uint4(quantize_activation(x, s, z, 4)))
+
+
+def test_hadamard_bit_identical():
+    for n, blocks in ((4096, 1), (1536, 1), (11008, 1), (128, 1)):
+        x = torch.randn(64, n)
+        assert torch.equal(ops.hadamard(x.to(CUDA), blocks).cpu(), apply_hadamard(x, blocks)), n
+
+
+@pytest.mark.parametrize("m", [1, 16, 300, 2048])
+def test_w4a4_gemm_bit_identical(m):
+    n, k = 1024, 4096
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    ws = weight_scale(w, 4)
+    wc = quantize_weight(w, ws, 4)
+    bias, resid = torch.randn(n), torch.randn(m, n)
+    a_int, a_s = integer_activation(x, 4, 0.9)
+    ref = resid + integer_linear(a_int, a_s, wc.float(), ws.reshape(-1), bias)
+    weight = ops.PackedWeight.from_codes(wc, ws, bias).to(CUDA)
+    act = ops.quantize_rows(x.to(CUDA), 4, 0.9)
+    got = ops.w4a4_linear(act, weight, resid.to(CUDA))
+    assert torch.equal(got.cpu(), ref)
+    half = ops.w4a4_linear(act, weight, resid.to(CUDA), out_dtype=torch.float16)
+    assert torch.equal(half.cpu(), ref.half())  # float16 output = the float32 result rounded once
+
+
+def test_kv_cache_quantize_dequantize_bit_identical():
+    b, s, h, d = 2, 40, 8, 128
+    cache = ops.KVCache4.empty(b, h, 256, d, CUDA)
+    x = torch.randn(b, s, h, d)
+    ops.quantize_kv(x.to(CUDA), cache, 17, 0.95, True)
+    xr = apply_hadamard(x.transpose(1, 2).contiguous())
+    sc, zp = activation_qparams(xr, 4, 0.95)
+    q = quantize_activation(xr, sc, zp, 4)
+    assert torch.equal(cache.codes[:, :, 17:57].cpu(), pack_uint4(q))
+    assert torch.equal(cache.scale[:, :, 17:57].cpu(), sc.squeeze(-1))
+    deq = ops.dequantize_kv(cache, 57)
+    assert torch.equal(deq[:, :, 17:57].cpu(), dequantize_activation(q, sc, zp))
+
+
+@pytest.mark.parametrize("hq,hkv,ctx", [(32, 32, 4096), (9, 3, 1000), (32, 8, 333)])
+def test_decode_attention_close_to_float64(hq, hkv, ctx):
+    b, d = 3, 128 if hq == 32 else 64
+    k4, v4 = ops.KVCache4.empty(b, hkv, ctx, d, CUDA), ops.KVCache4.empty(b, hkv, ctx, d, CUDA)
+    ops.quantize_kv(torch.randn(b, ctx, hkv, d, device=CUDA), k4, 0, 0.95, False)
+    ops.quantize_kv(torch.randn(b, ctx, hkv, d, device=CUDA), v4, 0, 0.95, False)
+    q = torch.randn(b, hq, d, device=CUDA)
+    lengths = torch.tensor([ctx, ctx // 2, 1], dtype=torch.int32, device=CUDA)
+    out = ops.kv4_decode_attention(q, k4, v4, lengths, ctx)
+    kd, vd = ops.dequantize_kv(k4, ctx).double(), ops.dequantize_kv(v4, ctx).double()
+    worst = 0.0
+    for i, n in enumerate(lengths.tolist()):
+        kk = kd[i, :, :n].repeat_interleave(hq // hkv, 0)
+        vv = vd[i, :, :n].repeat_interleave(hq // hkv, 0)
+        p = softmax64((q[i].double()[:, None, :] @ kk.transpose(-1, -2)).squeeze(1) * d ** -0.5)
+        ref = (p[:, None, :] @ vv).squeeze(1)
+        worst = max(worst, float((out[i].double() - ref).abs().max() / ref.abs().max()))
+    assert worst < 1e-5, worst
+
+
+def test_interpreter_agrees_with_compiled(tmp_path):
+    """The same inputs through TRITON_INTERPRET=1 (CPU, a subprocess) and compiled (GPU): identical bits."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 1536) * 3
+    w = torch.randint(-8, 8, (128, 1536), dtype=torch.int8)
+    torch.save({"x": x, "w": w}, tmp_path / "in.pt")
+    script = (
+        "import torch, sys\n"
+        "from infoquant_export.kernels import ops\n"
+        "d = torch.load(sys.argv[1], weights_only=True)\n"
+        "a = ops.quantize_rows(d['x'], 4, 0.9, None, 1)\n"
+        "y = ops.w4a4_linear(a, ops.PackedWeight.from_codes(d['w'], torch.full((128,), 0.01)))\n"
+        "torch.save({'codes': a.codes, 'scale': a.scale, 'zero': a.zero, 'y': y}, sys.argv[2])\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    extra = os.environ.get("INFOQUANT_INTERPRETER_PYTHONPATH")  # numpy < 2.4 for triton 3.6's interpreter
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, str(REPO), str(REPO / "plugins"),
+                                                    env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    interp = torch.load(tmp_path / "out.pt", weights_only=True)
+    a = ops.quantize_rows(x.to(CUDA), 4, 0.9, None, 1)
+    y = ops.w4a4_linear(a, ops.PackedWeight.from_codes(w, torch.full((128,), 0.01)).to(CUDA))
+    for name, got in (("codes", a.codes), ("scale", a.scale), ("zero", a.zero), ("y", y)):
+        assert torch.equal(got.cpu(), interp[name]), name
+
+
+def test_kernel_model_matches_fake_quant_model():
+    from infoquant_export.kernels.model import KernelCausalLM
+    from infoquant_export.kernels.random_model import random_w4a4kv4_model
+
+    model = random_w4a4kv4_model("smollm2-135m", 4, "cuda")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 256), device=CUDA)
+    ref, _ = model(ids)
+    fast32, _ = KernelCausalLM(model, torch.float32)(ids)
+    fast16, _ = KernelCausalLM(model, torch.float16)(ids)
+    report = {"sqnr32": sqnr_db(ref, fast32), "top1_32": float((ref.argmax(-1) == fast32.argmax(-1)).float().mean()),
+              "sqnr16": sqnr_db(ref, fast16), "top1_16": float((ref.argmax(-1) == fast16.argmax(-1)).float().mean())}
+    print(json.dumps(report))
+    assert report["top1_32"] >= 0.98 and report["sqnr32"] >= 30, report
+    assert report["top1_16"] >= 0.80 and report["sqnr16"] >= 10, report
+
+
+def test_kernel_model_decode_equals_prefill():
+    from infoquant_export.kernels.model import KernelCausalLM
+    from infoquant_export.kernels.random_model import random_w4a4kv4_model
+
+    km = KernelCausalLM(random_w4a4kv4_model("smollm2-135m", 2, "cuda"), torch.float32)
+    ids = torch.randint(0, 1000, (1, 40), device=CUDA)
+    full, _ = km(ids)
+    logits, cache = km(ids[:, :32])
+    steps = [logits]
+    for i in range(32, 40):
+        logits, cache = km(ids[:, i:i + 1], cache)
+        steps.append(logits)
+    inc = torch.cat(steps, 1)
+    assert float((full.argmax(-1) == inc.argmax(-1)).float().mean()) >= 0.95
+    assert sqnr_db(full, inc) >= 30
+
+
+def test_cpu_tensor_refused_by_compiled_kernels():
+    with pytest.raises(ops.KernelInputError, match="CUDA tensors"):
+        ops.quantize_rows(torch.randn(4, 256), 4, 0.9)
+    with pytest.raises(ops.KernelInputError, match="different devices"):
+        act = ops.quantize_rows(torch.randn(4, 256, device=CUDA), 4, 0.9)
+        ops.w4a4_linear(act, ops.PackedWeight.from_codes(torch.zeros(64, 256, dtype=torch.int8), torch.ones(64)))
