@@ -25,12 +25,12 @@ from infoquant_export.kernels import ops
 
 GEMM_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): qkv/o, gate/up, down
 GEMM_MS = [1, 16, 256, 2048]
-SWEEP = {  # candidate tiles per M bucket: (BM, BN, BK2, GROUP_M, num_warps, num_stages)
-    "large": [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (256, 128, 64, 8, 8, 3),
-              (128, 256, 128, 8, 8, 3), (64, 256, 64, 8, 4, 4)],
-    "small": [(16, 64, 64, 1, 4, 4), (16, 32, 128, 1, 4, 4), (16, 128, 64, 1, 4, 3), (16, 64, 128, 1, 4, 4),
-              (16, 32, 64, 1, 2, 4)],
-}
+QUANT_WARPS = [2, 4, 8, 16]
+ATTN_VARIANTS = [(32, 4, 3, 1), (64, 4, 3, 1), (128, 4, 3, 1), (128, 8, 3, 1), (64, 4, 4, 2), (128, 8, 4, 2)]
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def bench(fn: Callable[[], object], device: torch.device) -> float:
@@ -52,10 +52,6 @@ def _packed_weight(n: int, k: int, device: torch.device) -> ops.PackedWeight:
     return ops.PackedWeight.from_codes(codes, torch.full((n,), 0.01)).to(device)
 
 
-def _cfg(t: tuple[int, ...]) -> dict[str, int]:
-    return dict(zip(("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages"), t, strict=True))
-
-
 def _quant_gemm(x: torch.Tensor, weight: ops.PackedWeight) -> torch.Tensor:
     return ops.w4a4_linear(ops.quantize_rows(x, 4, 0.9), weight, out_dtype=torch.float16)
 
@@ -75,7 +71,8 @@ def gemm_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[i
             rows.append({"M": m, "N": n, "K": k, "fp16_ms": t_fp16, "w4a4_gemm_ms": t_gemm,
                          "w4a4_quant_gemm_ms": t_full, "speedup_gemm": t_fp16 / t_gemm,
                          "speedup_quant_gemm": t_fp16 / t_full, "fp16_tflops": flops / t_fp16 / 1e9,
-                         "w4a4_tops": flops / t_gemm / 1e9, "config": ops.gemm_config(m, k // 2)})
+                         "w4a4_tops": flops / t_gemm / 1e9,
+                         "config": ops._TUNED.get((ops._bucket(m), n, k // 2, torch.float16, False, False))})
     return rows
 
 
@@ -86,10 +83,7 @@ def sweep_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[
         for m in ms:
             act = ops.quantize_rows(torch.randn(m, k, dtype=torch.float16, device=device), 4, 0.9)
             results = []
-            for tile in SWEEP["small" if m <= 16 else "large"]:
-                cfg = _cfg(tile)
-                if (k // 2) % cfg["BK2"]:
-                    continue
+            for cfg in ops.gemm_candidates(m, k // 2):
                 try:
                     t = bench(partial(ops.w4a4_linear, act, weight, out_dtype=torch.float16, config=cfg), device)
                 except Exception as exc:  # out of shared memory / registers for this tile: record and go on
@@ -109,11 +103,13 @@ def quantize_section(device: torch.device, m: int, sizes: list[tuple[int, int | 
         t_copy = bench(partial(y.copy_, x), device)
         copy_gbs = 2 * x.numel() * 2 / t_copy / 1e6
         t_q = bench(partial(ops.quantize_rows, x, 4, 0.9, None, blocks), device)
+        warps = {w: bench(partial(ops.quantize_rows, x, 4, 0.9, None, blocks, w), device) for w in QUANT_WARPS}
         moved = x.numel() * 2 + x.numel() // 2 + m * 5  # read fp16, write packed codes + scale + zero point
         tile = ops.row_tile(n, blocks or 1, blocks is not None)
         rows.append({"M": m, "n": n, "hadamard_blocks": blocks, "fused": tile.fused, "K": tile.k, "p": tile.p,
                      "copy_ms": t_copy, "copy_GBps": copy_gbs, "kernel_ms": t_q,
-                     "kernel_GBps": moved / t_q / 1e6, "fraction_of_copy": moved / t_q / 1e6 / copy_gbs})
+                     "kernel_GBps": moved / t_q / 1e6, "fraction_of_copy": moved / t_q / 1e6 / copy_gbs,
+                     "ms_by_num_warps": warps})
     return rows
 
 
@@ -127,6 +123,12 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
         q = torch.randn(batch, heads, head_dim, dtype=torch.float16, device=device)
         lengths = torch.full((batch,), ctx, dtype=torch.int32, device=device)
         t_kv4 = bench(partial(ops.kv4_decode_attention, q, k4, v4, lengths, ctx), device)
+        variants = []
+        for block_t, warps, stages, split_mult in ATTN_VARIANTS:
+            splits = ops.decode_splits(batch * heads, ctx, block_t, split_mult * 4 * _sms(device))
+            t = bench(partial(ops.kv4_decode_attention, q, k4, v4, lengths, ctx, splits, block_t, warps, stages),
+                      device)
+            variants.append({"block_t": block_t, "num_warps": warps, "num_stages": stages, "splits": splits, "ms": t})
         del k4, v4
         k16 = torch.randn(batch, heads, ctx, head_dim, dtype=torch.float16, device=device)
         v16 = torch.randn_like(k16)
@@ -137,7 +139,7 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
         kv_bytes_4 = 2 * batch * heads * ctx * (head_dim // 2 + 5)
         rows.append({"batch": batch, "context": ctx, "heads": heads, "head_dim": head_dim, "sdpa_fp16_ms": t_sdpa,
                      "kv4_ms": t_kv4, "speedup": t_sdpa / t_kv4, "sdpa_GBps": kv_bytes_fp16 / t_sdpa / 1e6,
-                     "kv4_GBps": kv_bytes_4 / t_kv4 / 1e6})
+                     "kv4_GBps": kv_bytes_4 / t_kv4 / 1e6, "variants": variants})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -190,6 +192,20 @@ class FP16Decoder:
         return F.linear(F.rms_norm(x, (x.shape[-1],), None, c.rms_norm_eps), self.head)
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph after two warm-up calls (removes Python / launch overhead): replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _decode_step(fast: Callable, step: torch.Tensor, cache: object, ctx: int) -> None:
     cache.length = ctx  # every timed step writes position ctx again
     fast(step, cache)
@@ -221,8 +237,15 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
 
         t16 = bench(partial(base.forward, step, cache16, ctx), device)
         t4 = bench(partial(_decode_step, fast, step, cache4, ctx), device)
-        out["decode"].append({"batch": batch, "context": ctx, "fp16_ms": t16, "w4a4kv4_ms": t4,
-                              "speedup": t16 / t4})
+        row = {"batch": batch, "context": ctx, "fp16_ms": t16, "w4a4kv4_ms": t4, "speedup": t16 / t4}
+        if device.type == "cuda":
+            try:  # both decoders as CUDA graphs: GPU time without Python and launch overhead
+                g16 = bench(graphed(partial(base.forward, step, cache16, ctx)), device)
+                g4 = bench(graphed(partial(_decode_step, fast, step, cache4, ctx)), device)
+                row.update({"graph_fp16_ms": g16, "graph_w4a4kv4_ms": g4, "graph_speedup": g16 / g4})
+            except Exception as exc:  # record why capture failed, keep the eager numbers
+                row["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        out["decode"].append(row)
         del cache4, cache16
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -257,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if "gemm" in sections:
         result["gemm"] = gemm_section(device, gemm_shapes, gemm_ms)
     if "sweep" in sections:
-        result["sweep"] = sweep_section(device, gemm_shapes, [1, 16, 2048] if not smoke else [1, 32])
+        result["sweep"] = sweep_section(device, gemm_shapes, [1, 16, 256, 2048] if not smoke else [1, 32])
     if "quantize" in sections:
         sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43),
                                                       (11008, 1)]

@@ -56,15 +56,15 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str)
 
 
 def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
-    gp = 1 << max(0, (group - 1).bit_length())
+    gp = max(16, 1 << max(0, (group - 1).bit_length()))
     types = {"q_ptr": "*fp16", "stride_qb": "i32", "stride_qh": "i32", "kc_ptr": "*u8", "ks_ptr": "*fp32",
              "kz_ptr": "*u8", "vc_ptr": "*u8", "vs_ptr": "*fp32", "vz_ptr": "*u8", "stride_cb": "i32",
              "stride_ch": "i32", "stride_ct": "i32", "stride_sb": "i32", "stride_sh": "i32", "len_ptr": "*i32",
              "part_o_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "num_kv_heads": "i32",
              "chunk": "i32", "qk_scale": "fp32"}
-    bt = max(16, min(64, 8192 // (gp * head_dim // 2)))
+    bt = 64 if head_dim <= 64 or gp <= 16 else 32
     return KernelSpec(name, "attention", "kv4_decode_partial_kernel", types,
-                      {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8},
+                      {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8, "DOT_F16": True},
                       ("kc_ptr", "vc_ptr", "stride_ct"), {"num_warps": 4})
 
 

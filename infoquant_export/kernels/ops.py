@@ -8,6 +8,8 @@ on the CPU when the kernels run in Triton's interpreter.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -151,7 +153,8 @@ def _inv_sqrt(n: int) -> float:
 def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: bool, bits: int, clip: float,
                  clip_min: float, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, y: torch.Tensor,
                  seq_len: int, pos0: int, code_strides: tuple[int, int, int],
-                 scale_strides: tuple[int, int, int], inv_sqrt: float | None = None) -> None:
+                 scale_strides: tuple[int, int, int], inv_sqrt: float | None = None,
+                 num_warps: int | None = None) -> None:
     mod = kernel_module("quantize")
     k_step = tile.rotate and tile.k > 1
     hk = _hk_t(tile.k, _pow2(tile.nb), tile.kp, str(x2.device)) if k_step else scale
@@ -162,7 +165,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
         seq_len, pos0, *code_strides, *scale_strides,
         float(torch.tensor(clip, dtype=torch.float32)), float(torch.tensor(clip_min, dtype=torch.float32)),
         **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits,
-        num_warps=_warps(tile.elements), enable_fp_fusion=False)
+        num_warps=num_warps or _warps(tile.elements), enable_fp_fusion=False)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -174,11 +177,12 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
-    """The block Hadamard for large K: FWHT kernel over p (unnormalised), H_K^T as a float64 matmul, * 1/sqrt(n)."""
+    """The block Hadamard for large K: FWHT kernel over p (unnormalised; each of the K rows of a block is a
+    p-sized Hadamard block), H_K^T as a float64 matmul, then * 1/sqrt(n) -- the order of numerics.md section 1."""
     m = x2.shape[0]
-    rows = x2.float().reshape(m * tile.nb * tile.k, tile.p).contiguous()
+    rows = x2.float().reshape(m * tile.nb, tile.k * tile.p).contiguous()
     fwht = torch.empty_like(rows)
-    _launch_rows(rows, RowTile(1, tile.p, 1, tile.p, True), quant=False, per_block=False, bits=4, clip=1.0,
+    _launch_rows(rows, RowTile(tile.k, tile.p, 1, tile.p, True), quant=False, per_block=False, bits=4, clip=1.0,
                  clip_min=1.0, codes=fwht, scale=fwht, zero=fwht, y=fwht, seq_len=rows.shape[0], pos0=0,
                  code_strides=(0, 0, 0), scale_strides=(0, 0, 0), inv_sqrt=1.0)
     hk_t = _hk_t(tile.k, 1, tile.k, str(x2.device))
@@ -187,7 +191,7 @@ def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
-                  hadamard_blocks: int | None = None) -> PackedRows:
+                  hadamard_blocks: int | None = None, num_warps: int | None = None) -> PackedRows:
     """Per-row asymmetric quantization of ``x [..., n]``, optionally after the block Hadamard (fused, one pass).
 
     Bit-identical to ``apply_hadamard`` + ``activation_qparams`` / ``quantize_activation`` + ``pack_uint4``.
@@ -207,7 +211,7 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
     _launch_rows(x2, tile, quant=True, per_block=False, bits=bits, clip=clip,
                  clip_min=clip if clip_min is None else clip_min, codes=codes, scale=scale, zero=zero,
                  y=scale, seq_len=m, pos0=0, code_strides=(0, codes.stride(0), block_bytes),
-                 scale_strides=(0, 1, 0))
+                 scale_strides=(0, 1, 0), num_warps=num_warps)
     return PackedRows(codes, scale, zero, bits)
 
 
@@ -331,21 +335,51 @@ class PackedWeight:
                             None if self.bias is None else self.bias.to(device))
 
 
+GEMM_TILES = {  # (BM, BN, BK2, GROUP_M, num_warps, num_stages); the first is the default, the rest autotune options
+    # M <= 16: weight-bandwidth bound (measured on H100: 16x32x128 was the fastest of 5, 1.2x FP16 cuBLAS)
+    "small": [(16, 32, 128, 1, 4, 4), (16, 32, 256, 1, 4, 3), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4, 3),
+              (16, 16, 256, 1, 2, 4)],
+    "mid": [(64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4), (128, 64, 64, 8, 4, 4)],
+    # large M: tensor-core bound (H100: 256x128x64 / 8 warps was the fastest of 6)
+    "large": [(256, 128, 64, 8, 8, 3), (128, 256, 128, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 128, 8, 8, 3)],
+}
+_TUNED: dict[tuple, dict[str, int]] = {}
+
+
+def _bucket(m: int) -> str:
+    return "small" if m <= 16 else "mid" if m <= 256 else "large"
+
+
+def gemm_candidates(m: int, k2: int) -> list[dict[str, int]]:
+    """Tile configs for M rows and K/2 packed bytes whose BK2 divides K/2 (the default first)."""
+    keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
+    fits = [dict(zip(keys, t, strict=True)) for t in GEMM_TILES[_bucket(m)] if k2 % t[2] == 0]
+    return fits or [dict(zip(keys, (*GEMM_TILES[_bucket(m)][0][:2], 32, *GEMM_TILES[_bucket(m)][0][3:]),
+                             strict=True))]
+
+
 def gemm_config(m: int, k2: int) -> dict[str, int]:
-    """Tile sizes by the number of rows (tokens): small M is weight-bandwidth bound, large M tensor-core bound."""
-    bk2 = 64 if k2 % 64 == 0 else 32
-    if m <= 16:
-        return {"BM": 16, "BN": 64, "BK2": bk2, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
-    if m <= 128:
-        return {"BM": 64, "BN": 128, "BK2": bk2, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
-    return {"BM": 128, "BN": 128, "BK2": bk2, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    """The default tile config (no autotuning)."""
+    return gemm_candidates(m, k2)[0]
+
+
+def _autotune(key: tuple, run: Callable[[dict[str, int]], object], candidates: list[dict[str, int]]) -> dict:
+    """Time each candidate once per key (CUDA events) and keep the fastest. Any config computes the same bits
+    (integer accumulation), so tuning changes speed only."""
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        _TUNED[key] = min(candidates, key=lambda cfg: do_bench(lambda: run(cfg), warmup=3, rep=15))
+    return _TUNED[key]
 
 
 def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float32, config: dict[str, int] | None = None) -> torch.Tensor:
     """``((acc - z_a * rowsum) * s_a) * s_w + bias (+ residual)`` with ``acc = q_a @ codes_w^T`` in int32.
 
-    Returns ``[M, N]`` in ``out_dtype``; bit-identical to ``integer_linear`` (+ residual) in float32.
+    Returns ``[M, N]`` in ``out_dtype``; bit-identical to ``integer_linear`` (+ residual) in float32. On a GPU the
+    tile config is autotuned once per (M bucket, N, K, dtypes) among ``GEMM_TILES`` (``INFOQUANT_GEMM_AUTOTUNE=0``
+    keeps the default); ``config`` forces one.
     """
     if act.bits != 4:
         raise KernelInputError(f"the W4A4 GEMM takes 4-bit activations, got {act.bits}-bit",
@@ -373,29 +407,41 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         tensors.append(residual)
     _check_device(*tensors)
     y = torch.empty(m, n, dtype=out_dtype, device=act.codes.device)
-    cfg = dict(config or gemm_config(m, k2))
-    grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
-    kernel_module("gemm").w4a4_gemm_kernel[grid](
-        act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum,
-        weight.bias if weight.bias is not None else weight.scale, residual if residual is not None else y, y,
-        m, n, k2, act.codes.stride(0), weight.codes.stride(0), residual.stride(0) if residual is not None else 0,
-        y.stride(0), HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, enable_fp_fusion=False, **cfg)
+
+    def run(cfg: dict[str, int]) -> None:
+        grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
+        kernel_module("gemm").w4a4_gemm_kernel[grid](
+            act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum,
+            weight.bias if weight.bias is not None else weight.scale, residual if residual is not None else y, y,
+            m, n, k2, act.codes.stride(0), weight.codes.stride(0), residual.stride(0) if residual is not None else 0,
+            y.stride(0), HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, enable_fp_fusion=False,
+            **cfg)
+
+    if config is None:
+        candidates = gemm_candidates(m, k2)
+        config = candidates[0]
+        if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
+            key = (_bucket(m), n, k2, out_dtype, weight.bias is not None, residual is not None)
+            config = _autotune(key, run, candidates)
+    run(config)
     return y
 
 
 def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs: int) -> int:
     """Power-of-2 number of context chunks so that ``batch_heads * splits`` fills the GPU."""
     splits = 1
-    while batch_heads * splits < target_programs and splits * 2 * block_t <= max_len and splits < 128:
+    while batch_heads * splits < target_programs and splits * 2 * block_t <= max_len and splits < 256:
         splits *= 2
     return splits
 
 
 def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int,
-                         splits: int | None = None) -> torch.Tensor:
+                         splits: int | None = None, block_t: int | None = None, num_warps: int = 4,
+                         num_stages: int = 3) -> torch.Tensor:
     """Attention of one new token per row, ``q [B, Hq, D]``, over the 4-bit caches' first ``lengths[b]`` tokens.
 
-    ``max_len`` (>= every length) sizes the split; returns ``[B, Hq, D]`` in q's dtype (float32 softmax).
+    ``max_len`` (>= every length) sizes the split; returns ``[B, Hq, D]`` in q's dtype (float32 softmax; tensor-core
+    dot products in float16 for a float16 q). ``splits`` / ``block_t`` / warps / stages override the heuristics.
     """
     _check_dtype("q", q, FLOAT_DTYPES)
     _check_contiguous("q", q)
@@ -418,9 +464,9 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
         _check_contiguous("cache", t)
     _check_device(q, lengths, k.codes, v.codes)
     g = hq // hkv
-    gp = max(1, _pow2(g))
-    block_t = max(16, min(64, 8192 // (gp * d // 2)))
-    target = 2 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2)
+    gp = max(16, _pow2(g))
+    block_t = block_t or (64 if d <= 64 or gp <= 16 else 32)
+    target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
     splits = splits or decode_splits(b * hkv, max_len, block_t, target)
     chunk = triton_cdiv(triton_cdiv(max_len, splits), block_t) * block_t
     part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
@@ -431,7 +477,8 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
         q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
         lengths, part_o, part_m, part_l, hkv, chunk, float(d ** -0.5 * math.log2(math.e)),
-        G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, num_warps=4)
+        G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT_F16=q.dtype != torch.float32, num_warps=num_warps,
+        num_stages=num_stages)
     out = torch.empty_like(q)
     mod.kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits, SP=splits, D=d,
                                              num_warps=4)

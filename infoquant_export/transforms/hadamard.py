@@ -367,7 +367,7 @@ def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
     lead = x.shape[:-1]
     y = _fwht(x.reshape(*lead, num_blocks, k, p))
     if k > 1:
-        hk_t = torch.tensor(_paley_block(k), dtype=torch.float64).T
+        hk_t = torch.tensor(_paley_block(k), dtype=torch.float64, device=x.device).T
         y = torch.matmul(hk_t, y.double()).to(x.dtype)
     scale = torch.tensor(1.0 / math.sqrt(n_block), dtype=x.dtype)
     return (y * scale).reshape(*lead, n)

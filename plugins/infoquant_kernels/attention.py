@@ -8,7 +8,8 @@ group and one chunk of the context, dequantizes K and V tiles in registers and k
 (scores in log2 units). The nibbles are never interleaved: the query is split into its even and odd elements, which
 meet the low and high nibbles of K, and the value sums for even and odd output elements are kept apart.
 Stage 2 (``kv4_decode_combine_kernel``), grid ``(B * Hq,)``: merges the chunks' (max, sum, accumulator).
-Precision: float32 arithmetic (the fake-quant reference uses float64 here); errors are ~1e-6 relative.
+Precision: float32 softmax and accumulation; dot products on tensor cores in float16 (float16 q) or float32 "ieee"
+(float32 q). The fake-quant reference uses float64 here.
 """
 
 import triton
@@ -25,7 +26,12 @@ def kv4_decode_partial_kernel(
     part_o_ptr, part_m_ptr, part_l_ptr,                # partials: o [B, Hq, S, D] f32, m / l [B, Hq, S] f32
     num_kv_heads, chunk, qk_scale,                     # qk_scale = head_dim^-0.5 * log2(e)
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SPLITS: tl.constexpr,
+    DOT_F16: tl.constexpr,
 ):
+    """Dot products on tensor cores: scores = q_even @ (k_lo - z)^T + q_odd @ (k_hi - z)^T, then * s_k per token;
+    o_even += (p * s_v) @ (v_lo - z), o_odd likewise. ``code - z`` is an exact small integer in float16, so with
+    ``DOT_F16`` only q and p * s_v are rounded to float16 (as an FP16 attention would); otherwise float32 "ieee"
+    dots. ``GP >= 16`` query rows (padded) per program: the GQA group of one KV head."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -33,13 +39,16 @@ def kv4_decode_partial_kernel(
     length = tl.load(len_ptr + b)
     t_start = split * chunk
     t_end = tl.minimum(t_start + chunk, length)
+    dt: tl.constexpr = tl.float16 if DOT_F16 else tl.float32
+    prec: tl.constexpr = "tf32" if DOT_F16 else "ieee"
 
     g = tl.arange(0, GP)
     gmask = g < G
     half = tl.arange(0, D // 2)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh
-    q_even = tl.load(q_base + 2 * half[None, :], mask=gmask[:, None], other=0.0).to(tl.float32) * qk_scale
-    q_odd = tl.load(q_base + 2 * half[None, :] + 1, mask=gmask[:, None], other=0.0).to(tl.float32) * qk_scale
+    q_even = (tl.load(q_base + 2 * half[None, :], mask=gmask[:, None], other=0.0).to(tl.float32) * qk_scale).to(dt)
+    q_odd = (tl.load(q_base + 2 * half[None, :] + 1, mask=gmask[:, None], other=0.0).to(tl.float32)
+             * qk_scale).to(dt)
 
     c_base = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
     s_base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
@@ -53,11 +62,11 @@ def kv4_decode_partial_kernel(
         c_ofs = c_base + t[:, None] * stride_ct + half[None, :]
         k_codes = tl.load(kc_ptr + c_ofs, mask=tmask[:, None], other=0)
         k_s = tl.load(ks_ptr + s_base + t, mask=tmask, other=0.0)
-        k_z = tl.load(kz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32)
-        k_lo = (k_codes & 15).to(tl.float32) - k_z[:, None]
-        k_hi = (k_codes >> 4).to(tl.float32) - k_z[:, None]
-        scores = tl.sum(q_even[:, None, :] * k_lo[None, :, :], axis=2) + tl.sum(q_odd[:, None, :] * k_hi[None, :, :],
-                                                                                   axis=2)
+        k_z = tl.load(kz_ptr + s_base + t, mask=tmask, other=0).to(dt)[:, None]
+        k_lo = (k_codes & 15).to(dt) - k_z
+        k_hi = (k_codes >> 4).to(dt) - k_z
+        scores = tl.dot(q_even, tl.trans(k_lo), input_precision=prec)
+        scores = tl.dot(q_odd, tl.trans(k_hi), scores, input_precision=prec)
         scores = tl.where(tmask[None, :], scores * k_s[None, :], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -66,11 +75,10 @@ def kv4_decode_partial_kernel(
 
         v_codes = tl.load(vc_ptr + c_ofs, mask=tmask[:, None], other=0)
         v_s = tl.load(vs_ptr + s_base + t, mask=tmask, other=0.0)
-        v_z = tl.load(vz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32)
-        v_lo = ((v_codes & 15).to(tl.float32) - v_z[:, None]) * v_s[:, None]
-        v_hi = ((v_codes >> 4).to(tl.float32) - v_z[:, None]) * v_s[:, None]
-        acc_even = acc_even * alpha[:, None] + tl.sum(p[:, :, None] * v_lo[None, :, :], axis=1)
-        acc_odd = acc_odd * alpha[:, None] + tl.sum(p[:, :, None] * v_hi[None, :, :], axis=1)
+        v_z = tl.load(vz_ptr + s_base + t, mask=tmask, other=0).to(dt)[:, None]
+        pv = (p * v_s[None, :]).to(dt)
+        acc_even = tl.dot(pv, (v_codes & 15).to(dt) - v_z, acc_even * alpha[:, None], input_precision=prec)
+        acc_odd = tl.dot(pv, (v_codes >> 4).to(dt) - v_z, acc_odd * alpha[:, None], input_precision=prec)
         m_i = m_new
 
     hq = b * (num_kv_heads * G) + h * G + g                   # flat (batch, query head) index

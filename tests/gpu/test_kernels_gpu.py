@@ -123,6 +123,8 @@ def test_decode_attention_close_to_float64(hq, hkv, ctx):
         ref = (p[:, None, :] @ vv).squeeze(1)
         worst = max(worst, float((out[i].double() - ref).abs().max() / ref.abs().max()))
     assert worst < 1e-5, worst
+    half = ops.kv4_decode_attention(q.half(), k4, v4, lengths, ctx).float()  # float16 tensor-core dots
+    assert float((half - out).abs().max() / out.abs().max()) < 5e-3
 
 
 def test_interpreter_agrees_with_compiled(tmp_path):
