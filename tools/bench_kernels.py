@@ -68,7 +68,15 @@ def gemm_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[i
             t_gemm = bench(partial(ops.w4a4_linear, act, weight, out_dtype=torch.float16), device)
             t_full = bench(partial(_quant_gemm, x, weight), device)
             flops = 2 * m * n * k
-            rows.append({"M": m, "N": n, "K": k, "fp16_ms": t_fp16, "w4a4_gemm_ms": t_gemm,
+            graph = {}
+            if device.type == "cuda" and m <= 16:  # launch-bound sizes: also time CUDA-graph replays (GPU time)
+                graph = {"graph_fp16_ms": bench(graphed(partial(F.linear, x, w16)), device),
+                         "graph_w4a4_gemm_ms": bench(graphed(partial(ops.w4a4_linear, act, weight,
+                                                                     out_dtype=torch.float16)), device),
+                         "graph_w4a4_quant_gemm_ms": bench(graphed(partial(_quant_gemm, x, weight)), device)}
+                graph["graph_speedup_gemm"] = graph["graph_fp16_ms"] / graph["graph_w4a4_gemm_ms"]
+                graph["graph_speedup_quant_gemm"] = graph["graph_fp16_ms"] / graph["graph_w4a4_quant_gemm_ms"]
+            rows.append({**graph, "M": m, "N": n, "K": k, "fp16_ms": t_fp16, "w4a4_gemm_ms": t_gemm,
                          "w4a4_quant_gemm_ms": t_full, "speedup_gemm": t_fp16 / t_gemm,
                          "speedup_quant_gemm": t_fp16 / t_full, "fp16_tflops": flops / t_fp16 / 1e9,
                          "w4a4_tops": flops / t_gemm / 1e9,
@@ -94,7 +102,8 @@ def sweep_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[
     return rows
 
 
-def quantize_section(device: torch.device, m: int, sizes: list[tuple[int, int | None]]) -> list[dict]:
+def quantize_section(device: torch.device, m: int, sizes: list[tuple[int, int | None]],
+                     sweep: bool) -> list[dict]:
     """Fused (Hadamard +) quantize of [m, n] float16 rows vs a copy of the same tensor."""
     rows = []
     for n, blocks in sizes:
@@ -103,7 +112,8 @@ def quantize_section(device: torch.device, m: int, sizes: list[tuple[int, int | 
         t_copy = bench(partial(y.copy_, x), device)
         copy_gbs = 2 * x.numel() * 2 / t_copy / 1e6
         t_q = bench(partial(ops.quantize_rows, x, 4, 0.9, None, blocks), device)
-        warps = {w: bench(partial(ops.quantize_rows, x, 4, 0.9, None, blocks, w), device) for w in QUANT_WARPS}
+        warps = {w: bench(partial(ops.quantize_rows, x, 4, 0.9, None, blocks, w), device)
+                 for w in (QUANT_WARPS if sweep else [])}
         moved = x.numel() * 2 + x.numel() // 2 + m * 5  # read fp16, write packed codes + scale + zero point
         tile = ops.row_tile(n, blocks or 1, blocks is not None)
         rows.append({"M": m, "n": n, "hadamard_blocks": blocks, "fused": tile.fused, "K": tile.k, "p": tile.p,
@@ -113,7 +123,8 @@ def quantize_section(device: torch.device, m: int, sizes: list[tuple[int, int | 
     return rows
 
 
-def attention_section(device: torch.device, cases: list[tuple[int, int]], heads: int, head_dim: int) -> list[dict]:
+def attention_section(device: torch.device, cases: list[tuple[int, int]], heads: int, head_dim: int,
+                      sweep: bool) -> list[dict]:
     rows = []
     for batch, ctx in cases:
         k4 = ops.KVCache4(torch.randint(0, 256, (batch, heads, ctx, head_dim // 2), dtype=torch.uint8, device=device),
@@ -123,8 +134,10 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
         q = torch.randn(batch, heads, head_dim, dtype=torch.float16, device=device)
         lengths = torch.full((batch,), ctx, dtype=torch.int32, device=device)
         t_kv4 = bench(partial(ops.kv4_decode_attention, q, k4, v4, lengths, ctx), device)
+        g_kv4 = bench(graphed(partial(ops.kv4_decode_attention, q, k4, v4, lengths, ctx)), device) \
+            if device.type == "cuda" else t_kv4
         variants = []
-        for block_t, warps, stages, split_mult in ATTN_VARIANTS:
+        for block_t, warps, stages, split_mult in ATTN_VARIANTS if sweep else []:
             splits = ops.decode_splits(batch * heads, ctx, block_t, split_mult * 4 * _sms(device))
             t = bench(partial(ops.kv4_decode_attention, q, k4, v4, lengths, ctx, splits, block_t, warps, stages),
                       device)
@@ -134,12 +147,15 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
         v16 = torch.randn_like(k16)
         q4 = q[:, :, None, :]
         t_sdpa = bench(partial(F.scaled_dot_product_attention, q4, k16, v16), device)
+        g_sdpa = bench(graphed(partial(F.scaled_dot_product_attention, q4, k16, v16)), device) \
+            if device.type == "cuda" else t_sdpa
         del k16, v16
         kv_bytes_fp16 = 2 * batch * heads * ctx * head_dim * 2
         kv_bytes_4 = 2 * batch * heads * ctx * (head_dim // 2 + 5)
         rows.append({"batch": batch, "context": ctx, "heads": heads, "head_dim": head_dim, "sdpa_fp16_ms": t_sdpa,
                      "kv4_ms": t_kv4, "speedup": t_sdpa / t_kv4, "sdpa_GBps": kv_bytes_fp16 / t_sdpa / 1e6,
-                     "kv4_GBps": kv_bytes_4 / t_kv4 / 1e6, "variants": variants})
+                     "kv4_GBps": kv_bytes_4 / t_kv4 / 1e6, "graph_sdpa_fp16_ms": g_sdpa, "graph_kv4_ms": g_kv4,
+                     "graph_speedup": g_sdpa / g_kv4, "variants": variants})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -284,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     if "quantize" in sections:
         sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43),
                                                       (11008, 1)]
-        result["quantize"] = quantize_section(device, 4 if smoke else 4096, sizes)
+        result["quantize"] = quantize_section(device, 4 if smoke else 4096, sizes, "sweep" in sections)
     if "attention" in sections:
         cases = [(1, 64)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
-        result["attention"] = attention_section(device, cases, 4 if smoke else 32, 64 if smoke else 128)
+        result["attention"] = attention_section(device, cases, 4 if smoke else 32, 64 if smoke else 128,
+                                                "sweep" in sections)
     if "e2e" in sections:
         result["e2e"] = e2e_section(device, "smollm2-135m" if smoke else "llama2-7b", 1 if smoke else args.e2e_layers,
                                     [(1, 16)] if smoke else [(1, 2048), (4, 512)],

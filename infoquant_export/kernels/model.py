@@ -171,6 +171,40 @@ class KernelCausalLM:
                                              v.repeat_interleave(groups, 1), attn_mask=allowed)
         return out.transpose(1, 2)
 
+    def rope(self, start: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.model.rope(torch.arange(start, start + s, device=self.device), torch.float32)
+        return cos[None, :, None, :], sin[None, :, None, :]
+
+    @torch.no_grad()
+    def layer_forward(self, index: int, x: torch.Tensor, cache: KernelCache, start: int,
+                      rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Decoder layer ``index`` on hidden states ``x [B, S, hidden]`` at positions ``start ..``; writes its K/V
+        into ``cache`` (which must have room)."""
+        cfg, layer, layer_cache = self.cfg, self.layers[index], cache.layers[index]
+        cos, sin = rope
+        b, s = x.shape[:2]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        x2 = x.reshape(b * s, -1).to(self.dtype)
+        h = _norm(x2, layer.input_norm, cfg.rms_norm_eps)
+        qkv = self._linear(h, layer.qkv_in, layer.qkv).float()
+        q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+        q = q.reshape(b, s, hq, d)
+        k = k.reshape(b, s, hkv, d)
+        q = (q * cos + rotate_half(q) * sin).to(self.dtype)
+        k = (k * cos + rotate_half(k) * sin).contiguous()
+        if layer.qk_blocks is not None:
+            q = hadamard(q.contiguous(), layer.qk_blocks)
+        quantize_kv(k, layer_cache[0], start, layer.k_clip, layer.qk_blocks is not None)
+        quantize_kv(v.reshape(b, s, hkv, d).contiguous(), layer_cache[1], start, layer.v_clip, False)
+        attn = self._attention(q, layer_cache, start, start + s).reshape(b * s, hq * d).contiguous()
+        resid = x2 if layer.attn_to_mlp is None else layer.attn_to_mlp(x2.float()).to(self.dtype)
+        x2 = self._linear(attn, layer.o_in, layer.o, resid.contiguous())
+        h = _norm(x2, layer.post_norm, cfg.rms_norm_eps)
+        gate, up = self._linear(h, layer.gate_up_in, layer.gate_up).float().chunk(2, dim=-1)
+        m = (F.silu(gate) * up).to(self.dtype).contiguous()
+        resid = x2 if layer.mlp_to_attn is None else layer.mlp_to_attn(x2.float()).to(self.dtype)
+        return self._linear(m, layer.down_in, layer.down, resid.contiguous()).reshape(b, s, -1)
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, past: KernelCache | None = None) -> tuple[torch.Tensor, KernelCache]:
         cfg, model = self.cfg, self.model
@@ -179,30 +213,9 @@ class KernelCausalLM:
         start = cache.length
         self._grow(cache, start + s)
         x = model.embed(input_ids).to(self.dtype)
-        cos, sin = model.rope(torch.arange(start, start + s, device=self.device), torch.float32)
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x2 = x.reshape(b * s, -1)
-            h = _norm(x2, layer.input_norm, cfg.rms_norm_eps)
-            qkv = self._linear(h, layer.qkv_in, layer.qkv).float()
-            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
-            q = q.reshape(b, s, hq, d)
-            k = k.reshape(b, s, hkv, d)
-            q = (q * cos + rotate_half(q) * sin).to(self.dtype)
-            k = (k * cos + rotate_half(k) * sin).contiguous()
-            if layer.qk_blocks is not None:
-                q = hadamard(q.contiguous(), layer.qk_blocks)
-            quantize_kv(k, layer_cache[0], start, layer.k_clip, layer.qk_blocks is not None)
-            quantize_kv(v.reshape(b, s, hkv, d).contiguous(), layer_cache[1], start, layer.v_clip, False)
-            attn = self._attention(q, layer_cache, start, start + s).reshape(b * s, hq * d).contiguous()
-            resid = x2 if layer.attn_to_mlp is None else layer.attn_to_mlp(x2.float()).to(self.dtype)
-            x2 = self._linear(attn, layer.o_in, layer.o, resid.contiguous())
-            h = _norm(x2, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = self._linear(h, layer.gate_up_in, layer.gate_up).float().chunk(2, dim=-1)
-            m = (F.silu(gate) * up).to(self.dtype).contiguous()
-            resid = x2 if layer.mlp_to_attn is None else layer.mlp_to_attn(x2.float()).to(self.dtype)
-            x = self._linear(m, layer.down_in, layer.down, resid.contiguous()).reshape(b, s, -1)
+        rope = self.rope(start, s)
+        for index in range(len(self.layers)):
+            x = self.layer_forward(index, x, cache, start, rope)
         cache.length = start + s
         logits = (_norm(x, model.norm, cfg.rms_norm_eps) @ self.lm_head.T).float()
         return logits, cache

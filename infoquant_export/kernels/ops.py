@@ -339,9 +339,9 @@ GEMM_TILES = {  # (BM, BN, BK2, GROUP_M, num_warps, num_stages); the first is th
     # M <= 16: weight-bandwidth bound (measured on H100: 16x32x128 was the fastest of 5, 1.2x FP16 cuBLAS)
     "small": [(16, 32, 128, 1, 4, 4), (16, 32, 256, 1, 4, 3), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4, 3),
               (16, 16, 256, 1, 2, 4)],
-    "mid": [(64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4), (128, 64, 64, 8, 4, 4)],
-    # large M: tensor-core bound (H100: 256x128x64 / 8 warps was the fastest of 6)
-    "large": [(256, 128, 64, 8, 8, 3), (128, 256, 128, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 128, 8, 8, 3)],
+    "mid": [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4), (64, 128, 64, 8, 4, 4)],
+    # large M: tensor-core bound (H100: 256x128x128 / 8 warps was the fastest of 6 on all three 7B shapes)
+    "large": [(256, 128, 128, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 256, 128, 8, 8, 3), (128, 256, 64, 8, 8, 3)],
 }
 _TUNED: dict[tuple, dict[str, int]] = {}
 
@@ -465,7 +465,7 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     _check_device(q, lengths, k.codes, v.codes)
     g = hq // hkv
     gp = max(16, _pow2(g))
-    block_t = block_t or (64 if d <= 64 or gp <= 16 else 32)
+    block_t = block_t or (128 if gp <= 16 else 64)  # H100, D=128: 128 tokens per step beat 32 / 64
     target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
     splits = splits or decode_splits(b * hkv, max_len, block_t, target)
     chunk = triton_cdiv(triton_cdiv(max_len, splits), block_t) * block_t

@@ -154,20 +154,28 @@ def test_interpreter_agrees_with_compiled(tmp_path):
         assert torch.equal(got.cpu(), interp[name]), name
 
 
-def test_kernel_model_matches_fake_quant_model():
+def test_kernel_model_layers_match_fake_quant_layers():
+    """Teacher-forced: every decoder layer gets the fake-quant model's input; a W4A4 model is chaotic end to end
+    (one flipped code cascades), so per-layer agreement is the meaningful parity measure."""
     from infoquant_export.kernels.model import KernelCausalLM
     from infoquant_export.kernels.random_model import random_w4a4kv4_model
 
     model = random_w4a4kv4_model("smollm2-135m", 4, "cuda")
     ids = torch.randint(0, model.cfg.vocab_size, (2, 256), device=CUDA)
-    ref, _ = model(ids)
-    fast32, _ = KernelCausalLM(model, torch.float32)(ids)
-    fast16, _ = KernelCausalLM(model, torch.float16)(ids)
-    report = {"sqnr32": sqnr_db(ref, fast32), "top1_32": float((ref.argmax(-1) == fast32.argmax(-1)).float().mean()),
-              "sqnr16": sqnr_db(ref, fast16), "top1_16": float((ref.argmax(-1) == fast16.argmax(-1)).float().mean())}
+    report = {}
+    for dtype in (torch.float32, torch.float16):
+        km = KernelCausalLM(model, dtype)
+        x, cos, sin, mask = model.layer_inputs(ids)
+        cache, rope = km.new_cache(2, 256), km.rope(0, 256)
+        sqnrs = []
+        for i, layer in enumerate(model.layers):
+            ref, _ = layer(x, cos, sin, mask)
+            sqnrs.append(sqnr_db(ref, km.layer_forward(i, x, cache, 0, rope)))
+            x = ref
+        report[str(dtype)] = sqnrs
     print(json.dumps(report))
-    assert report["top1_32"] >= 0.98 and report["sqnr32"] >= 30, report
-    assert report["top1_16"] >= 0.80 and report["sqnr16"] >= 10, report
+    assert min(report["torch.float32"]) >= 30, report  # CPU interpreter, 24 tokens: 134-142 dB
+    assert min(report["torch.float16"]) >= 15, report
 
 
 def test_kernel_model_decode_equals_prefill():
