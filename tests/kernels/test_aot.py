@@ -1,0 +1,69 @@
+"""Ahead-of-time compilation (infoquant_export/kernels/aot.py, tools/compile_kernels.py): PTX and cubin for sm_80-90
+on a machine without a GPU, with the int8 tensor-core instructions the GEMM is designed for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[2]
+SPECS = ["w4a4_gemm_m2048_k4096", "w4a4_gemm_m1_k4096", "hadamard_quantize_4096"]
+
+
+def compile_kernels(tmp_path: Path, out: Path, targets: str) -> subprocess.CompletedProcess:
+    """The tool in a fresh process. TRITON_INTERPRET=1 is inherited on purpose (this test process sets it when there
+    is no GPU): the tool must switch it off itself. A private Triton cache makes it really compile."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
+    return subprocess.run([sys.executable, str(REPO / "tools" / "compile_kernels.py"), "--out", str(out),
+                           "--targets", targets, "--only", ",".join(SPECS)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_compile_sm90_and_sm80(tmp_path):
+    out = tmp_path / "kernels"
+    proc = compile_kernels(tmp_path, out, "sm_90,sm_80")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert json.loads(proc.stdout) == manifest
+    assert sorted(manifest["targets"]) == ["sm_80", "sm_90"]
+    for target in ("sm_80", "sm_90"):
+        assert sorted(manifest["targets"][target]) == sorted(SPECS)
+        for spec in SPECS:
+            ptx = (out / target / f"{spec}.ptx").read_text()
+            cubin = (out / target / f"{spec}.cubin").read_bytes()
+            entry = manifest["targets"][target][spec]
+            assert f".target {target}" in ptx  # sm_90 may be sm_90a
+            assert cubin[:4] == b"\x7fELF" and len(cubin) == entry["cubin_bytes"] > 0
+    sm90 = (out / "sm_90" / "w4a4_gemm_m2048_k4096.ptx").read_text()
+    sm80 = (out / "sm_80" / "w4a4_gemm_m2048_k4096.ptx").read_text()
+    # Hopper: warpgroup MMA on int8 operands with an int32 accumulator (the nibbles are unpacked to int8)
+    assert "wgmma.mma_async" in sm90 and ".s32.s8.s8" in sm90
+    assert "mma.sync" not in sm90
+    assert all(m.startswith("wgmma.mma_async") and ".s32.s8.s8" in m
+               for m in manifest["targets"]["sm_90"]["w4a4_gemm_m2048_k4096"]["mma"])
+    # Ampere: IMMA m16n8k32 on int8
+    assert "wgmma" not in sm80
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in sm80
+    # no float MMA anywhere in the GEMMs, and none in the quantize kernel
+    for target in ("sm_80", "sm_90"):
+        for spec in SPECS:
+            mma = manifest["targets"][target][spec]["mma"]
+            assert all(".s8.s8" in m for m in mma)
+        assert manifest["targets"][target]["hadamard_quantize_4096"]["mma"] == []
+        assert manifest["targets"][target]["w4a4_gemm_m1_k4096"]["mma"]  # the M=1 GEMM uses tensor cores too
+
+
+def test_unknown_target_exits_2_without_output(tmp_path):
+    out = tmp_path / "kernels"
+    proc = compile_kernels(tmp_path, out, "sm_90,sm_70")
+    assert proc.returncode == 2
+    assert "unknown target(s) ['sm_70']" in proc.stderr and "sm_80" in proc.stderr
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no partial output directory beside it either

@@ -1,0 +1,181 @@
+"""The 4-bit KV cache: quantize (per token and KV head, after the per-head Hadamard for K), dequantize, and the
+split-K decode attention kernel (plugins/infoquant_kernels/quantize.py, attention.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from infoquant_export.kernels import ops  # noqa: E402
+from infoquant_export.quant.primitives import (  # noqa: E402
+    activation_qparams,
+    dequantize_activation,
+    pack_uint4,
+    quantize_activation,
+    softmax64,
+)
+from infoquant_export.transforms.hadamard import apply_hadamard  # noqa: E402
+from tests.kernels.conftest import DEVICE, INTERPRETER_WARNING  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(INTERPRETER_WARNING)
+
+CLIP = 0.95  # the KV quantizers' static clip
+
+
+def reference_kv(x: torch.Tensor, rotate: bool, clip: float = CLIP):
+    """Primitives per (batch, head, token) for ``x [B, S, H, D]``: codes [B, H, S, D], scale / zero [B, H, S, 1]."""
+    xh = x.float().transpose(1, 2)  # [B, H, S, D]: a row per (batch, head, token)
+    if rotate:
+        xh = apply_hadamard(xh)  # a full Hadamard of head_dim on each head
+    s, z = activation_qparams(xh, 4, clip)
+    return quantize_activation(xh, s, z, 4), s, z
+
+
+def assert_cache_holds(cache: ops.KVCache4, x: torch.Tensor, pos0: int, rotate: bool) -> None:
+    q, s, z = reference_kv(x, rotate)
+    span = slice(pos0, pos0 + x.shape[1])
+    assert torch.equal(cache.codes[:, :, span].cpu(), pack_uint4(q))
+    assert torch.equal(cache.scale[:, :, span].cpu(), s.squeeze(-1))
+    assert torch.equal(cache.zero[:, :, span].cpu(), z.squeeze(-1).to(torch.uint8))
+
+
+def assert_untouched(cache: ops.KVCache4, keep: list[slice]) -> None:
+    """Positions outside the written spans still hold KVCache4.empty's values (no stray writes)."""
+    written = torch.zeros(cache.capacity, dtype=torch.bool)
+    for span in keep:
+        written[span] = True
+    free = ~written
+    assert not cache.codes[:, :, free].any() and not cache.zero[:, :, free].any()
+    assert torch.all(cache.scale[:, :, free] == 1.0)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_kv_at_offset(rotate, dtype):
+    """B=2, S=5 tokens at positions 3..7 of a 16-token cache, H=3 KV heads (tile padded to 4) of 64; then one
+    decode token at position 8."""
+    b, s, h, d = 2, 5, 3, 64
+    cache = ops.KVCache4.empty(b, h, 16, d, DEVICE)
+    x = (torch.randn(b, s, h, d) * 2).to(dtype)
+    x[0, 1, 2, 0] = 40.0  # an outlier in one (batch, token, head): per-head scales must differ
+    ops.quantize_kv(x.to(DEVICE), cache, 3, CLIP, rotate)
+    assert_cache_holds(cache, x, 3, rotate)
+    step = torch.randn(b, 1, h, d).to(dtype)
+    ops.quantize_kv(step.to(DEVICE), cache, 8, CLIP, rotate)
+    assert_cache_holds(cache, step, 8, rotate)
+    assert_cache_holds(cache, x, 3, rotate)  # the earlier tokens are intact
+    assert_untouched(cache, [slice(3, 9)])
+    assert cache.scale[0, 2, 4] > 1.5 * cache.scale[0, 1, 4]  # the outlier head has its own scale
+
+
+@pytest.mark.parametrize("heads", [2, 5])
+def test_quantize_kv_paley_head_dim(heads):
+    """head_dim 192 = 12 x 16 (Paley K = 12): fused for 2 heads ([2, 16, 16] tile), for 5 heads the K step runs
+    unfused (8 x 16 > 64 rows) and the cache is then written per head without rotation."""
+    b, s, d = 1, 3, 192
+    assert ops.row_tile(heads * d, heads, True).fused == (heads == 2)
+    cache = ops.KVCache4.empty(b, heads, 4, d, DEVICE)
+    x = torch.randn(b, s, heads, d)
+    ops.quantize_kv(x.to(DEVICE), cache, 1, CLIP, True)
+    assert_cache_holds(cache, x, 1, True)
+    assert_untouched(cache, [slice(1, 4)])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_dequantize_kv_exact(out_dtype):
+    """(codes - z) * s per token: exactly dequantize_activation, over 40 tokens (two token tiles of 32, the second
+    partial) and over a prefix of 5."""
+    b, s, h, d = 2, 40, 3, 64
+    cache = ops.KVCache4.empty(b, h, 64, d, DEVICE)
+    x = torch.randn(b, s, h, d)
+    ops.quantize_kv(x.to(DEVICE), cache, 0, CLIP, True)
+    q, sc, z = reference_kv(x, True)
+    ref = dequantize_activation(q, sc, z)
+    assert ref.dtype == torch.float32
+    for n in (40, 5):
+        got = ops.dequantize_kv(cache, n, out_dtype).cpu()
+        assert got.shape == (b, h, n, d) and got.dtype == out_dtype
+        assert torch.equal(got, ref[:, :, :n].to(out_dtype))
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """float64 softmax attention of q [B, Hq, D] over k, v [B, Hkv, T, D] (the dequantized caches); GQA by
+    repeat_interleave (query head i uses KV head i // G)."""
+    b, hq, d = q.shape
+    groups = hq // k.shape[1]
+    out = torch.empty(b, hq, d, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        kk = k[i, :, :n].double().repeat_interleave(groups, 0)
+        vv = v[i, :, :n].double().repeat_interleave(groups, 0)
+        scores = (q[i].double()[:, None, :] @ kk.transpose(-1, -2)).squeeze(1) * d**-0.5
+        out[i] = (softmax64(scores)[:, None, :] @ vv).squeeze(1)
+    return out
+
+
+# Measured (interpreter, float32 q, "ieee" dots): max |out - ref| / max |ref| between 2.1e-7 and 3.9e-7 over the
+# cases below (up to 4.2e-7 with other seeds); the kernel runs in float32 (scores as (q . (code - z)) * s, exp2,
+# partial results merged across tiles and splits). 1e-5 leaves a margin of > 20x while an indexing / masking / GQA /
+# rescaling / split-merge mistake gives errors of order 1e-1.
+REL_TOL = 1e-5
+
+
+def random_cache(b: int, h: int, t: int, cap: int, d: int, spread: float = 2.0) -> tuple[ops.KVCache4, torch.Tensor]:
+    """A cache filled from the primitives (not through quantize_kv, which is tested above) with t tokens of random
+    data, and its dequantized float32 values [B, H, t, D] (dequantize_activation)."""
+    x = torch.randn(b, h, t, d) * spread
+    s, z = activation_qparams(x, 4, CLIP)
+    q = quantize_activation(x, s, z, 4)
+    cache = ops.KVCache4.empty(b, h, cap, d, "cpu")
+    cache.codes[:, :, :t] = pack_uint4(q)
+    cache.scale[:, :, :t] = s.squeeze(-1)
+    cache.zero[:, :, :t] = z.squeeze(-1).to(torch.uint8)
+    dev = ops.KVCache4(cache.codes.to(DEVICE), cache.scale.to(DEVICE), cache.zero.to(DEVICE))
+    return dev, dequantize_activation(q, s, z)
+
+
+# Measured (interpreter, float32 q): max |out - ref| / max |ref| = 2.3e-7 (G=1, D=128) and 2.5e-7 (G=3, D=64) for
+# every split count here (other seeds: up to 4.2e-7); the kernel runs in float32 (scores as (q . (code - z)) * s,
+# exp2, partial results merged across splits). 1e-5 leaves a margin of > 20x while an indexing / masking / GQA /
+# split-merge mistake gives errors of order 1e-1.
+REL_TOL = 1e-5
+
+
+@pytest.mark.parametrize("splits,block_t", [(1, None), (4, None), (None, None), (1, 16), (4, 16)])
+@pytest.mark.parametrize("groups,head_dim", [(1, 128), (3, 64)])
+def test_kv4_decode_attention(groups, head_dim, splits, block_t):
+    """Batch rows of 150, 37 and 1 tokens (max_len 150, cache 160): with 4 splits the chunks are partly and wholly
+    empty; block_t = 16 puts several token tiles in one chunk (the online-softmax rescaling between tiles)."""
+    b, hkv, t, cap = 3, 2, 150, 160
+    lengths = [t, 37, 1]
+    kc, k_hat = random_cache(b, hkv, t, cap, head_dim)
+    vc, v_hat = random_cache(b, hkv, t, cap, head_dim, 1.0)
+    q = torch.randn(b, hkv * groups, head_dim) * 2
+    out = ops.kv4_decode_attention(q.to(DEVICE), kc, vc, torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+                                   t, splits=splits, block_t=block_t).cpu()
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    ref = attention_reference(q, k_hat, v_hat, lengths)
+    rel = float((out.double() - ref).abs().max() / ref.abs().max())
+    assert rel < REL_TOL, rel
+    # the length-1 row attends to its only token: the output is that token's V row (of the query's KV head)
+    assert torch.allclose(out[2], v_hat[2, :, 0].repeat_interleave(groups, 0), rtol=0, atol=1e-6)
+
+
+def test_kv4_decode_attention_float16_query():
+    """float16 q: the dot products run in float16 (q and p * s_v rounded to float16, code - z exact), softmax and
+    accumulation in float32, the output rounded once to float16."""
+    b, hkv, groups, d, t = 2, 2, 2, 64, 70
+    kc, k_hat = random_cache(b, hkv, t, t, d)
+    vc, v_hat = random_cache(b, hkv, t, t, d, 1.0)
+    q = torch.randn(b, hkv * groups, d).half()
+    lengths = [t, 20]
+    out = ops.kv4_decode_attention(q.to(DEVICE), kc, vc, torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+                                   t, splits=2).cpu()
+    assert out.dtype == torch.float16
+    ref = attention_reference(q, k_hat, v_hat, lengths)
+    rel = float((out.double() - ref).abs().max() / ref.abs().max())
+    # float16 rounding of q, p * s_v and the output (2^-11 relative each): measured 7.0e-4 here, up to 9.4e-4 in
+    # the shapes of test_kv4_decode_attention with a float16 q
+    assert rel < 4e-3, rel
