@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -17,7 +18,9 @@ from infoquant_export.errors import UserError
 
 _MODULES: dict[str, ModuleType] = {}
 
+_LATE = False  # triton was imported (compiled mode) before us on a machine without CUDA
 if not torch.cuda.is_available():  # no GPU: the kernels can only run in the interpreter
+    _LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -29,6 +32,10 @@ def interpreted() -> bool:
 def kernel_module(name: str) -> ModuleType:
     """``infoquant_kernels.<name>``; selects the interpreter first when no CUDA device is present."""
     if name not in _MODULES:
+        if _LATE:
+            raise UserError("triton was imported before infoquant_export.kernels on a machine without CUDA, so its "
+                            "interpreter cannot run the kernels",
+                            "set TRITON_INTERPRET=1 in the environment (or import infoquant_export.kernels first)")
         try:
             import triton  # noqa: F401
         except ImportError as exc:

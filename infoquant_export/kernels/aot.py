@@ -61,10 +61,10 @@ def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
              "kz_ptr": "*u8", "vc_ptr": "*u8", "vs_ptr": "*fp32", "vz_ptr": "*u8", "stride_cb": "i32",
              "stride_ch": "i32", "stride_ct": "i32", "stride_sb": "i32", "stride_sh": "i32", "len_ptr": "*i32",
              "part_o_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "num_kv_heads": "i32",
-             "chunk": "i32", "qk_scale": "fp32"}
+             "chunk": "i32", "max_len": "i32", "qk_scale": "fp32"}
     bt = 128 if gp <= 16 else 64
     return KernelSpec(name, "attention", "kv4_decode_partial_kernel", types,
-                      {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8, "DOT_F16": True},
+                      {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8, "DOT": 1},
                       ("kc_ptr", "vc_ptr", "stride_ct"), {"num_warps": 4})
 
 

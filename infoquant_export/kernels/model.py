@@ -96,6 +96,9 @@ class KernelLayer:
                 raise UserError(f"layer {index} {name} is not 4-bit", "quantize with --kv-bits 4")
         self.k_clip, self.v_clip = layer.k_cache.clip, layer.v_cache.clip
         self.qk_blocks = _hadamard_blocks(layer.qk_rotation, "q/k", index)
+        if self.qk_blocks not in (None, 1):
+            raise UserError(f"layer {index}: the KV kernel rotates K with one Hadamard per head, the schema splits "
+                            f"heads into {self.qk_blocks} blocks", "use the fake-quant model (--no-kernels)")
         self.attn_to_mlp = layer.residual_attn_to_mlp
         self.mlp_to_attn = layer.residual_mlp_to_attn
         self.input_norm, self.post_norm = layer.input_norm, layer.post_norm
@@ -158,7 +161,8 @@ class KernelCausalLM:
         k_cache, v_cache = layer_cache
         if s == 1 and not cfg.sliding_window:
             lengths = torch.full((b,), length, dtype=torch.int32, device=q.device)
-            return kv4_decode_attention(q[:, 0].contiguous(), k_cache, v_cache, lengths, length)[:, None]
+            return kv4_decode_attention(q[:, 0].contiguous(), k_cache, v_cache, lengths, length,
+                                        check_lengths=False)[:, None]
         k = dequantize_kv(k_cache, length, q.dtype)
         v = dequantize_kv(v_cache, length, q.dtype)
         q_pos = torch.arange(start, start + s, device=q.device)[:, None]

@@ -107,7 +107,7 @@ class RowTile:
                 "P": self.p, "LOG2P": int(math.log2(self.p)), "ROTATE": self.rotate}
 
 
-def row_tile(n: int, num_blocks: int, rotate: bool) -> RowTile:
+def row_tile(n: int, num_blocks: int, rotate: bool, bits: int = 4) -> RowTile:
     """The tile for rows of length ``n`` split into ``num_blocks`` blocks (Hadamard blocks or quantization groups)."""
     if num_blocks < 1 or n % num_blocks:
         raise KernelInputError(f"a row of {n} values does not split into {num_blocks} equal blocks",
@@ -119,10 +119,10 @@ def row_tile(n: int, num_blocks: int, rotate: bool) -> RowTile:
             raise KernelInputError(f"Hadamard block {n_block} = {k} x {p}: the kernel needs a power-of-2 factor >= 16",
                                    "use the fake-quant model for this size")
     else:
-        if n_block % 2:
+        if n_block % 2 and bits == 4:
             raise KernelInputError(f"4-bit codes pack in pairs; a block of {n_block} values is odd",
                                    "use an even row / head size")
-        k, p = 1, _pow2(n_block)
+        k, p = 1, _pow2(max(n_block, 2))
     tile = RowTile(num_blocks, n_block, k, p, rotate)
     if tile.elements > MAX_ROW_TILE and tile.fused:
         raise KernelInputError(f"a row of {n} values needs a {tile.elements}-value tile (limit {MAX_ROW_TILE})",
@@ -199,7 +199,9 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
     _check_bits(bits)
     x2 = _rows(x, "x")
     _check_device(x2)
-    tile = row_tile(x2.shape[1], hadamard_blocks or 1, hadamard_blocks is not None)
+    if hadamard_blocks is not None and hadamard_blocks < 1:
+        raise KernelInputError(f"hadamard_blocks={hadamard_blocks}", "pass None (no rotation) or a block count >= 1")
+    tile = row_tile(x2.shape[1], hadamard_blocks or 1, hadamard_blocks is not None, bits)
     if not tile.fused:
         x2 = _rotate_unfused(x2, tile)
         tile = row_tile(x2.shape[1], 1, False)
@@ -251,6 +253,17 @@ class KVCache4:
         return self.codes.shape[3] * 2
 
 
+def _check_cache(cache: KVCache4) -> None:
+    _check_dtype("cache codes", cache.codes, (torch.uint8,))
+    _check_dtype("cache scale", cache.scale, (torch.float32,))
+    _check_dtype("cache zero points", cache.zero, (torch.uint8,))
+    for name, t in (("cache codes", cache.codes), ("cache scale", cache.scale), ("cache zero points", cache.zero)):
+        _check_contiguous(name, t)
+    if cache.scale.shape != cache.zero.shape or cache.scale.shape != cache.codes.shape[:3]:
+        raise KernelInputError(f"cache scale {tuple(cache.scale.shape)} / zero {tuple(cache.zero.shape)} do not match "
+                               f"codes {tuple(cache.codes.shape)}", "allocate the cache with KVCache4.empty")
+
+
 def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate: bool) -> None:
     """Quantize K or V ``x [B, S, H, D]`` per token and head (after the per-head Hadamard when ``rotate``) into
     ``cache`` at token positions ``pos0 .. pos0 + S - 1`` (numerics.md section 3; KVQuantize)."""
@@ -266,6 +279,7 @@ def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate
     if pos0 < 0 or pos0 + s > cache.capacity:
         raise KernelInputError(f"tokens {pos0}..{pos0 + s - 1} do not fit a cache of {cache.capacity} positions",
                                "allocate a larger cache (max context)")
+    _check_cache(cache)
     _check_device(x, cache.codes, cache.scale, cache.zero)
     tile = row_tile(h * d, h, rotate)
     x2 = x.reshape(b * s, h * d)
@@ -280,6 +294,8 @@ def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate
 
 def dequantize_kv(cache: KVCache4, n_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The first ``n_tokens`` of a cache as ``[B, H, n_tokens, D]`` floats: ``(codes - z) * s`` (KVDequantize)."""
+    _check_cache(cache)
+    _check_dtype("dtype", torch.empty(0, dtype=dtype), FLOAT_DTYPES)
     _check_device(cache.codes, cache.scale, cache.zero)
     if not 0 < n_tokens <= cache.capacity:
         raise KernelInputError(f"cannot read {n_tokens} tokens from a cache of {cache.capacity}",
@@ -290,7 +306,8 @@ def dequantize_kv(cache: KVCache4, n_tokens: int, dtype: torch.dtype = torch.flo
     bt = 32
     kernel_module("quantize").dequantize_kernel[(b * h, triton_cdiv(n_tokens, bt))](
         cache.codes, cache.scale, cache.zero, y, n_tokens, cache.codes.stride(1), cache.codes.stride(2),
-        cache.scale.stride(1), y.stride(1), y.stride(2), D=d, BT=bt, BITS=4, num_warps=4, enable_fp_fusion=False)
+        cache.scale.stride(1), y.stride(1), y.stride(2), D=d, DP=_pow2(d), BT=bt, BITS=4, num_warps=4,
+        enable_fp_fusion=False)
     return y
 
 
@@ -401,6 +418,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         tensors.append(weight.bias)
     if residual is not None:
         _check_contiguous("residual", residual)
+        _check_dtype("residual", residual, FLOAT_DTYPES)
         if residual.shape != (m, n):
             raise KernelInputError(f"residual {tuple(residual.shape)} does not match the output ({m}, {n})",
                                    "pass the residual as [tokens, out_features]")
@@ -427,6 +445,9 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     return y
 
 
+_DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # tensor-core dot dtype of the decode kernel
+
+
 def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs: int) -> int:
     """Power-of-2 number of context chunks so that ``batch_heads * splits`` fills the GPU."""
     splits = 1
@@ -437,10 +458,12 @@ def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs:
 
 def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int,
                          splits: int | None = None, block_t: int | None = None, num_warps: int = 4,
-                         num_stages: int = 3) -> torch.Tensor:
+                         num_stages: int = 3, check_lengths: bool = True) -> torch.Tensor:
     """Attention of one new token per row, ``q [B, Hq, D]``, over the 4-bit caches' first ``lengths[b]`` tokens.
 
-    ``max_len`` (>= every length) sizes the split; returns ``[B, Hq, D]`` in q's dtype (float32 softmax; tensor-core
+    ``max_len`` (>= every length) sizes the split and is checked against ``lengths`` when ``check_lengths`` (a host
+    sync on the GPU; skipped during CUDA-graph capture). The kernel clamps lengths to ``max_len``, so it never reads
+    past it. Returns ``[B, Hq, D]`` in q's dtype (float32 softmax; tensor-core
     dot products in float16 for a float16 q). ``splits`` / ``block_t`` / warps / stages override the heuristics.
     """
     _check_dtype("q", q, FLOAT_DTYPES)
@@ -460,9 +483,17 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     if not 0 < max_len <= k.capacity or lengths.shape != (b,):
         raise KernelInputError(f"max_len {max_len} / lengths {tuple(lengths.shape)} invalid for a cache of "
                                f"{k.capacity} and batch {b}", "pass lengths [B] int32 with 0 < length <= max_len")
-    for t in (k.codes, k.scale, k.zero, v.codes, v.scale, v.zero):
-        _check_contiguous("cache", t)
+    _check_cache(k)
+    _check_cache(v)
     _check_device(q, lengths, k.codes, v.codes)
+    for name, value, least in (("splits", splits, 1), ("block_t", block_t, 16)):
+        if value is not None and (value < least or value & (value - 1)):
+            raise KernelInputError(f"{name}={value} is not a power of two >= {least}", f"pass a valid {name} or None")
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_lengths and not capturing and lengths.numel() and (int(lengths.max()) > max_len or
+                                                                int(lengths.min()) < 1):
+        raise KernelInputError(f"lengths {lengths.tolist()} outside 1..max_len={max_len}",
+                               "pass max_len >= every length (and every length >= 1)")
     g = hq // hkv
     gp = max(16, _pow2(g))
     block_t = block_t or (128 if gp <= 16 else 64)  # H100, D=128: 128 tokens per step beat 32 / 64
@@ -476,8 +507,8 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     mod.kv4_decode_partial_kernel[(b * hkv, splits)](
         q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
-        lengths, part_o, part_m, part_l, hkv, chunk, float(d ** -0.5 * math.log2(math.e)),
-        G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT_F16=q.dtype != torch.float32, num_warps=num_warps,
+        lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)),
+        G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT=_DOT[q.dtype], num_warps=num_warps,
         num_stages=num_stages)
     out = torch.empty_like(q)
     mod.kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits, SP=splits, D=d,

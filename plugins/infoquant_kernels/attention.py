@@ -24,23 +24,24 @@ def kv4_decode_partial_kernel(
     stride_sb, stride_sh,                              # scale / zero strides over batch, KV head (tokens contiguous)
     len_ptr,                                           # valid tokens per batch row [B] int32
     part_o_ptr, part_m_ptr, part_l_ptr,                # partials: o [B, Hq, S, D] f32, m / l [B, Hq, S] f32
-    num_kv_heads, chunk, qk_scale,                     # qk_scale = head_dim^-0.5 * log2(e)
+    num_kv_heads, chunk, max_len, qk_scale,            # qk_scale = head_dim^-0.5 * log2(e)
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SPLITS: tl.constexpr,
-    DOT_F16: tl.constexpr,
+    DOT: tl.constexpr,                                 # dot operand dtype: 0 float32 ("ieee"), 1 float16, 2 bfloat16
 ):
     """Dot products on tensor cores: scores = q_even @ (k_lo - z)^T + q_odd @ (k_hi - z)^T, then * s_k per token;
-    o_even += (p * s_v) @ (v_lo - z), o_odd likewise. ``code - z`` is an exact small integer in float16, so with
-    ``DOT_F16`` only q and p * s_v are rounded to float16 (as an FP16 attention would); otherwise float32 "ieee"
-    dots. ``GP >= 16`` query rows (padded) per program: the GQA group of one KV head."""
+    o_even += (p * s_v) @ (v_lo - z), o_odd likewise. ``code - z`` is an exact small integer in float16 / bfloat16, so
+    with a 16-bit q only q and p * s_v are rounded to that type (as an FP16 attention would); a float32 q gets
+    float32 "ieee" dots. Lengths are clamped to ``max_len``. ``GP >= 16`` query rows (padded) per program: the GQA
+    group of one KV head."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
     h = bh % num_kv_heads
-    length = tl.load(len_ptr + b)
+    length = tl.minimum(tl.load(len_ptr + b), max_len)
     t_start = split * chunk
     t_end = tl.minimum(t_start + chunk, length)
-    dt: tl.constexpr = tl.float16 if DOT_F16 else tl.float32
-    prec: tl.constexpr = "tf32" if DOT_F16 else "ieee"
+    dt: tl.constexpr = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
+    prec: tl.constexpr = "ieee" if DOT == 0 else "tf32"
 
     g = tl.arange(0, GP)
     gmask = g < G

@@ -43,6 +43,8 @@ def w4a4_gemm_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK2)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
     rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)   # wrap rows instead of masking loads
     rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
@@ -57,15 +59,14 @@ def w4a4_gemm_kernel(
         a_ptrs += BK2
         w_ptrs += BK2
 
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    z = tl.load(a_zero_ptr + rm).to(tl.int32)
-    rowsum = tl.load(w_rowsum_ptr + rn)
+    # epilogue vectors: masked loads on the true indices (rm / rn carry contiguity hints that wrapped tiles break)
+    z = tl.load(a_zero_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)
+    rowsum = tl.load(w_rowsum_ptr + offs_n, mask=n_mask, other=0)
     acc = acc - z[:, None] * rowsum[None, :]
-    y = acc.to(tl.float32) * tl.load(a_scale_ptr + rm)[:, None]
-    y = y * tl.load(w_scale_ptr + rn)[None, :]
+    y = acc.to(tl.float32) * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn)[None, :]
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:
         y = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask).to(tl.float32) + y

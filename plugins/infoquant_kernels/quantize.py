@@ -132,11 +132,12 @@ def dequantize_kernel(
     stride_cg, stride_ct,                # codes: byte strides over (batch*head) group and token
     stride_sg,                           # scale / zero: element stride over the group (tokens contiguous)
     stride_yg, stride_yt,                # output strides over group and token
-    D: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
 ):
     """x_hat = (codes - z) * s per token (numerics.md section 3); 4-bit codes unpacked from two per byte.
 
-    Grid: (groups, cdiv(n_tokens, BT)); reads only the first ``n_tokens`` of a cache with room for more.
+    Grid: (groups, cdiv(n_tokens, BT)); reads only the first ``n_tokens`` of a cache with room for more. ``DP`` is
+    ``D`` rounded up to a power of two (masked).
     """
     g = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -144,15 +145,17 @@ def dequantize_kernel(
     s = tl.load(scale_ptr + g * stride_sg + t, mask=tmask, other=1.0)[:, None]
     z = tl.load(zero_ptr + g * stride_sg + t, mask=tmask, other=0).to(tl.float32)[:, None]
     if BITS == 4:
-        half = tl.arange(0, D // 2)[None, :]
-        packed = tl.load(codes_ptr + g * stride_cg + t[:, None] * stride_ct + half, mask=tmask[:, None], other=0)
+        half = tl.arange(0, DP // 2)[None, :]
+        hmask = tmask[:, None] & (half < D // 2)
+        packed = tl.load(codes_ptr + g * stride_cg + t[:, None] * stride_ct + half, mask=hmask, other=0)
         lo = ((packed & 15).to(tl.float32) - z) * s
         hi = ((packed >> 4).to(tl.float32) - z) * s
-        out = tl.reshape(tl.join(lo, hi), (BT, D))
+        out = tl.reshape(tl.join(lo, hi), (BT, DP))
     else:
-        cols = tl.arange(0, D)[None, :]
-        codes = tl.load(codes_ptr + g * stride_cg + t[:, None] * stride_ct + cols, mask=tmask[:, None], other=0)
+        cols = tl.arange(0, DP)[None, :]
+        codes = tl.load(codes_ptr + g * stride_cg + t[:, None] * stride_ct + cols,
+                        mask=tmask[:, None] & (cols < D), other=0)
         out = (codes.to(tl.float32) - z) * s
-    cols = tl.arange(0, D)[None, :]
+    cols = tl.arange(0, DP)[None, :]
     tl.store(y_ptr + g * stride_yg + t[:, None] * stride_yt + cols, out.to(y_ptr.dtype.element_ty),
-             mask=tmask[:, None])
+             mask=tmask[:, None] & (cols < D))

@@ -17,11 +17,7 @@ import torch  # noqa: E402
 from infoquant_export.errors import UserError  # noqa: E402
 from infoquant_export.kernels import interpreted, ops  # noqa: E402
 from infoquant_export.kernels.ops import KernelInputError  # noqa: E402
-from infoquant_export.quant.primitives import (  # noqa: E402
-    activation_qparams,
-    dequantize_activation,
-    quantize_activation,
-)
+from infoquant_export.quant.primitives import activation_qparams, dequantize_activation, quantize_activation  # noqa: E402
 from infoquant_export.transforms.hadamard import HadamardSizeError  # noqa: E402
 from tests.kernels.conftest import DEVICE, INTERPRETER_WARNING  # noqa: E402
 
@@ -177,10 +173,6 @@ def test_device_mismatch():
         ops.quantize_rows(torch.randn(2, 64))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after `import triton` (which any HF model forward does), the "
-                   "interpreter kernels fail with \"Cannot call @triton.jit'd outside of the scope of a kernel\": "
-                   "TRITON_INTERPRET is set by infoquant_export.kernels too late for triton.language's own "
-                   "@jit helpers")
 @pytest.mark.skipif(not interpreted(), reason="only the interpreter depends on the import order")
 def test_kernels_work_or_explain_after_triton_was_imported():
     code = (
@@ -201,8 +193,6 @@ def test_kernels_work_or_explain_after_triton_was_imported():
     assert last == "OK" or (last.startswith("USERERROR") and "TRITON_INTERPRET" in last), last
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: kv4_decode_attention does not check lengths[b] <= max_len (its own "
-                   "error text states the rule): tokens past the split chunks are silently ignored")
 def test_decode_lengths_beyond_max_len():
     """300 valid tokens but max_len 16: the split chunks cover at most max_len rounded up to a token tile (<= 128
     positions), so most of the context is skipped without an error."""
@@ -222,23 +212,19 @@ def test_decode_lengths_beyond_max_len():
     assert torch.allclose(short, correct, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dequantize_kv accepts head_dim 96 (quantize_kv writes such caches) but "
-                   "the kernel's tl.arange(0, D // 2) needs a power of 2: a Triton error instead of a "
-                   "KernelInputError")
-def test_dequantize_kv_head_dim_not_power_of_two():
-    k, _ = caches(d=96)
+def test_kv_head_dim_not_power_of_two():
+    """head_dim 96: the cache kernels pad to 128 inside the tile (decode attention refuses such heads)."""
+    k, v = caches(d=96)
     x = torch.randn(1, 2, 1, 96)
-    ops.quantize_kv(x.to(DEVICE), k, 0, 0.95, False)  # accepted (the row is padded to 128 in the tile)
-    try:
-        out = ops.dequantize_kv(k, 2).cpu()
-    except KernelInputError:
-        return
+    ops.quantize_kv(x.to(DEVICE), k, 0, 0.95, False)
+    out = ops.dequantize_kv(k, 2).cpu()
     s, z = activation_qparams(x.transpose(1, 2), 4, 0.95)
     assert torch.equal(out, dequantize_activation(quantize_activation(x.transpose(1, 2), s, z, 4), s, z))
+    with pytest.raises(KernelInputError, match="head_dim 96 is not a power of two"):
+        ops.kv4_decode_attention(torch.randn(1, 1, 96).to(DEVICE), k, v,
+                                 torch.tensor([2], dtype=torch.int32, device=DEVICE), 2)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: kv4_decode_attention accepts any splits; a non-power-of-2 value fails "
-                   "inside Triton (tl.arange(0, SP)) instead of raising KernelInputError")
 def test_decode_splits_not_power_of_two():
     k, v = caches(cap=64)
     ops.quantize_kv(torch.randn(1, 64, 1, 64).to(DEVICE), k, 0, 0.95, False)
