@@ -88,6 +88,15 @@ def _section(cls: type, preset: dict[str, Any], args: argparse.Namespace, prefix
     return cls(**{**values, **extra})
 
 
+def _add_kernels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                   help="auto: run a W4A4KV4 artifact through the GPU kernels (packed 4-bit weights and KV cache) on "
+                        "a CUDA device, the fake-quant model elsewhere; on: always (without a GPU they run in "
+                        "Triton's interpreter, slowly); off: the fake-quant reference model")
+    p.add_argument("--kernel-dtype", choices=("float16", "float32"), default="float16",
+                   help="activation dtype of the kernel model (float32 matches the fake-quant model more closely)")
+
+
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity of an artifact (fake quant) or a full-precision model")
     p.add_argument("target", nargs="?", help="artifact directory written by quantize")
@@ -99,6 +108,7 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device(p)
+    _add_kernels(p)
 
 
 def _add_generate(sub: Any) -> None:
@@ -111,6 +121,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     _add_device(p)
+    _add_kernels(p)
 
 
 def _add_export(sub: Any) -> None:
@@ -189,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     _positive("--seq-len", args.seq_len)
     target = _target(args)
-    model, tokenizer, label = load_for_eval(target, resolve_device(args.device))
+    model, tokenizer, label = load_for_eval(target, resolve_device(args.device), args.kernels, args.kernel_dtype)
     result = evaluate(model, tokenizer, args.corpus, args.seq_len, args.max_windows, args.batch_size)
     return {"model": target, "config": label, **result}
 
@@ -217,7 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     if str(target).endswith(".onnx"):
         raise UserError(f"{target} is an ONNX file; --backend torch runs an artifact directory",
                         "pass --backend ort, or the artifact directory")
-    model, tokenizer, label = load_for_eval(target, resolve_device(args.device))
+    model, tokenizer, label = load_for_eval(target, resolve_device(args.device), args.kernels, args.kernel_dtype)
     return {"backend": "torch", "config": label, **chat(model, tokenizer, args.prompt, args.max_new_tokens)}
 
 

@@ -163,13 +163,35 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def load_for_eval(target: str, device: str) -> tuple[CausalLM, Any, str]:
-    """A runnable model from an artifact directory or a model spec (full precision); with its tokenizer and label."""
-    if is_artifact(target):
-        art = load_artifact(target, device)
-        return art.model, art.tokenizer, art.quant.label()
-    loaded = load_model(target)
-    return loaded.model.to(device), loaded.tokenizer, "FP"
+def load_for_eval(target: str, device: str, kernels: str = "off",
+                  kernel_dtype: str = "float16") -> tuple[CausalLM, Any, str]:
+    """A runnable model from an artifact directory or a model spec (full precision); with its tokenizer and label.
+
+    ``kernels``: ``auto`` runs a W4A4KV4 artifact through the GPU kernels (:class:`KernelCausalLM`) on a CUDA device
+    and keeps the fake-quant model otherwise; ``on`` requires the kernels; ``off`` is the fake-quant model.
+    """
+    if not is_artifact(target):
+        loaded = load_model(target)
+        return loaded.model.to(device), loaded.tokenizer, "FP"
+    if kernels != "off":
+        import infoquant_export.kernels  # noqa: F401  (selects Triton's interpreter on a CPU before triton loads)
+    art = load_artifact(target, device)
+    label = art.quant.label()
+    if kernels == "off":
+        return art.model, art.tokenizer, label
+    from infoquant_export.kernels import kernels_available
+
+    if kernels == "auto" and not kernels_available(device):
+        return art.model, art.tokenizer, label
+    from infoquant_export.kernels.model import KernelCausalLM
+
+    try:
+        model = KernelCausalLM(art.model, getattr(torch, kernel_dtype))
+    except UserError:
+        if kernels == "on":
+            raise
+        return art.model, art.tokenizer, label  # auto: e.g. not W4A4KV4, the fake-quant model runs it
+    return model, art.tokenizer, f"{label} [kernels, {kernel_dtype}]"
 
 
 def evaluate(model: CausalLM, tokenizer: Any, source: str = "default", seq_len: int = 512,

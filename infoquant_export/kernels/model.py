@@ -44,7 +44,7 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _require_w4a4(layer_index: int, name: str, quantizer: ActQuantizer) -> tuple[float, float]:
     if not quantizer.active or quantizer.bits != 4:
         raise UserError(f"layer {layer_index} {name} is not a 4-bit quantizer (bits={quantizer.bits}); the kernels "
-                        "run W4A4KV4 only", "use the fake-quant model (--no-kernels) for other bit widths")
+                        "run W4A4KV4 only", "use the fake-quant model (--kernels off) for other bit widths")
     return quantizer.clips()
 
 
@@ -62,7 +62,7 @@ def _hadamard_blocks(rotation: OnlineRotation | None, what: str, i: int) -> int 
         return None
     if rotation.matrix is not None:
         raise UserError(f"layer {i}: the kernels apply Hadamard {what} rotations, this one is a learned matrix",
-                        "use the fake-quant model (--no-kernels)")
+                        "use the fake-quant model (--kernels off)")
     return rotation.num_blocks
 
 
@@ -98,7 +98,7 @@ class KernelLayer:
         self.qk_blocks = _hadamard_blocks(layer.qk_rotation, "q/k", index)
         if self.qk_blocks not in (None, 1):
             raise UserError(f"layer {index}: the KV kernel rotates K with one Hadamard per head, the schema splits "
-                            f"heads into {self.qk_blocks} blocks", "use the fake-quant model (--no-kernels)")
+                            f"heads into {self.qk_blocks} blocks", "use the fake-quant model (--kernels off)")
         self.attn_to_mlp = layer.residual_attn_to_mlp
         self.mlp_to_attn = layer.residual_mlp_to_attn
         self.input_norm, self.post_norm = layer.input_norm, layer.post_norm
