@@ -69,7 +69,7 @@ def gemm_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[i
             t_full = bench(partial(_quant_gemm, x, weight), device)
             flops = 2 * m * n * k
             graph = {}
-            if device.type == "cuda" and m <= 16:  # launch-bound sizes: also time CUDA-graph replays (GPU time)
+            if device.type == "cuda":  # also CUDA-graph replays: GPU time without Python / launch overhead
                 graph = {"graph_fp16_ms": bench(graphed(partial(F.linear, x, w16)), device),
                          "graph_w4a4_gemm_ms": bench(graphed(partial(ops.w4a4_linear, act, weight,
                                                                      out_dtype=torch.float16)), device),
@@ -116,7 +116,13 @@ def quantize_section(device: torch.device, m: int, sizes: list[tuple[int, int | 
                  for w in (QUANT_WARPS if sweep else [])}
         moved = x.numel() * 2 + x.numel() // 2 + m * 5  # read fp16, write packed codes + scale + zero point
         tile = ops.row_tile(n, blocks or 1, blocks is not None)
-        rows.append({"M": m, "n": n, "hadamard_blocks": blocks, "fused": tile.fused, "K": tile.k, "p": tile.p,
+        graph = {}
+        if device.type == "cuda":  # GPU time without the Python wrapper's launch overhead
+            g_copy = bench(graphed(partial(y.copy_, x)), device)
+            g_q = bench(graphed(partial(ops.quantize_rows, x, 4, 0.9, None, blocks)), device)
+            graph = {"graph_copy_ms": g_copy, "graph_kernel_ms": g_q,
+                     "graph_fraction_of_copy": (moved / g_q) / (2 * x.numel() * 2 / g_copy)}
+        rows.append({**graph, "M": m, "n": n, "hadamard_blocks": blocks, "fused": tile.fused, "K": tile.k, "p": tile.p,
                      "copy_ms": t_copy, "copy_GBps": copy_gbs, "kernel_ms": t_q,
                      "kernel_GBps": moved / t_q / 1e6, "fraction_of_copy": moved / t_q / 1e6 / copy_gbs,
                      "ms_by_num_warps": warps})

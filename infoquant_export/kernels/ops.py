@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -145,9 +146,15 @@ class PackedRows:
     bits: int = 4
 
 
+def _f32(value: float) -> float:
+    """``value`` rounded to float32 (as the Python float the kernel receives as an fp32 argument)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+@cache
 def _inv_sqrt(n: int) -> float:
     """The float32 constant ``1/sqrt(n)`` of numerics.md section 1 (as a Python float holding that value)."""
-    return float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))
+    return _f32(1.0 / math.sqrt(n))
 
 
 def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: bool, bits: int, clip: float,
@@ -163,7 +170,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
     mod.hadamard_quantize_kernel[(x2.shape[0],)](
         x2, x2.stride(0), hk, scratch, inv_sqrt, codes, scale, zero, y, y.stride(0) if y.dim() > 1 else 0,
         seq_len, pos0, *code_strides, *scale_strides,
-        float(torch.tensor(clip, dtype=torch.float32)), float(torch.tensor(clip_min, dtype=torch.float32)),
+        _f32(clip), _f32(clip_min),
         **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits,
         num_warps=num_warps or _warps(tile.elements), enable_fp_fusion=False)
 
