@@ -211,7 +211,7 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
     tile = row_tile(x2.shape[1], hadamard_blocks or 1, hadamard_blocks is not None, bits)
     if not tile.fused:
         x2 = _rotate_unfused(x2, tile)
-        tile = row_tile(x2.shape[1], 1, False)
+        tile = row_tile(x2.shape[1], 1, False, bits)
     m, n = x2.shape
     codes = torch.empty(m, n // 2 if bits == 4 else n, dtype=torch.uint8, device=x2.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
