@@ -67,7 +67,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     # practical on a 2-core CPU for a ~100M-parameter model (see BENCHMARKS.md)
     "cpu": {"calibration": {"num_windows": 64, "seq_len": 512},
             "psot": {"num_windows": 32, "seq_len": 512},
-            "lac": {"num_windows": 16, "epochs": 4, "batch_size": 2, "warmup_steps": 4}},
+            "lac": {"num_windows": 32, "epochs": 4, "batch_size": 2, "warmup_steps": 4}},
 }
 
 
