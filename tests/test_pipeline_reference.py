@@ -11,7 +11,7 @@ import torch
 
 from infoquant_export.artifact import load_artifact, read_manifest
 from infoquant_export.cli import main
-from infoquant_export.config import QuantConfig
+from infoquant_export.config import CalibrationConfig, LacConfig, QuantConfig
 from infoquant_export.models.loading import load_model
 from infoquant_export.pipeline import quantize
 from infoquant_export.quant.reference_clips import REFERENCE_CLIP_SITES
@@ -140,3 +140,17 @@ def test_bad_numerics_options(model_dir, tmp_path, capsys, args, message):
         code = exit_.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1] and not (tmp_path / "o").exists()
+
+
+def test_lac_under_the_profile_learns_per_head_o_proj_clips(model_dir):
+    cfg = QuantConfig(weights="rtn", numerics="infoquant-reference", kv_clip_ratio=0.9,
+                      calibration=CalibrationConfig(num_windows=4, seq_len=32),
+                      lac=LacConfig(enabled=True, epochs=2, batch_size=2, lr=0.2, warmup_steps=0))
+    result = quantize(str(model_dir), cfg, progress=False)
+    o_clips = result.model.layers[0].o_in.clip_tensor()
+    assert o_clips.shape == (2, 4) and len(set(o_clips[0].tolist())) > 1  # one learned pair per head
+    sites = result.report["lac"][0]["clips"]
+    assert set(sites) == {"qkv_in", "k_in", "v_in", "o_in", "gate_up_in", "up_in", "down_in"}
+    for site in sites:  # stored like the reference: 0.5 * fp16(1 + fp16(sigmoid(fp16(c)))), i.e. float16 values
+        clips = getattr(result.model.layers[1], site).clip_tensor()
+        assert torch.equal(clips, clips.half().float()) and bool(((clips > 0.5) & (clips < 1.0)).all())
