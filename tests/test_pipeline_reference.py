@@ -154,3 +154,16 @@ def test_lac_under_the_profile_learns_per_head_o_proj_clips(model_dir):
     for site in sites:  # stored like the reference: 0.5 * fp16(1 + fp16(sigmoid(fp16(c)))), i.e. float16 values
         clips = getattr(result.model.layers[1], site).clip_tensor()
         assert torch.equal(clips, clips.half().float()) and bool(((clips > 0.5) & (clips < 1.0)).all())
+
+
+@pytest.mark.parametrize("args, kv_clip", [
+    ([], 0.95), (["--numerics", "infoquant-reference"], 0.9),
+    (["--numerics", "infoquant-reference", "--kv-clip-ratio", "0.95"], 0.95),
+])
+def test_kv_clip_default_follows_the_profile(monkeypatch, tmp_path, args, kv_clip):
+    import infoquant_export.pipeline as pipeline
+
+    seen: list[QuantConfig] = []
+    monkeypatch.setattr(pipeline, "quantize_to_dir", lambda model, cfg, *a, **k: seen.append(cfg) or {})
+    assert main(["quantize", "--model", "demo", "--out", str(tmp_path / "o"), *args]) == 0
+    assert seen[0].kv_clip_ratio == kv_clip
