@@ -20,12 +20,14 @@ def reference_weight_range(bits: int) -> tuple[int, int]:
     return -(1 << bits), (1 << bits) - 1
 
 
-def reference_weight_qparams(w: torch.Tensor, bits: int, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric per-row (scale, zero point) of the reference's ``WeightQuantizer.find_params`` at clip ``shrink``.
+def reference_weight_qparams(w: torch.Tensor, bits: int,
+                             shrink: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per-row (scale, zero point) of the reference's ``WeightQuantizer.find_params``.
 
-    xmin = min(row_min, 0), xmax = max(row_max, 0) (both 0: -1, +1); at shrink 1 the scale is
-    clamp(xmax - xmin, 1e-5) / qmax, otherwise (shrink * xmax - shrink * xmin) / qmax; z = round(-shrink * xmin / s).
-    float32, shapes [out, 1]. Only the scale is used by the codes (see :func:`reference_weight_codes`).
+    xmin = min(row_min, 0), xmax = max(row_max, 0) (both 0: -1, +1). Initial (``shrink`` None): the scale is
+    clamp(xmax - xmin, 1e-5) / qmax; search candidate ``shrink`` = p: (p * xmax - p * xmin) / qmax (no clamp);
+    z = round(-p * xmin / s). float32, shapes [out, 1]. Only the scale is used by the codes
+    (see :func:`reference_weight_codes`).
     """
     wf = w.float()
     qmax = unsigned_max(bits)
@@ -34,7 +36,7 @@ def reference_weight_qparams(w: torch.Tensor, bits: int, shrink: float = 1.0) ->
     xmax = torch.maximum(wf.amax(dim=-1, keepdim=True), zero)
     dead = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(dead, -1.0, xmin), torch.where(dead, 1.0, xmax)
-    if shrink == 1.0:
+    if shrink is None:
         scale = torch.clamp_min(xmax - xmin, WEIGHT_RANGE_EPS) / qmax
         return scale, torch.round(-xmin / scale)
     xmin1, xmax1 = shrink * xmin, shrink * xmax
