@@ -7,7 +7,8 @@ Layout (format version 1)::
     DIR/model.safetensors  weights: 4-bit codes packed two per byte (``*.qweight`` uint8, low nibble first) or
                            int8 codes for other widths, per-output-channel float32 ``*.scale`` [out, 1],
                            float32 embedding / LM head / norms / biases / RoPE inv_freq, learned rotation matrices
-                           (``psot.*.{layer}``), LAC clip factors (``layers.{i}.{site}.clip`` = [max, min])
+                           (``psot.*.{layer}``), LAC clip factors (``layers.{i}.{site}.clip`` = [max, min], or
+                           [2, heads] for the per-head o_proj input of the infoquant-reference profile)
     DIR/report/            what quantize measured (``psot.json`` / ``psot.png``, when PSOT ran)
     DIR/tokenizer/         the model's tokenizer and chat template (``save_pretrained``)
 
@@ -28,7 +29,9 @@ from safetensors.torch import load_file, save_file
 from infoquant_export import __version__
 from infoquant_export.config import QuantConfig
 from infoquant_export.errors import UserError
-from infoquant_export.models.model import ACTIVATION_SITES, LINEAR_ROLES, CausalLM, ModelConfig
+from infoquant_export.models.model import LINEAR_ROLES, CausalLM, ModelConfig, activation_sites
+from infoquant_export.numerics import DEFAULT as DEFAULT_NUMERICS
+from infoquant_export.numerics import PROFILES
 from infoquant_export.quant.calibrate import attach_integer_weights, configure_activation_quant
 from infoquant_export.quant.primitives import pack_int4, unpack_int4
 from infoquant_export.quant.weights import QuantizedWeight
@@ -53,7 +56,7 @@ class Artifact:
 
 
 def _tensors(model: CausalLM, weights: dict[str, QuantizedWeight], matrices: dict[str, torch.Tensor],
-             lac: bool) -> dict[str, torch.Tensor]:
+             clip_sites: tuple[str, ...]) -> dict[str, torch.Tensor]:
     t: dict[str, torch.Tensor] = {
         "embed.weight": model.embed.weight, "lm_head.weight": model.lm_head.weight,
         "norm": model.norm, "inv_freq": model.inv_freq, **matrices,
@@ -61,9 +64,8 @@ def _tensors(model: CausalLM, weights: dict[str, QuantizedWeight], matrices: dic
     for i, layer in enumerate(model.layers):
         t[f"layers.{i}.input_norm"] = layer.input_norm
         t[f"layers.{i}.post_norm"] = layer.post_norm
-        if lac:
-            for site in ACTIVATION_SITES:
-                t[f"layers.{i}.{site}.clip"] = torch.tensor(getattr(layer, site).clips(), dtype=torch.float32)
+        for site in clip_sites:
+            t[f"layers.{i}.{site}.clip"] = getattr(layer, site).clip_tensor()
         for role in LINEAR_ROLES:
             key, linear = f"layers.{i}.{role}", layer.linear(role)
             qw = weights.get(key)
@@ -82,7 +84,7 @@ def save_artifact(directory: Path, model: CausalLM, tokenizer: Any, quant: Quant
                   matrices: dict[str, torch.Tensor] | None = None) -> None:
     """Write the artifact into ``directory`` (an empty directory; callers make it atomic). ``matrices`` are the
     schema's learned rotations; LAC clip factors (``layers.{i}.{site}.clip`` = [max, min]) when LAC is on."""
-    tensors = _tensors(model, weights, matrices or {}, quant.lac.enabled)
+    tensors = _tensors(model, weights, matrices or {}, activation_sites(quant.profile) if quant.has_clips else ())
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": FORMAT})
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "infoquant_export_version": __version__,
@@ -140,12 +142,25 @@ def read_manifest(directory: str | Path) -> Manifest:
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{directory} has format {config.get('format')} v{config.get('format_version')}",
                         f"this build reads {FORMAT} v{FORMAT_VERSION}; re-run quantize")
+    numerics = config.get("quant", {}).get("numerics", DEFAULT_NUMERICS)
+    if numerics not in PROFILES:
+        raise UserError(f"{directory} was written with numerics profile {numerics!r}, unknown to this build",
+                        f"use a build that knows it, or re-run quantize (profiles: {', '.join(PROFILES)})")
     try:
         schema = TransformSchema.from_dict(_read_json(directory / "transforms.json"))
         return Manifest(directory, config, ModelConfig.from_dict(config["model"]),
                         QuantConfig.from_dict(config["quant"]), schema)
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"corrupt artifact {directory}: {err}", "re-run quantize with this version") from err
+
+
+def require_exportable(manifest: Manifest) -> None:
+    """Refuse (one line) an artifact whose numerics profile has no ONNX mapping."""
+    if not manifest.quant.profile.exportable:
+        raise UserError(f"{manifest.directory} uses --numerics {manifest.quant.numerics}, which ONNX export does not "
+                        "implement (5-bit signed weight codes, float16 per-head o_proj quantizer with zero points "
+                        "outside [0, 15], float16 rounding points)", "re-quantize with --numerics infoquant-export "
+                        "to export; evaluate this artifact with `infoquant-export eval`")
 
 
 def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bool = True) -> Artifact:
@@ -184,11 +199,10 @@ def load_artifact(directory: str | Path, device: str = "cpu", with_tokenizer: bo
                 if linear.bias is not None:
                     linear.bias.copy_(tensors[f"{key}.bias"])
     configure_activation_quant(model, quant)
-    if quant.lac.enabled:
+    if quant.has_clips:
         for i, layer in enumerate(model.layers):
-            for site in ACTIVATION_SITES:
-                clip, clip_min = tensors[f"layers.{i}.{site}.clip"].tolist()
-                getattr(layer, site).clip, getattr(layer, site).clip_min = clip, clip_min
+            for site in activation_sites(quant.profile):
+                getattr(layer, site).set_clips(tensors[f"layers.{i}.{site}.clip"])
     attach_integer_weights(model, weights)
     attach_online_ops(model, schema, {k: tensors[k] for k in schema.matrix_keys(cfg.num_layers)})
     tokenizer = None
@@ -205,8 +219,8 @@ def expected_tensor_keys(manifest: Manifest) -> list[str]:
     keys += manifest.schema.matrix_keys(manifest.model.num_layers)
     for i in range(manifest.model.num_layers):
         keys += [f"layers.{i}.input_norm", f"layers.{i}.post_norm"]
-        if manifest.quant.lac.enabled:
-            keys += [f"layers.{i}.{site}.clip" for site in ACTIVATION_SITES]
+        if manifest.quant.has_clips:
+            keys += [f"layers.{i}.{site}.clip" for site in activation_sites(manifest.quant.profile)]
         for role in LINEAR_ROLES:
             key = f"layers.{i}.{role}"
             keys += [f"{key}.qweight", f"{key}.scale"] if key in manifest.weight_bits else [f"{key}.weight"]

@@ -24,6 +24,8 @@ from infoquant_export.config import (
     QuantConfig,
 )
 from infoquant_export.errors import UserError
+from infoquant_export.numerics import DEFAULT as DEFAULT_NUMERICS
+from infoquant_export.numerics import PROFILES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +54,13 @@ def _add_quantize(sub: Any) -> None:
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--kv-bits", type=int, default=4)
     p.add_argument("--a-clip-ratio", type=float, default=0.9)
-    p.add_argument("--kv-clip-ratio", type=float, default=0.95)
+    p.add_argument("--kv-clip-ratio", type=float, default=None,
+                   help="KV clip (default 0.95; 0.9 under --numerics infoquant-reference)")
+    p.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=tuple(PROFILES),
+                   help="infoquant-export: true W4A4KV4, one definition for every backend (default); "
+                        "infoquant-reference: reproduce the InfoQuant reference code's quirks (5-bit weight codes, "
+                        "V unquantized, per-head float16 o_proj input, separate q/k/v and gate/up quantizers, "
+                        "embedding mean-centring, float16 rounding points; not exportable), see docs/numerics.md")
     p.add_argument("--no-clip-search", action="store_true", help="plain max-abs weight scales (no MSE search)")
     p.add_argument("--calib-corpus", default="default", help="default | wikitext2 | path to .txt file or directory")
     p.add_argument("--calib-windows", type=int, default=None, help="GPTQ/LAC calibration windows (default 64)")
@@ -187,7 +195,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     cfg = QuantConfig(
         w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, weights=args.weights, rotation=args.rotation,
         rotation_blocks=args.rotation_blocks or 1, rotation_seed=args.seed, w_clip_search=not args.no_clip_search,
-        a_clip_ratio=args.a_clip_ratio, kv_clip_ratio=args.kv_clip_ratio,
+        a_clip_ratio=args.a_clip_ratio, numerics=args.numerics,
+        kv_clip_ratio=args.kv_clip_ratio if args.kv_clip_ratio is not None else PROFILES[args.numerics].k_clip or 0.95,
         calibration=CalibrationConfig(corpus=args.calib_corpus, seed=args.seed, **calib),
         psot=_section(PsotConfig, preset["psot"], args, "psot"),
         lac=_section(LacConfig, preset["lac"], args, "lac", enabled=args.lac),

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infoquant_export.errors import UserError
+from infoquant_export.numerics import DEFAULT as DEFAULT_NUMERICS
+from infoquant_export.numerics import NumericsProfile, get_profile
 
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 ROTATIONS = ("none", "hadamard", "psot")  # or "infoquant:DIR" (import the reference code's rotation files)
@@ -67,7 +69,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     # practical on a 2-core CPU for a ~100M-parameter model (see BENCHMARKS.md)
     "cpu": {"calibration": {"num_windows": 64, "seq_len": 512},
             "psot": {"num_windows": 32, "seq_len": 512},
-            "lac": {"num_windows": 16, "epochs": 4, "batch_size": 2, "warmup_steps": 4}},
+            "lac": {"num_windows": 32, "epochs": 4, "batch_size": 2, "warmup_steps": 4}},
 }
 
 
@@ -87,9 +89,20 @@ class QuantConfig:
     kv_clip_ratio: float = 0.95
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
+    numerics: str = DEFAULT_NUMERICS  # infoquant-export | infoquant-reference (see infoquant_export/numerics.py)
+    clips_from: str | None = None  # activation clips imported from the reference's clip_parameters.pth (this path)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     psot: PsotConfig = field(default_factory=PsotConfig)
     lac: LacConfig = field(default_factory=LacConfig)
+
+    @property
+    def profile(self) -> NumericsProfile:
+        return get_profile(self.numerics)
+
+    @property
+    def has_clips(self) -> bool:
+        """Per-quantizer clip factors are stored in the artifact (learned by LAC or imported)."""
+        return self.lac.enabled or self.clips_from is not None
 
     @property
     def learned_rotation(self) -> bool:
@@ -123,6 +136,9 @@ class QuantConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise UserError(f"invalid --{name.replace('_', '-')} {value}", "use a value in (0, 1]")
+        if self.profile.weight_grid == "reference" and 7 < self.w_bits < 16:
+            raise UserError(f"--numerics {self.numerics} stores weight codes in [-2^b, 2^b - 1] as int8, which "
+                            f"--w-bits {self.w_bits} does not fit", "use --w-bits 7 or less (or 16)")
         if self.rotation_blocks < 1:
             raise UserError(f"invalid --rotation-blocks {self.rotation_blocks}", "use 1, 2 or 4")
         return self
@@ -130,8 +146,9 @@ class QuantConfig:
     def label(self) -> str:
         """Short name like ``W4A4KV4-hadamard-gptq``."""
         rotation = "infoquant" if self.rotation.startswith(IMPORT_PREFIX) else self.rotation
-        return f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}-{rotation}" + ("-lac" if self.lac.enabled else "") + \
+        label = f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}-{rotation}" + ("-lac" if self.lac.enabled else "") + \
             f"-{self.weights}"
+        return label if self.numerics == DEFAULT_NUMERICS else f"{label}-{self.numerics}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,7 +22,15 @@ from infoquant_export.psot.report import summarize, write_report
 from infoquant_export.psot.run import run_psot
 from infoquant_export.quant.calibrate import QuantizedWeights, quantize_model
 from infoquant_export.transforms.hadamard import hadamard_factors
-from infoquant_export.transforms.rotate import apply_transforms, fuse_norms, hadamard_schema, psot_matrices, psot_schema
+from infoquant_export.transforms.rotate import (
+    apply_transforms,
+    center_embedding,
+    fuse_norms,
+    hadamard_schema,
+    psot_matrices,
+    psot_schema,
+    round_weights,
+)
 from infoquant_export.transforms.schema import TransformSchema
 
 
@@ -71,22 +79,58 @@ def _calibration_windows(tokenizer: Any, cfg: QuantConfig, num: int, seq_len: in
     return corpus.calibration_windows(tokens, num, seq_len, cfg.calibration.seed)
 
 
-def import_rotations(directory: str, model: CausalLM, cfg: QuantConfig,
-                     num_blocks: int | None) -> tuple[dict[str, torch.Tensor], dict]:
+@dataclass
+class ImportedRotations:
+    matrices: dict[str, torch.Tensor]
+    info: dict[str, Any]
+    clips: dict[int, dict[str, torch.Tensor]] | None  # clip_parameters.pth logits, to apply (else None)
+    clips_path: str | None
+
+
+def import_rotations(directory: str, model: CausalLM, cfg: QuantConfig, num_blocks: int | None) -> ImportedRotations:
     """Matrices of ``psot_schema`` from the InfoQuant reference code's files (``Q/*_layer_<i>_Q.pth``); sets
-    ``cfg.rotation_blocks`` to the files' block count (``num_blocks``, when given, must match it)."""
-    from infoquant_export.transforms.infoquant_import import load_reference_rotations
+    ``cfg.rotation_blocks`` to the files' block count (``num_blocks``, when given, must match it). The reference's
+    ``clip_parameters.pth`` is returned for application only under the infoquant-reference profile without --lac."""
+    from infoquant_export.transforms.infoquant_import import CLIP_FILE, load_reference_rotations, resolve_dirs
 
     c = model.cfg
     ref = load_reference_rotations(directory, num_layers=c.num_layers, hidden_size=c.hidden_size,
                                    num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                                    num_blocks=num_blocks)
     cfg.rotation_blocks = ref.num_blocks
+    apply = ref.clips is not None and cfg.profile.separate_input_quantizers and not cfg.lac.enabled
+    if ref.clips is None:
+        note = None
+    elif apply:
+        note = "applied (--numerics infoquant-reference)"
+    elif cfg.lac.enabled:
+        note = "not applied: --lac learns the clips"
+    else:
+        note = ("not applied: the reference's clip factors belong to its quantizer layout (separate q/k/v and "
+                "gate/up quantizers, per-head o_proj); use --numerics infoquant-reference to apply them, or --lac")
     info = {"directory": directory, "model_name": ref.model_name, "num_blocks": ref.num_blocks,
-            "clip_parameters": "not applied: the reference's clip factors belong to its quantizer layout (separate "
-                               "q/k/v and gate/up quantizers, per-head o_proj); use --lac to learn clips for this "
-                               "layout" if ref.clips is not None else None}
-    return psot_matrices(ref.q1, ref.q2, ref.q4), info
+            "clip_parameters": note}
+    clips_path = str(resolve_dirs(directory)[1] / CLIP_FILE) if apply else None
+    return ImportedRotations(psot_matrices(ref.q1, ref.q2, ref.q4), info, ref.clips if apply else None, clips_path)
+
+
+def prepare_numerics(model: CausalLM, cfg: QuantConfig) -> None:
+    """Put a freshly loaded model under the config's numerics profile: infoquant-reference rounds the weights to
+    float16 (its model dtype) and mean-centres the embedding rows; the default changes nothing."""
+    profile = cfg.profile
+    model.set_numerics(profile)
+    if profile.fp16_rounding:
+        round_weights(model)
+    if profile.center_embedding:
+        center_embedding(model)
+        if profile.fp16_rounding:
+            round_weights(model)
+
+
+def _round_basis_changes(matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference stores its online residual basis changes in float16."""
+    online = ("psot.attn_to_mlp.", "psot.mlp_to_attn.")
+    return {k: v.half().float() if k.startswith(online) else v for k, v in matrices.items()}
 
 
 def quantize(model_spec: str, cfg: QuantConfig, device: str = "cpu", progress: bool = True,
@@ -100,19 +144,27 @@ def quantize(model_spec: str, cfg: QuantConfig, device: str = "cpu", progress: b
     model = loaded.model.to(device)
     matrices: dict[str, torch.Tensor] = {}
     report: dict[str, Any] = {"seconds": seconds}
+    imported = None
     if cfg.rotation.startswith(IMPORT_PREFIX):
-        matrices, report["import"] = import_rotations(cfg.rotation[len(IMPORT_PREFIX):], model, cfg, import_blocks)
+        imported = import_rotations(cfg.rotation[len(IMPORT_PREFIX):], model, cfg, import_blocks)
+        matrices, report["import"] = imported.matrices, imported.info
     schema = build_schema(model, cfg)
     seconds["load"] = time.perf_counter() - start
+    prepare_numerics(model, cfg)
+    round_to = torch.float16 if cfg.profile.fp16_rounding else None
     if cfg.learned_rotation:
         fuse_norms(model)
+        if round_to is not None:
+            round_weights(model, round_to)
     if cfg.rotation == "psot":
         start = time.perf_counter()
         windows = _calibration_windows(loaded.tokenizer, cfg, cfg.psot.num_windows, cfg.psot.seq_len)
         matrices, report["psot"] = run_psot(model, windows, cfg, progress)
         seconds["psot"] = time.perf_counter() - start
+    if round_to is not None:
+        matrices = _round_basis_changes(matrices)
     start = time.perf_counter()
-    apply_transforms(model, schema, matrices, fuse=not cfg.learned_rotation)
+    apply_transforms(model, schema, matrices, fuse=not cfg.learned_rotation, round_to=round_to)
     seconds["fold"] = time.perf_counter() - start
     windows = None
     if cfg.w_bits < 16 and (cfg.weights == "gptq" or cfg.lac.enabled):
@@ -121,6 +173,11 @@ def quantize(model_spec: str, cfg: QuantConfig, device: str = "cpu", progress: b
     start = time.perf_counter()
     weights = quantize_model(model, cfg, windows, progress=progress, report=report)
     seconds["weights" + ("+lac" if cfg.lac.enabled else "")] = time.perf_counter() - start
+    if imported is not None and imported.clips is not None:
+        from infoquant_export.quant.reference_clips import apply_reference_clips
+
+        report["import"]["clip_counts"] = apply_reference_clips(model, imported.clips)
+        cfg.clips_from = imported.clips_path
     report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return QuantizedModel(model, loaded.tokenizer, schema, weights, loaded.source, matrices, report)
 

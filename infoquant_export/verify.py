@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from infoquant_export.artifact import load_artifact, read_manifest
+from infoquant_export.artifact import load_artifact, read_manifest, require_exportable
 from infoquant_export.data import corpus
 from infoquant_export.errors import UserError
 from infoquant_export.export.exporter import artifact_digest
@@ -68,6 +68,7 @@ def check_match(artifact_dir: str | Path, onnx_path: str | Path) -> dict[str, An
     """UserError unless the ONNX file was exported from exactly this artifact."""
     meta = read_onnx_metadata(onnx_path)
     manifest = read_manifest(artifact_dir)
+    require_exportable(manifest)
     if meta.get("artifact_sha256") != artifact_digest(manifest):
         raise UserError(f"{onnx_path} was not exported from {artifact_dir} (artifact digest differs)",
                         f"re-export: infoquant-export export {artifact_dir} --out {onnx_path}")

@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from infoquant_export import __version__
-from infoquant_export.artifact import Manifest, read_manifest
+from infoquant_export.artifact import Manifest, read_manifest, require_exportable
 from infoquant_export.errors import UserError
 from infoquant_export.export.model_graph import DecoderGraph, TensorSource
 
@@ -109,6 +109,7 @@ def export_onnx(directory: str | Path, out: str | Path, target: str = "ort", ext
     out = Path(out)
     check_output_path(out)  # plan
     manifest = read_manifest(directory)
+    require_exportable(manifest)
     graph = DecoderGraph(manifest, TensorSource(manifest))
     model = graph.build()  # build
     model.metadata_props.update(metadata(manifest, "reference"))  # annotate

@@ -34,6 +34,7 @@ from infoquant_export.kernels.ops import (
     w4a4_linear,
 )
 from infoquant_export.models.model import ActQuantizer, CausalLM, DecoderLayer, OnlineRotation, rotate_half
+from infoquant_export.numerics import DEFAULT
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,6 +71,9 @@ class KernelLayer:
     """One decoder layer's packed weights, quantizer settings and online ops."""
 
     def __init__(self, layer: DecoderLayer, index: int, device: torch.device) -> None:
+        if layer.numerics.name != DEFAULT:
+            raise UserError(f"the kernels implement the {DEFAULT} numerics, this artifact uses {layer.numerics.name}",
+                            "use the fake-quant model (--kernels off)")
         for role in ("q", "k", "v", "o", "gate", "up", "down"):
             if not hasattr(layer, f"codes_{role}"):
                 raise UserError(f"layer {index} {role}_proj has no 4-bit integer weight", "quantize with --w-bits 4")

@@ -9,7 +9,8 @@ deployment runs them (see docs/numerics.md, section 5):
       -> [online Hadamard] -> A-quant -> down -> +residual -> [basis change]
 
 The KV cache holds the dequantized K/V values (bit-identical to what a 4-bit cache decodes to), so prefill and
-incremental decode compute the same function.
+incremental decode compute the same function. ``numerics`` (a :class:`NumericsProfile`, set by ``set_numerics``)
+switches on the InfoQuant reference code's quirks (docs/numerics.md section 7); the default changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from infoquant_export.numerics import DEFAULT, PROFILES, NumericsProfile
 from infoquant_export.quant.primitives import (
     fake_quantize_activation,
     fake_quantize_activation_ste,
@@ -31,10 +33,19 @@ from infoquant_export.quant.primitives import (
     sigmoid64,
     softmax64,
 )
-from infoquant_export.transforms.hadamard import apply_hadamard
+from infoquant_export.quant.reference_primitives import fake_quantize_heads_fp16, fake_quantize_heads_ste
+from infoquant_export.transforms.hadamard import apply_hadamard, apply_hadamard_fp16
 
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 ACTIVATION_SITES = ("qkv_in", "o_in", "gate_up_in", "down_in")  # per-token activation quantizers of a layer
+# infoquant-reference: q/k/v and gate/up inputs each have their own quantizer (qkv_in serves q, gate_up_in gate)
+SEPARATE_SITES = ("qkv_in", "k_in", "v_in", "o_in", "gate_up_in", "up_in", "down_in")
+SEPARATE_QUANTIZER = {"q": "qkv_in", "k": "k_in", "v": "v_in", "gate": "gate_up_in", "up": "up_in"}
+
+
+def activation_sites(profile: NumericsProfile) -> tuple[str, ...]:
+    """The activation quantizers of a layer under ``profile`` (what LAC trains and the artifact stores)."""
+    return SEPARATE_SITES if profile.separate_input_quantizers else ACTIVATION_SITES
 
 
 @dataclass
@@ -69,14 +80,17 @@ class ActQuantizer(nn.Module):
 
     ``clip`` multiplies the row maximum and ``clip_min`` (default: ``clip``) the row minimum. While ``lac_logits``
     (a [2] parameter: max, min) is set, the quantizer is in LAC training mode: clips are ``0.5 * (1 + sigmoid(c))``
-    and rounding is straight-through.
+    and rounding is straight-through. ``heads_fp16`` (infoquant-reference o_proj input): per ``group_size`` head,
+    range not forced to include 0, float16 arithmetic, clips per head (float32 tensors [heads], logits [2, heads]).
     """
 
     def __init__(self, bits: int = 16, clip: float = 1.0, group_size: int | None = None) -> None:
         super().__init__()
         self.bits, self.clip, self.group_size, self.enabled = bits, clip, group_size, True
-        self.clip_min: float | None = None
+        self.clip_min: float | torch.Tensor | None = None
         self.lac_logits: nn.Parameter | None = None
+        self.heads_fp16 = False
+        self.groups = 1  # clip factors per quantizer (heads when heads_fp16)
 
     @property
     def active(self) -> bool:
@@ -89,16 +103,41 @@ class ActQuantizer(nn.Module):
     def clips(self) -> tuple[float, float]:
         return self.clip, self.clip if self.clip_min is None else self.clip_min
 
+    def clip_tensor(self) -> torch.Tensor:
+        """The clips as float32 [2] (max, min), or [2, groups] for per-head clips."""
+        clip, clip_min = self.clips()
+        if self.groups == 1:
+            return torch.tensor([float(clip), float(clip_min)], dtype=torch.float32)
+        return torch.stack([torch.as_tensor(c, dtype=torch.float32).expand(self.groups) for c in (clip, clip_min)])
+
+    def set_clips(self, clips: torch.Tensor) -> None:
+        """Inverse of :meth:`clip_tensor`."""
+        if self.groups == 1:
+            self.clip, self.clip_min = (float(c) for c in clips.reshape(2))
+        else:
+            self.clip, self.clip_min = (c.float().clone() for c in clips.reshape(2, self.groups))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
         if self.lac_logits is not None:
             alpha = 0.5 * (1.0 + torch.sigmoid(self.lac_logits.float()))
+            if self.heads_fp16:
+                return fake_quantize_heads_ste(x, self.bits, alpha[0], alpha[1], self.group_size)
             return fake_quantize_activation_ste(x, self.bits, alpha[0], alpha[1], self.group_size)
+        clip, clip_min = self.clips()
+        if self.heads_fp16:
+            if torch.is_grad_enabled() and x.requires_grad:
+                return fake_quantize_heads_ste(x, self.bits, clip, clip_min, self.group_size)
+            return fake_quantize_heads_fp16(x, self.bits, clip, clip_min, self.group_size)
         if torch.is_grad_enabled() and x.requires_grad:  # let gradients pass (LAC trains the layer around it)
-            clip, clip_min = self.clips()
             return fake_quantize_activation_ste(x, self.bits, clip, clip_min, self.group_size)
         return fake_quantize_activation(x, self.bits, self.clip, self.group_size, self.clip_min)
+
+    @property
+    def has_integer_form(self) -> bool:
+        """Per-token codes with one scale per row (what the integer GEMM needs); not the per-head fp16 path."""
+        return not self.heads_fp16
 
     def integer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token ``(codes - zero point)`` as float32 and the scale (for the integer GEMM)."""
@@ -122,11 +161,19 @@ class OnlineRotation(nn.Module):
         blocks = x.reshape(*x.shape[:-1], self.num_blocks, -1).double()  # float64, rounded once (numerics.md 5)
         return torch.einsum("...bi,bij->...bj", blocks, self.matrix.double()).reshape(x.shape).to(x.dtype)
 
+    def fp16(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference's float16 online Hadamard (numerics.md section 7.5); learned matrices are not supported."""
+        if self.matrix is not None:
+            raise NotImplementedError("float16 application of a learned online rotation")
+        return apply_hadamard_fp16(x, self.num_blocks)
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x * (1 / sqrt(mean(x^2) + eps)) * weight`` evaluated in float64, rounded once to x's dtype."""
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp16: bool = False) -> torch.Tensor:
+    """``x * (1 / sqrt(mean(x^2) + eps)) * weight`` evaluated in float64, rounded once to x's dtype (``fp16``: rounded
+    once to float16 instead, then returned in x's dtype: the reference's RMSNorm output)."""
     xd = x.double()
-    return (xd * (1.0 / torch.sqrt((xd * xd).mean(-1, keepdim=True) + eps)) * weight.double()).to(x.dtype)
+    out = xd * (1.0 / torch.sqrt((xd * xd).mean(-1, keepdim=True) + eps)) * weight.double()
+    return out.to(torch.float16).to(x.dtype) if fp16 else out.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -153,6 +200,8 @@ class DecoderLayer(nn.Module):
         self.qkv_in, self.o_in = ActQuantizer(), ActQuantizer()
         self.gate_up_in, self.down_in = ActQuantizer(), ActQuantizer()  # names listed in ACTIVATION_SITES
         self.k_cache, self.v_cache = ActQuantizer(group_size=d), ActQuantizer(group_size=d)
+        self.k_in, self.v_in, self.up_in = ActQuantizer(), ActQuantizer(), ActQuantizer()  # SEPARATE_SITES only
+        self.numerics: NumericsProfile = PROFILES[DEFAULT]
         self.qk_rotation: OnlineRotation | None = None
         self.down_rotation: OnlineRotation | None = None
         self.residual_attn_to_mlp: OnlineRotation | None = None
@@ -168,8 +217,12 @@ class DecoderLayer(nn.Module):
         self.register_buffer(f"wscale_{role}", scale.reshape(-1).float(), persistent=False)
 
     def project(self, x: torch.Tensor, quantizer: ActQuantizer, roles: tuple[str, ...]) -> list[torch.Tensor]:
-        """Quantize ``x`` once and apply the linears of ``roles`` (integer-exact GEMM when weights are integer)."""
-        if quantizer.active and not quantizer.learning and all(hasattr(self, f"codes_{r}") for r in roles):
+        """Quantize ``x`` once and apply the linears of ``roles`` (integer-exact GEMM when weights are integer).
+        With separate input quantizers (infoquant-reference) each role quantizes ``x`` with its own quantizer."""
+        if len(roles) > 1 and self.numerics.separate_input_quantizers:
+            return [self.project(x, getattr(self, SEPARATE_QUANTIZER[r]), (r,))[0] for r in roles]
+        if (quantizer.active and quantizer.has_integer_form and not quantizer.learning
+                and all(hasattr(self, f"codes_{r}") for r in roles)):
             a, scale = quantizer.integer(x)
             return [integer_linear(a, scale, getattr(self, f"codes_{r}"), getattr(self, f"wscale_{r}"),
                                    self.linear(r).bias) for r in roles]
@@ -213,7 +266,9 @@ class DecoderLayer(nn.Module):
         """Normed input -> the down_proj input (after the online rotation, before quantization)."""
         gate, up = self.project(h, self.gate_up_in, ("gate", "up"))
         m = gate * sigmoid64(gate) * up
-        return self.down_rotation(m) if self.down_rotation is not None else m
+        if self.down_rotation is None:
+            return m
+        return self.down_rotation.fp16(m) if self.numerics.fp16_rounding else self.down_rotation(m)
 
     def mlp_out(self, m: torch.Tensor) -> torch.Tensor:
         return self.project(m, self.down_in, ("down",))[0]
@@ -224,10 +279,10 @@ class DecoderLayer(nn.Module):
         return x + mlp
 
     def norm_attn(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.input_norm, self.cfg.rms_norm_eps)
+        return rms_norm(x, self.input_norm, self.cfg.rms_norm_eps, self.numerics.fp16_rounding)
 
     def norm_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.post_norm, self.cfg.rms_norm_eps)
+        return rms_norm(x, self.post_norm, self.cfg.rms_norm_eps, self.numerics.fp16_rounding)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -253,7 +308,14 @@ class CausalLM(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", inv_freq.float().clone())
+        self.numerics: NumericsProfile = PROFILES[DEFAULT]
         self.requires_grad_(False)
+
+    def set_numerics(self, profile: NumericsProfile) -> None:
+        """Run every layer (and the final norm) under ``profile``."""
+        self.numerics = profile
+        for layer in self.layers:
+            layer.numerics = profile
 
     @property
     def device(self) -> torch.device:
@@ -284,7 +346,7 @@ class CausalLM(nn.Module):
         return x, cos, sin, self.causal_mask(s, past_len, x.dtype)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
+        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps, self.numerics.fp16_rounding)).float()
 
     def forward(self, input_ids: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """Logits [B, S, V] (float32) and the present KV cache."""

@@ -12,6 +12,7 @@ from infoquant_export.models.model import (
     CausalLM,
     DecoderLayer,
     activation_quant_disabled,
+    activation_sites,
 )
 from infoquant_export.quant.lac import train_layer_clips
 from infoquant_export.quant.weights import HessianAccumulator, QuantizedWeight, gptq, rtn
@@ -23,12 +24,22 @@ QuantizedWeights = dict[str, QuantizedWeight]
 
 
 def configure_activation_quant(model: CausalLM, cfg: QuantConfig) -> None:
-    """Set bits and clip ratios of every activation (per token) and KV (per token, per head) quantizer."""
+    """Set bits and clip ratios of every activation (per token) and KV (per token, per head) quantizer, under the
+    config's numerics profile (infoquant-reference: separate q/k/v and gate/up quantizers, per-head float16 o_proj
+    input, V unquantized)."""
+    profile = cfg.profile
+    model.set_numerics(profile)
     for layer in model.layers:
-        for q in (layer.qkv_in, layer.o_in, layer.gate_up_in, layer.down_in):
+        for site in activation_sites(profile):
+            q = getattr(layer, site)
             q.bits, q.clip = cfg.a_bits, cfg.a_clip_ratio
+        if profile.o_proj_per_head_fp16:
+            layer.o_in.heads_fp16, layer.o_in.group_size = True, model.cfg.head_dim
+            layer.o_in.groups = model.cfg.num_heads
         for q in (layer.k_cache, layer.v_cache):
             q.bits, q.clip, q.group_size = cfg.kv_bits, cfg.kv_clip_ratio, model.cfg.head_dim
+        if not profile.quantize_v:
+            layer.v_cache.bits = 16
 
 
 def attach_integer_weights(model: CausalLM, weights: QuantizedWeights) -> None:
@@ -60,7 +71,7 @@ class LacPass:
     def train(self, layer: DecoderLayer, index: int, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
         with torch.enable_grad():
             self.report[index] = train_layer_clips(layer, self.windows(xs), targets, self.cos, self.sin, self.mask,
-                                                   self.cfg.lac, index, self.cfg.calibration.seed)
+                                                   self.cfg.lac, index, self.cfg.calibration.seed, self.cfg.profile)
         for q in layer.modules():  # back to the pass's state (activation quantization off)
             if isinstance(q, ActQuantizer):
                 q.enabled = False
@@ -96,7 +107,7 @@ def quantize_weights_rtn(model: CausalLM, cfg: QuantConfig, windows: torch.Tenso
 def _rtn_layer(layer: DecoderLayer, index: int, cfg: QuantConfig) -> QuantizedWeights:
     out: QuantizedWeights = {}
     for role in LINEAR_ROLES:
-        qw = rtn(layer.linear(role).weight, cfg.w_bits, cfg.w_clip_search)
+        qw = rtn(layer.linear(role).weight, cfg.w_bits, cfg.w_clip_search, cfg.profile.weight_grid)
         _set_weight(layer, role, qw)
         out[f"layers.{index}.{role}"] = qw
     return out
@@ -143,7 +154,8 @@ def _gptq_group(layer: DecoderLayer, index: int, roles: tuple[str, ...], inputs:
     h = hessian(inputs)
     out: QuantizedWeights = {}
     for role in roles:
-        qw = gptq(layer.linear(role).weight, h, cfg.w_bits, cfg.w_clip_search, cfg.gptq_damp, cfg.gptq_block_size)
+        qw = gptq(layer.linear(role).weight, h, cfg.w_bits, cfg.w_clip_search, cfg.gptq_damp, cfg.gptq_block_size,
+                  cfg.profile.weight_grid)
         _set_weight(layer, role, qw)
         out[f"layers.{index}.{role}"] = qw
     return out

@@ -17,7 +17,9 @@ import torch
 
 from infoquant_export.config import LacConfig
 from infoquant_export.errors import UserError
-from infoquant_export.models.model import ACTIVATION_SITES, ActQuantizer, DecoderLayer
+from infoquant_export.models.model import ActQuantizer, DecoderLayer, activation_sites
+from infoquant_export.numerics import DEFAULT, PROFILES, NumericsProfile
+from infoquant_export.transforms.infoquant_import import reference_clip_factor
 
 
 def clip_to_logit(clip: float) -> float:
@@ -38,17 +40,36 @@ def _set_enabled(layer: DecoderLayer, enabled: bool) -> None:
             m.enabled = enabled
 
 
+def initial_logits(q: ActQuantizer, init: float | None) -> torch.Tensor:
+    """LAC start: ``init`` (the profile's factor, e.g. the reference's 0.95) or the quantizer's static clips;
+    [2] or [2, groups] for per-head clips."""
+    if init is not None:
+        return torch.full((2, q.groups) if q.groups > 1 else (2,), clip_to_logit(init))
+    if q.groups == 1:
+        return torch.tensor([clip_to_logit(float(c)) for c in q.clips()])
+    return q.clip_tensor().double().apply_(clip_to_logit).float()
+
+
+def _store_clips(q: ActQuantizer, logits: torch.Tensor, profile: NumericsProfile) -> None:
+    """Learned logits -> clip factors: float32 ``0.5 * (1 + sigmoid(c))``, or under the reference profile the
+    reference's float16 storage and rounding ``0.5 * fp16(1 + fp16(sigmoid(fp16(c))))``."""
+    if profile.lac_init is not None:
+        q.set_clips(reference_clip_factor(logits.detach()))
+    else:
+        q.set_clips(0.5 * (1.0 + torch.sigmoid(logits.detach().float())))
+
+
 def train_layer_clips(layer: DecoderLayer, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                       cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cfg: LacConfig, index: int,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, profile: NumericsProfile = PROFILES[DEFAULT]) -> dict[str, Any]:
     """Train the clip factors of ``layer`` on windows ``inputs`` [1, S, D] -> ``targets``; returns a summary."""
-    quantizers = {s: getattr(layer, s) for s in ACTIVATION_SITES if getattr(layer, s).bits < 16}
+    quantizers = {s: getattr(layer, s) for s in activation_sites(profile) if getattr(layer, s).bits < 16}
     if not quantizers:
         return {}
     _set_enabled(layer, True)
     params = []
     for q in quantizers.values():
-        q.lac_logits = torch.nn.Parameter(torch.tensor([clip_to_logit(c) for c in q.clips()]))
+        q.lac_logits = torch.nn.Parameter(initial_logits(q, profile.lac_init))
         params.append(q.lac_logits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -80,7 +101,6 @@ def train_layer_clips(layer: DecoderLayer, inputs: list[torch.Tensor], targets: 
     finally:
         for q in quantizers.values():
             if q.lac_logits is not None:
-                alpha = (0.5 * (1.0 + torch.sigmoid(q.lac_logits.detach().float()))).tolist()
-                q.clip, q.clip_min = float(alpha[0]), float(alpha[1])
+                _store_clips(q, q.lac_logits, profile)
                 q.lac_logits = None
-    return {"mse_curve": curve, "clips": {s: list(q.clips()) for s, q in quantizers.items()}}
+    return {"mse_curve": curve, "clips": {s: q.clip_tensor().tolist() for s, q in quantizers.items()}}

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from infoquant_export.quant.primitives import quantize_weight, signed_range, weight_scale
+from infoquant_export.quant.reference_primitives import (
+    reference_weight_codes,
+    reference_weight_qparams,
+    reference_weight_range,
+    reference_weight_search_error,
+)
 
 CLIP_GRID = 80  # candidates p = 1 - i/100, i = 0..79 (down to 0.21 of the row's max)
 CLIP_NORM = 2.4  # error norm of the search, as in GPTQ/QuaRot
@@ -47,9 +53,39 @@ def mse_clip_scale(w: torch.Tensor, bits: int, search: bool = True) -> torch.Ten
     return best_scale
 
 
-def rtn(w: torch.Tensor, bits: int, clip_search: bool = True) -> QuantizedWeight:
-    """Round-to-nearest with the (optionally MSE-searched) per-channel scale."""
-    scale = mse_clip_scale(w, bits, clip_search)
+def reference_mse_scale(w: torch.Tensor, bits: int, search: bool = True) -> torch.Tensor:
+    """The reference's per-row scale: asymmetric range / (2^b - 1), MSE-searched over the same shrink grid with
+    the asymmetric (zero-point) error, strict improvement (numerics.md section 7.1)."""
+    scale, zero = reference_weight_qparams(w, bits)
+    if not search:
+        return scale
+    best_err = torch.full_like(scale, float("inf"))
+    for i in range(CLIP_GRID):
+        s, z = reference_weight_qparams(w, bits, 1.0 - i / 100.0)
+        err = reference_weight_search_error(w, s, z, bits, CLIP_NORM)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, s, scale)
+    return scale
+
+
+def weight_grid(grid: str, bits: int) -> tuple[int, int, int]:
+    """(qmin, qmax, stored code bits) of a weight grid: ``int`` (true signed b-bit) or ``reference`` (the reference's
+    [-2^b, 2^b - 1], stored as b+1-bit int8 codes)."""
+    if grid == "reference":
+        return (*reference_weight_range(bits), bits + 1)
+    return (*signed_range(bits), bits)
+
+
+def grid_scale(w: torch.Tensor, bits: int, clip_search: bool, grid: str) -> torch.Tensor:
+    return reference_mse_scale(w, bits, clip_search) if grid == "reference" else mse_clip_scale(w, bits, clip_search)
+
+
+def rtn(w: torch.Tensor, bits: int, clip_search: bool = True, grid: str = "int") -> QuantizedWeight:
+    """Round-to-nearest with the (optionally MSE-searched) per-channel scale of ``grid``."""
+    scale = grid_scale(w, bits, clip_search, grid)
+    if grid == "reference":
+        return QuantizedWeight(reference_weight_codes(w, scale, bits), scale, weight_grid(grid, bits)[2])
     return QuantizedWeight(quantize_weight(w, scale, bits), scale, bits)
 
 
@@ -69,16 +105,17 @@ class HessianAccumulator:
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_search: bool = True, damp: float = 0.01,
-         block_size: int = 128) -> QuantizedWeight:
+         block_size: int = 128, grid: str = "int") -> QuantizedWeight:
     """GPTQ (Frantar et al.): quantize columns in order, spreading each column's error over the remaining ones
     through the inverse Hessian's upper Cholesky factor; lazy updates in blocks of ``block_size`` columns.
 
     The scale is searched once on the original weight. Dead inputs (H_ii = 0) get weight 0. Math in float64.
+    ``grid`` as in :func:`weight_grid`.
     """
     w = w.double().clone()
     h = hessian.double().clone()
-    scale = mse_clip_scale(w.float(), bits, clip_search).double()
-    qmin, qmax = signed_range(bits)
+    scale = grid_scale(w.float(), bits, clip_search, grid).double()
+    qmin, qmax, code_bits = weight_grid(grid, bits)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -99,4 +136,4 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_search: bool = 
             w_block[:, j:] -= err @ hinv_block[j:j + 1, j:]
             err_block[:, j:j + 1] = err
         w[:, end:] -= err_block @ hinv[start:end, end:]
-    return QuantizedWeight(codes, scale.float(), bits)
+    return QuantizedWeight(codes, scale.float(), code_bits)

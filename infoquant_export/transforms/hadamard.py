@@ -371,3 +371,26 @@ def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
         y = torch.matmul(hk_t, y.double()).to(x.dtype)
     scale = torch.tensor(1.0 / math.sqrt(n_block), dtype=x.dtype)
     return (y * scale).reshape(*lead, n)
+
+
+def apply_hadamard_fp16(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
+    """The InfoQuant reference's float16 online Hadamard (numerics.md section 7.5), same matrix as
+    :func:`apply_hadamard`, returned in ``x.dtype``:
+
+    1. the unnormalized FWHT over the p axis in float32, rounded to float16 (large sums overflow to inf, as in
+       the reference's ``--fp32_had False`` path);
+    2. divided by ``sqrt(n_block)``: ``fp16(float32(y) / float32(sqrt(n_block)))``;
+    3. ``H_K^T @ Y`` over the K axis computed in float64 from the float16 values and rounded once to float16.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"apply_hadamard_fp16 needs a floating-point tensor, got {x.dtype}")
+    n = x.shape[-1]
+    n_block = _block_size(n, num_blocks)
+    k, p = hadamard_factors(n_block)
+    lead = x.shape[:-1]
+    y = _fwht(x.float().reshape(*lead, num_blocks, k, p)).to(torch.float16)
+    y = (y.float() / torch.tensor(math.sqrt(n_block), dtype=torch.float32)).to(torch.float16)
+    if k > 1:
+        hk_t = torch.tensor(_paley_block(k), dtype=torch.float64).T
+        y = torch.matmul(hk_t, y.double()).to(torch.float16)
+    return y.reshape(*lead, n).to(x.dtype)

@@ -149,7 +149,7 @@ def safe_torch_load(path: Path) -> Any:
                         f"nothing unsafe was executed; {fix_regen}") from err
 
 
-def _resolve_dirs(directory: str | Path) -> tuple[Path, Path]:
+def resolve_dirs(directory: str | Path) -> tuple[Path, Path]:
     """(directory holding the Q files, exp dir where clip_parameters.pth may live)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -321,7 +321,7 @@ def load_reference_rotations(directory: str | Path, *, num_layers: int, hidden_s
     looked up in the exp dir. ``num_blocks=None`` infers the block count from the files (one value for all layers);
     otherwise the files must match it. Raises :class:`UserError` on any inconsistency.
     """
-    q_dir, exp_dir = _resolve_dirs(directory)
+    q_dir, exp_dir = resolve_dirs(directory)
     model_name, paths = _find_q_files(q_dir, num_layers)
     q1s: list[torch.Tensor] = []
     q2s: list[torch.Tensor] = []

@@ -112,6 +112,22 @@ def fuse_norms(model: CausalLM) -> None:
     model.norm.fill_(1.0)
 
 
+@torch.no_grad()
+def center_embedding(model: CausalLM) -> None:
+    """Mean-centre every embedding row over the hidden dim (float64, cast once): the QuaRot/InfoQuant step that the
+    infoquant-reference profile reproduces. It changes an RMSNorm model's function."""
+    e = model.embed.weight.double()
+    model.embed.weight.copy_(e - e.mean(dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def round_weights(model: CausalLM, dtype: torch.dtype = torch.float16) -> None:
+    """Round every float weight (linears, embedding, LM head, norms) to ``dtype`` values, kept in float32 (the
+    reference stores its model in float16 after loading, fusion and every fold)."""
+    for p in model.parameters():
+        p.copy_(p.to(dtype).to(p.dtype))
+
+
 def _scale_inputs(layer: DecoderLayer, roles: tuple[str, ...], gamma: torch.Tensor) -> None:
     for role in roles:
         w = layer.linear(role).weight
@@ -201,15 +217,20 @@ def attach_online(model: CausalLM, rotation: Rotation, matrices: dict[str, torch
 
 
 def apply_transforms(model: CausalLM, schema: TransformSchema, matrices: dict[str, torch.Tensor] | None = None,
-                     fuse: bool = True) -> CausalLM:
+                     fuse: bool = True, round_to: torch.dtype | None = None) -> CausalLM:
     """Apply ``schema`` in place: fuse norms (unless already done), fold offline rotations and folds of online ones,
-    attach online ops. ``matrices`` holds the learned ones (``{matrix}.{layer}``)."""
+    attach online ops. ``matrices`` holds the learned ones (``{matrix}.{layer}``). ``round_to`` (infoquant-reference:
+    float16) rounds the weights after the fusion and after each rotation's folds."""
     for rotation in schema.rotations:
         rotation.validate()
     if schema.fused_norms and fuse:
         fuse_norms(model)
+        if round_to is not None:
+            round_weights(model, round_to)
     for rotation in schema.rotations:
         fold_rotation(model, rotation, matrices)
+        if round_to is not None:
+            round_weights(model, round_to)
         if rotation.mode == "online":
             attach_online(model, rotation, matrices)
     return model
