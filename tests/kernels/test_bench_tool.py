@@ -1,0 +1,35 @@
+"""tools/bench_kernels.py keeps running: its --smoke mode (tiny shapes, interpreter) prints the JSON it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_kernels_smoke(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
+                           "gemm,quantize,attention", "--out", str(tmp_path / "r.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert {"gemm", "quantize", "attention"} <= result.keys() and result["smoke"] is True
+    assert all(row["w4a4_gemm_ms"] > 0 and row["fp16_ms"] > 0 for row in result["gemm"])
+    assert all(row["kernel_ms"] > 0 for row in result["quantize"]) and result["attention"][0]["kv4_ms"] > 0
+
+
+def test_bench_kernels_without_gpu_exits_2():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
