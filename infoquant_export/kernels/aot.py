@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infoquant_export.kernels import interpreted, kernel_module
-from infoquant_export.kernels.ops import gemm_config, row_tile
+from infoquant_export.kernels.ops import decode_tile, gemm_config, row_tile, row_warps
 
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_87": 87, "sm_89": 89, "sm_90": 90}  # A100, RTX 30, Orin, RTX 40, H100
 
@@ -49,20 +49,18 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str)
              "seq_len": "i32",
              "pos0": "i32", "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32",
              "stride_st": "i32", "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32"}
-    warps = 4 if tile.elements <= 2048 else 8 if tile.elements <= 8192 else 16
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
                       {**tile.constexprs(), "QUANT": True, "PER_BLOCK": per_block, "BITS": 4},
-                      ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": warps})
+                      ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
 
 
 def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
-    gp = max(16, 1 << max(0, (group - 1).bit_length()))
+    gp, bt = decode_tile(group)
     types = {"q_ptr": "*fp16", "stride_qb": "i32", "stride_qh": "i32", "kc_ptr": "*u8", "ks_ptr": "*fp32",
              "kz_ptr": "*u8", "vc_ptr": "*u8", "vs_ptr": "*fp32", "vz_ptr": "*u8", "stride_cb": "i32",
              "stride_ch": "i32", "stride_ct": "i32", "stride_sb": "i32", "stride_sh": "i32", "len_ptr": "*i32",
              "part_o_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "num_kv_heads": "i32",
              "chunk": "i32", "max_len": "i32", "qk_scale": "fp32"}
-    bt = 128 if gp <= 16 else 64
     return KernelSpec(name, "attention", "kv4_decode_partial_kernel", types,
                       {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8, "DOT": 1},
                       ("kc_ptr", "vc_ptr", "stride_ct"), {"num_warps": 4})

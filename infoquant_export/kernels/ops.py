@@ -28,9 +28,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class KernelInputError(UserError):
     """An input the kernels do not support (shape, dtype, device, layout)."""
 
-    def __init__(self, problem: str, fix: str) -> None:
-        super().__init__(problem, fix)
-
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -131,7 +128,7 @@ def row_tile(n: int, num_blocks: int, rotate: bool, bits: int = 4) -> RowTile:
     return tile
 
 
-def _warps(elements: int) -> int:
+def row_warps(elements: int) -> int:
     return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
 
 
@@ -172,7 +169,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
         seq_len, pos0, *code_strides, *scale_strides,
         _f32(clip), _f32(clip_min),
         **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits,
-        num_warps=num_warps or _warps(tile.elements), enable_fp_fusion=False)
+        num_warps=num_warps or row_warps(tile.elements), enable_fp_fusion=False)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -455,6 +452,13 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
 _DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # tensor-core dot dtype of the decode kernel
 
 
+def decode_tile(group: int) -> tuple[int, int]:
+    """(query rows per program, tokens per step) of the decode kernel for a GQA group: rows padded to >= 16 for the
+    tensor cores; 128 tokens per step (H100, D=128: faster than 32 / 64), 64 for groups above 16."""
+    gp = max(16, _pow2(group))
+    return gp, 128 if gp <= 16 else 64
+
+
 def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs: int) -> int:
     """Power-of-2 number of context chunks so that ``batch_heads * splits`` fills the GPU."""
     splits = 1
@@ -502,8 +506,8 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
         raise KernelInputError(f"lengths {lengths.tolist()} outside 1..max_len={max_len}",
                                "pass max_len >= every length (and every length >= 1)")
     g = hq // hkv
-    gp = max(16, _pow2(g))
-    block_t = block_t or (128 if gp <= 16 else 64)  # H100, D=128: 128 tokens per step beat 32 / 64
+    gp, default_block_t = decode_tile(g)
+    block_t = block_t or default_block_t
     target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
     splits = splits or decode_splits(b * hkv, max_len, block_t, target)
     chunk = triton_cdiv(triton_cdiv(max_len, splits), block_t) * block_t

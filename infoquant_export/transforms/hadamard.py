@@ -347,6 +347,20 @@ def _fwht(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _block_factors(x: torch.Tensor, num_blocks: int, name: str) -> tuple[int, int, int, int]:
+    """(n, n_block, K, p) of the block Hadamard applied to the last dim of a floating-point ``x``."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} needs a floating-point tensor, got {x.dtype}")
+    n = x.shape[-1]
+    n_block = _block_size(n, num_blocks)
+    return (n, n_block, *hadamard_factors(n_block))
+
+
+def _paley_t(k: int, device: torch.device) -> torch.Tensor:
+    """``H_K^T`` (the +-1 Paley block, transposed) in float64 on ``device``."""
+    return torch.tensor(_paley_block(k), dtype=torch.float64, device=device).T
+
+
 def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
     """``x @ block_hadamard_matrix(x.shape[-1], num_blocks)`` for row vectors, without a dense matrix.
 
@@ -359,16 +373,11 @@ def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
        once to ``x.dtype`` (so every summation order gives the same float32 result; skipped when K == 1).
     3. Multiply by the python float ``1 / math.sqrt(n_block)`` cast to ``x.dtype``.
     """
-    if not x.is_floating_point():
-        raise TypeError(f"apply_hadamard needs a floating-point tensor, got {x.dtype}")
-    n = x.shape[-1]
-    n_block = _block_size(n, num_blocks)
-    k, p = hadamard_factors(n_block)
+    n, n_block, k, p = _block_factors(x, num_blocks, "apply_hadamard")
     lead = x.shape[:-1]
     y = _fwht(x.reshape(*lead, num_blocks, k, p))
     if k > 1:
-        hk_t = torch.tensor(_paley_block(k), dtype=torch.float64, device=x.device).T
-        y = torch.matmul(hk_t, y.double()).to(x.dtype)
+        y = torch.matmul(_paley_t(k, x.device), y.double()).to(x.dtype)
     scale = torch.tensor(1.0 / math.sqrt(n_block), dtype=x.dtype)
     return (y * scale).reshape(*lead, n)
 
@@ -382,15 +391,10 @@ def apply_hadamard_fp16(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
     2. divided by ``sqrt(n_block)``: ``fp16(float32(y) / float32(sqrt(n_block)))``;
     3. ``H_K^T @ Y`` over the K axis computed in float64 from the float16 values and rounded once to float16.
     """
-    if not x.is_floating_point():
-        raise TypeError(f"apply_hadamard_fp16 needs a floating-point tensor, got {x.dtype}")
-    n = x.shape[-1]
-    n_block = _block_size(n, num_blocks)
-    k, p = hadamard_factors(n_block)
+    n, n_block, k, p = _block_factors(x, num_blocks, "apply_hadamard_fp16")
     lead = x.shape[:-1]
     y = _fwht(x.float().reshape(*lead, num_blocks, k, p)).to(torch.float16)
     y = (y.float() / torch.tensor(math.sqrt(n_block), dtype=torch.float32)).to(torch.float16)
     if k > 1:
-        hk_t = torch.tensor(_paley_block(k), dtype=torch.float64).T
-        y = torch.matmul(hk_t, y.double()).to(torch.float16)
+        y = torch.matmul(_paley_t(k, x.device), y.double()).to(torch.float16)
     return y.reshape(*lead, n).to(x.dtype)
