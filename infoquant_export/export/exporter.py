@@ -25,6 +25,7 @@ from infoquant_export import __version__
 from infoquant_export.artifact import Manifest, read_manifest, require_exportable
 from infoquant_export.errors import UserError
 from infoquant_export.export.model_graph import DecoderGraph, TensorSource
+from infoquant_export.export.trt_graph import retype_uint8_as_int8
 
 TWO_GB = 2 * 1024**3
 EXTERNAL_THRESHOLD = 512 * 1024**2  # above this, stream weights to NAME.onnx.data (measured: 1.74 vs 6.1 GB peak RSS)
@@ -146,9 +147,11 @@ def export_onnx(directory: str | Path, out: str | Path, target: str = "ort", ext
 
 
 def trt_variant(path: Path) -> Path:
-    """The same graph without the local function bodies (TensorRT < 10.7 always inlines a local function)."""
+    """The same graph without the local function bodies (TensorRT < 10.7 always inlines a local function), with
+    the uint8 KV cache tensors typed int8 (``trt_graph``: TensorRT has no uint8 intermediates)."""
     model = onnx.load(str(path), load_external_data=False)  # inline weights load; external ones stay shared
     del model.functions[:]
+    retype_uint8_as_int8(model)
     for prop in model.metadata_props:
         if prop.key == META_PREFIX + "variant":
             prop.value = "trt-plugins"
