@@ -1,4 +1,5 @@
-"""Command line: ``infoquant-export quantize | eval | generate | export | verify``.
+"""Command line: ``infoquant-export quantize | eval | generate | export | verify | build | run``, and
+``infoquant-export MODEL.onnx --engine OUT.plan`` (= ``build``).
 
 Bad input exits with code 2 and one line naming the problem and the fix; Ctrl-C exits with 130 and leaves no
 partial output.
@@ -119,12 +120,14 @@ def _add_eval(sub: Any) -> None:
     _add_kernels(p)
 
 
-def _add_generate(sub: Any) -> None:
-    p = sub.add_parser("generate", help="greedy chat reply from an artifact, an exported .onnx or a FP model")
+def _add_generate(sub: Any, name: str = "generate") -> None:
+    p = sub.add_parser(name, help="greedy chat reply from an artifact, an exported .onnx, a TensorRT .plan or a "
+                       "FP model" + (" (same as generate)" if name != "generate" else ""))
     p.add_argument("target", nargs="?", help="artifact directory (--backend torch) or .onnx file (--backend ort)")
     p.add_argument("--model", help="full-precision model instead: demo | .gguf | HF directory")
-    p.add_argument("--backend", choices=("torch", "ort"), default=None,
-                   help="torch = fake-quant model (default for directories), ort = ONNX Runtime (default for .onnx)")
+    p.add_argument("--backend", choices=("torch", "ort", "trt"), default=None,
+                   help="torch = fake-quant model (default for directories), ort = ONNX Runtime (default for .onnx), "
+                   "trt = a TensorRT engine .plan (default for .plan; needs a GPU TensorRT supports)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
@@ -160,6 +163,22 @@ def _add_verify(sub: Any) -> None:
     p.add_argument("--layer-sqnr-db", type=float, default=40.0)
 
 
+def _add_build(sub: Any) -> None:
+    p = sub.add_parser("build", help="TensorRT engine from an exported .onnx with the infoquant plugins "
+                       "(also: infoquant-export MODEL.onnx --engine OUT.plan)")
+    p.add_argument("onnx", help="exported .onnx (or the .trt.onnx variant)")
+    p.add_argument("--engine", required=True, help="output .plan path (its directory must exist); sidecar PLAN.json")
+    p.add_argument("--sm", help="TensorRT-RTX ahead-of-time targets, e.g. 86,89 (default 89; RTX only)")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--max-seq", type=int, default=512, help="most new tokens per call (prefill profile)")
+    p.add_argument("--max-context", type=int, default=2048, help="most cached + new tokens (decode profile)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="precision of everything that is not an infoquant plugin (ModelOpt AutoCast for fp16/bf16)")
+    p.add_argument("--timing-cache", help="timing cache file (read when present, written after the build)")
+    p.add_argument("--trt", choices=("tensorrt", "tensorrt_rtx"), help="force a TensorRT flavour")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="infoquant-export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -168,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_export(sub)
     _add_verify(sub)
+    _add_build(sub)
+    _add_generate(sub, "run")
     return parser
 
 
@@ -218,7 +239,21 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from infoquant_export.eval.generate import chat, chat_prompt_ids
 
     target = _target(args)
-    backend = args.backend or ("ort" if str(target).endswith(".onnx") else "torch")
+    suffix = Path(str(target)).suffix
+    backend = args.backend or {".onnx": "ort", ".plan": "trt"}.get(suffix, "torch")
+    if backend == "trt":
+        from infoquant_export.trt.runtime import TrtDecoder
+
+        if args.model or suffix != ".plan":
+            raise UserError("--backend trt runs a TensorRT engine", "infoquant-export generate out.plan --backend trt "
+                            "--prompt ... (build it with infoquant-export MODEL.onnx --engine out.plan)")
+        _positive("--max-new-tokens", args.max_new_tokens)
+        decoder = TrtDecoder(target)
+        tokenizer = decoder.tokenizer()
+        ids = chat_prompt_ids(tokenizer, args.prompt).numpy()
+        tokens = decoder.greedy(ids, args.max_new_tokens, decoder.stop_ids(tokenizer))
+        return {"backend": "trt", "prompt": args.prompt, "tokens": tokens,
+                "text": tokenizer.decode(tokens, skip_special_tokens=True)}
     if backend == "ort":
         from infoquant_export.runtime.ort_decoder import OrtDecoder, ort_greedy_generate
 
@@ -273,14 +308,34 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def cmd_build(args: argparse.Namespace) -> dict[str, Any]:
+    from infoquant_export.trt.build import build_engine
+
+    result = build_engine(args.onnx, args.engine, sm=args.sm, max_batch=args.max_batch, max_seq=args.max_seq,
+                          max_context=args.max_context, precision=args.precision, timing_cache=args.timing_cache,
+                          flavour=args.trt, allow_reexec=True)
+    side = result.sidecar
+    return {"engine": str(result.plan_path), "sidecar": str(result.sidecar_path),
+            "tensorrt": f"{side['tensorrt']['flavour']} {side['tensorrt']['version']}", "targets": side["targets"],
+            "plugin_layers": {p["name"]: p["layers"] for p in side["plugins"]}, "plan_mb": round(side["plan_bytes"]
+            / 2**20, 2), "build_seconds": side["build_seconds"], "total_seconds": side["total_seconds"]}
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "build": cmd_build, "run": cmd_generate}
+
+
+def _engine_form(argv: list[str]) -> list[str]:
+    """``MODEL.onnx --engine OUT.plan ...`` -> ``build MODEL.onnx --engine OUT.plan ...``."""
+    if argv and argv[0].endswith(".onnx") and any(a == "--engine" or a.startswith("--engine=") for a in argv):
+        return ["build", *argv]
+    return argv
 
 
 def _report(command: str, result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
-    elif command == "generate":
+    elif command in ("generate", "run"):
         print(result["text"])
     elif command == "verify":
         verdict = "PASSED" if result["passed"] else "FAILED"
@@ -297,7 +352,7 @@ def _report(command: str, result: dict[str, Any], as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_engine_form(list(sys.argv[1:] if argv is None else argv)))
     try:
         result = COMMANDS[args.command](args)
     except UserError as err:

@@ -135,7 +135,7 @@ def _input_dim_names(model: Any) -> dict[str, list[str | int]]:
 def build_engine(onnx_path: str | Path, plan_path: str | Path, *, sm: str | list[int] | None = None,
                  max_batch: int = 1, max_seq: int = 512, max_context: int = 2048, precision: str = "fp32",
                  timing_cache: str | Path | None = None, flavour: str | None = None, builder_level: int | None = None,
-                 verbose: bool = False) -> BuildResult:
+                 verbose: bool = False, allow_reexec: bool = False) -> BuildResult:
     """Build ``plan_path`` from an exported ONNX file (see the module docstring); returns the sidecar."""
     from infoquant_export.trt import load_tensorrt, logger, register_plugins
 
@@ -150,7 +150,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, sm: str | list
         raise UserError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}", "use fp32, fp16 or bf16")
     profiles = default_profiles(max_batch, max_seq, max_context)
     model, meta, custom = check_onnx(onnx_path)  # check
-    trt_info = load_tensorrt(flavour)
+    trt_info = load_tensorrt(flavour, allow_reexec)
     sms = parse_sms(sm, trt_info.is_rtx)
     trt = trt_info.module
     register_plugins(trt_info.flavour)
