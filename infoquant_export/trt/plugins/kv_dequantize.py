@@ -26,9 +26,9 @@ class KVDequantizeSpec(PluginSpec):
         return [[*inputs[0][:3], b.const(attrs["head_dim"])]]
 
     def run(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        from infoquant_export.kernels import ops
-
         import torch
+
+        from infoquant_export.kernels import ops
 
         codes, scale, zero = (t.view(torch.uint8) if t.dtype == torch.int8 else t for t in inputs)
         b, h, t, _ = codes.shape
