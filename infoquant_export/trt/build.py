@@ -209,7 +209,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, sm: str | list
             config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{s}"), i)
     if builder_level is not None:
         config.builder_optimization_level = builder_level
-    cache = _load_timing_cache(config, timing_cache)
+    cache = None if trt_info.is_rtx else _load_timing_cache(config, timing_cache)  # RTX: timing caches are no-ops
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     build_seconds = time.perf_counter() - t0
@@ -230,6 +230,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, sm: str | list
         "model_config": meta.get("model_config"), "kv_cache": meta.get("kv_cache"),
         "network": {"layers": network.num_layers, "inputs": network.num_inputs, "outputs": network.num_outputs},
         "plan_bytes": len(data), "plan_sha256": hashlib.sha256(data).hexdigest(),
+        "timing_cache": (None if timing_cache is None else "not used: TensorRT-RTX has no timing cache"
+                         if trt_info.is_rtx else str(timing_cache)),
         "build_seconds": round(build_seconds, 3), "total_seconds": None,
     }
     sidecar_path = plan_path.with_name(plan_path.name + ".json")

@@ -1,0 +1,169 @@
+"""Engines built for real with TensorRT-RTX on the CPU (no GPU): plugin counts, plan contents, sidecar, CLI forms,
+bad input. TensorRT-RTX comes with the test extra (``.[test]`` includes ``trt-rtx``)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from infoquant_export.cli import main
+
+trt_rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (.[trt-rtx])")
+
+from infoquant_export.config import QuantConfig  # noqa: E402
+from infoquant_export.errors import UserError  # noqa: E402
+from infoquant_export.trt.build import build_engine  # noqa: E402
+
+FIELDS = (b"act_clip", b"act_clip_min", b"weight_bits", b"num_blocks", b"head_dim")
+
+
+def custom_counts(path):
+    model = onnx.load(str(path), load_external_data=False)
+    counts = {}
+    for n in model.graph.node:
+        if n.domain == "infoquant":
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def check_plan(result, onnx_path, targets):
+    plan = result.plan_path.read_bytes()
+    side = json.loads(result.sidecar_path.read_text())
+    assert len(plan) > 1_000_000  # measured: 6.5 MB (tiny, 2 targets), 401 MB (demo, 2 targets)
+    assert b"infoquant" in plan and all(f in plan for f in FIELDS)  # our plugins and their fields are serialized
+    assert {p["name"]: p["layers"] for p in side["plugins"]} == custom_counts(onnx_path)
+    assert side["targets"] == targets and side["tensorrt"]["flavour"] == "tensorrt_rtx"
+    assert [p["name"] for p in side["profiles"]] == ["prefill", "decode"]
+    assert not list(result.plan_path.parent.glob(".*tmp*"))  # nothing half-written left
+
+
+def test_tiny_engine_for_sm86_and_sm89(tiny_exported, tmp_path):
+    onnx_path, trt_path = tiny_exported
+    result = build_engine(onnx_path, tmp_path / "tiny.plan", sm="86,89", max_batch=2, max_seq=64, max_context=256)
+    check_plan(result, onnx_path, ["sm_86", "sm_89"])
+    assert sum(custom_counts(onnx_path).values()) == 22  # 8 QLinear, 6 Hadamard, 4 KVQuantize, 4 KVDequantize
+    import hashlib
+
+    assert result.sidecar["onnx"]["sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    # the function-free variant for old parsers builds the same plugin layers
+    check_plan(build_engine(trt_path, tmp_path / "tiny-trt.plan", sm="89"), trt_path, ["sm_89"])
+
+
+def test_silent_local_function_import_is_refused(tiny_exported, tmp_path):
+    """Without our plugins registered the parser imports a node's local-function body without complaint (here a
+    size-16 Hadamard, whose body is plain Reshape/Split/Add/Sub/Concat); the plugin-layer count is what refuses that
+    engine. Fresh process: plugin registration is global."""
+    from infoquant_export.trt.node_reference import single_node_model
+
+    model = onnx.load(str(tiny_exported[0]))
+    node = next(n for n in model.graph.node if n.op_type == "Hadamard")
+    single = single_node_model(model, node, {node.input[0]: ["batch", 16]})
+    single.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    single.metadata_props.extend(model.metadata_props)  # "ours" as far as the format check goes
+    onnx.save(single, str(tmp_path / "had.onnx"))
+    code = f"""
+import infoquant_export.trt as t
+from infoquant_export.errors import UserError
+from infoquant_export.trt.build import build_engine
+{{}}
+try:
+    build_engine({str(tmp_path / "had.onnx")!r}, {str(tmp_path / "x.plan")!r})
+    print("BUILT")
+except UserError as err:
+    print("REFUSED", err)
+"""
+    run = [sys.executable, "-c"]
+    out = subprocess.run(run + [code.format("t.register_plugins = lambda *a, **k: []")], capture_output=True,
+                         text=True, timeout=300).stdout
+    assert "REFUSED TensorRT imported {} plugin layers for {'Hadamard': 1}" in out, out[-500:]
+    assert not (tmp_path / "x.plan").exists()
+    out = subprocess.run(run + [code.format("")], capture_output=True, text=True, timeout=300).stdout
+    assert "BUILT" in out, out[-500:]  # with the plugins registered the same file builds
+
+
+def test_cli_engine_form_and_build_subcommand(tiny_exported, tmp_path, capsys):
+    onnx_path = tiny_exported[0]
+    assert main([str(onnx_path), "--engine", str(tmp_path / "a.plan"), "--sm", "89", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["targets"] == ["sm_89"] and out["plugin_layers"]["QLinear"] == 8
+    cache = tmp_path / "timing.cache"
+    assert main(["build", str(onnx_path), "--engine", str(tmp_path / "b.plan"), "--timing-cache", str(cache)]) == 0
+    side = json.loads((tmp_path / "b.plan.json").read_text())
+    assert side["timing_cache"].startswith("not used")  # TensorRT-RTX 1.7: timing-cache calls are no-ops
+    assert not cache.exists()
+
+
+def _rewrite(src, dst, fn):
+    model = onnx.load(str(src))
+    fn(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("case", ["foreign", "version", "truncated", "sm87", "sm90", "missing-dir", "unknown-op",
+                                  "profile"])
+def test_bad_input_exits_2_and_leaves_nothing(tiny_exported, tmp_path, capsys, case):
+    onnx_path = tiny_exported[0]
+    plan = tmp_path / "out.plan"
+    args = [str(onnx_path), "--engine", str(plan)]
+    if case == "foreign":
+        model = onnx.load(str(onnx_path))
+        del model.metadata_props[:]
+        onnx.save(model, str(tmp_path / "foreign.onnx"))
+        args[0] = str(tmp_path / "foreign.onnx")
+    elif case == "version":
+        def bump(model):
+            for a in model.graph.node[[n.domain for n in model.graph.node].index("infoquant")].attribute:
+                if a.name == "plugin_version":
+                    a.s = b"2"
+        args[0] = str(_rewrite(onnx_path, tmp_path / "v2.onnx", bump))
+    elif case == "unknown-op":
+        def rename(model):
+            model.graph.node[[n.domain for n in model.graph.node].index("infoquant")].op_type = "FancyOp"
+        args[0] = str(_rewrite(onnx_path, tmp_path / "op.onnx", rename))
+    elif case == "truncated":
+        data = onnx_path.read_bytes()
+        (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+        args[0] = str(tmp_path / "cut.onnx")
+    elif case in ("sm87", "sm90"):
+        args += ["--sm", case[2:]]
+    elif case == "missing-dir":
+        plan = tmp_path / "nope" / "out.plan"
+        args[2] = str(plan)
+    elif case == "profile":
+        args += ["--max-seq", "4096", "--max-context", "1024"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("infoquant-export: error:") and "\n" not in err and ";" in err  # problem; fix
+    assert not plan.exists() and not list(tmp_path.rglob("*.plan*"))
+
+
+@pytest.fixture(scope="module")
+def demo_onnx(tmp_path_factory):
+    """The demo model (SmolLM2-135M-Instruct) quantized W4A4KV4 (Hadamard, RTN) and exported; about 90 s on 2
+    cores. INFOQUANT_DEMO_ARTIFACT reuses an existing artifact directory."""
+    from infoquant_export.export.exporter import export_onnx
+    from infoquant_export.pipeline import quantize_to_dir
+
+    directory = os.environ.get("INFOQUANT_DEMO_ARTIFACT")
+    if not directory:
+        directory = tmp_path_factory.mktemp("demo") / "w4a4kv4"
+        quantize_to_dir("demo", QuantConfig(rotation="hadamard", weights="rtn"), directory, progress=False)
+    return export_onnx(directory, tmp_path_factory.mktemp("demo-onnx") / "model.onnx").onnx_path
+
+
+def test_demo_engine_for_sm89_and_sm86(demo_onnx, tmp_path):
+    result = build_engine(demo_onnx, tmp_path / "demo.plan", sm="86,89", max_batch=1, max_seq=512, max_context=2048)
+    check_plan(result, demo_onnx, ["sm_86", "sm_89"])
+    # measured: 120 QLinear, 90 Hadamard, 60 KVQuantize, 60 KVDequantize = 330 plugin layers, 30 decoder layers
+    assert sum(p["layers"] for p in result.sidecar["plugins"]) == 330
+
+
+def test_errors_are_user_errors_for_library_callers(tiny_exported, tmp_path):
+    with pytest.raises(UserError, match="not a TensorRT-RTX target"):
+        build_engine(tiny_exported[0], tmp_path / "x.plan", sm=[87])
+    assert not Path(tmp_path / "x.plan").exists()
