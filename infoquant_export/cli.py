@@ -161,6 +161,9 @@ def _add_verify(sub: Any) -> None:
     p.add_argument("--max-ppl-rel-diff", type=float, default=0.005)
     p.add_argument("--min-sqnr-db", type=float, default=40.0)
     p.add_argument("--layer-sqnr-db", type=float, default=40.0)
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="check the AutoCast form a TensorRT build with this --precision uses (ONNX Runtime, CPU)")
+    p.add_argument("--engine", help="check a TensorRT engine built from the .onnx instead (needs a supported GPU)")
 
 
 def _add_build(sub: Any) -> None:
@@ -299,7 +302,8 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     if args.plot and not Path(args.plot).parent.is_dir():
         raise UserError(f"directory of --plot {args.plot} does not exist", "create it first")
     report = verify(args.artifact, args.onnx, args.corpus, args.seq_len, args.windows,
-                    per_layer=args.per_layer or bool(args.plot), thresholds=th, plot=args.plot)
+                    per_layer=args.per_layer or bool(args.plot), thresholds=th, plot=args.plot,
+                    precision=args.precision, engine=args.engine)
     if args.json_path:
         from infoquant_export.fsutil import atomic_output_file
 
@@ -342,7 +346,8 @@ def _report(command: str, result: dict[str, Any], as_json: bool) -> None:
         where = (f"; first divergent layer {result['first_divergent_layer']}"
                  if result.get("first_divergent_layer") is not None else "")
         print(f"verify {verdict}: top-1 agreement {result['top1_agreement']:.4%}, ppl {result['ppl_reference']:.4f} "
-              f"(torch) vs {result['ppl_backend']:.4f} (ort), logits SQNR {result['logits_sqnr_db']} dB, "
+              f"(torch) vs {result['ppl_backend']:.4f} ({result['backend']}), "
+              f"logits SQNR {result['logits_sqnr_db']} dB, "
               f"KL {result['kl_divergence']:.3g} over {result['tokens']} tokens{where}")
     elif command == "eval":
         print(f"{result['config']}: ppl {result['ppl']:.3f} on {result['corpus']} "

@@ -75,10 +75,41 @@ def check_match(artifact_dir: str | Path, onnx_path: str | Path) -> dict[str, An
     return meta
 
 
+def open_backend(onnx_path: str | Path, extra: tuple[str, ...], precision: str, engine: str | Path | None,
+                 workdir: Path) -> tuple[Any, str]:
+    """The backend under test and its label: ONNX Runtime on the exported file, on its AutoCast form
+    (``precision`` fp16/bf16: what that TensorRT precision choice costs, measured on the CPU), or a TensorRT
+    engine (needs a GPU TensorRT supports)."""
+    if engine is not None:
+        from infoquant_export.trt.runtime import TrtDecoder
+
+        if extra:
+            raise UserError("--per-layer compares ONNX Runtime's layer outputs; an engine exposes none",
+                            "drop --per-layer with --engine")
+        return TrtDecoder(engine, onnx_path), "tensorrt"
+    if precision != "fp32":
+        from infoquant_export.trt.precision import autocast_file
+
+        path = autocast_file(Path(onnx_path), precision, workdir / f"autocast-{precision}.onnx")
+        return OrtDecoder(path, extra_outputs=extra), f"onnxruntime-cpu (autocast {precision})"
+    return OrtDecoder(onnx_path, extra_outputs=extra), "onnxruntime-cpu"
+
+
 def verify(artifact_dir: str | Path, onnx_path: str | Path, source: str = "default", seq_len: int = 512,
            num_windows: int = 16, per_layer: bool = False, thresholds: Thresholds | None = None,
-           plot: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Compare ONNX Runtime against the fake-quant model; returns the report (``passed`` included)."""
+           plot: str | Path | None = None, progress: bool = True, precision: str = "fp32",
+           engine: str | Path | None = None) -> dict[str, Any]:
+    """Compare a backend (ONNX Runtime by default) against the fake-quant model; returns the report."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="infoquant-verify-") as tmp:
+        return _verify(artifact_dir, onnx_path, source, seq_len, num_windows, per_layer, thresholds, plot, progress,
+                       precision, engine, Path(tmp))
+
+
+def _verify(artifact_dir: str | Path, onnx_path: str | Path, source: str, seq_len: int, num_windows: int,
+            per_layer: bool, thresholds: Thresholds | None, plot: str | Path | None, progress: bool, precision: str,
+            engine: str | Path | None, workdir: Path) -> dict[str, Any]:
     from polygraphy.comparator import IterationResult, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
     from tqdm.auto import tqdm
@@ -91,7 +122,7 @@ def verify(artifact_dir: str | Path, onnx_path: str | Path, source: str = "defau
     model = artifact.model
     layers = range(model.cfg.num_layers)
     extra = tuple(f"layers.{i}.output" for i in layers) if per_layer else ()
-    backend = OrtDecoder(onnx_path, extra_outputs=extra)
+    backend, label = open_backend(onnx_path, extra, precision, engine, workdir)
     tokens = corpus.tokenize(artifact.tokenizer, corpus.load_text(source, "evaluation"))
     windows = corpus.eval_windows(tokens, seq_len, num_windows)
     compare = SimpleCompareFunc(atol=th.polygraphy_atol, rtol=th.polygraphy_rtol, check_error_stat="median")
@@ -121,7 +152,7 @@ def verify(artifact_dir: str | Path, onnx_path: str | Path, source: str = "defau
             nll_ref += float(F.nll_loss(logp_ref[0, :-1], target, reduction="sum"))
             nll_backend += float(F.nll_loss(logp_test[0, :-1], target, reduction="sum"))
             result = compare(IterationResult({"logits": ref.numpy()}, runner_name="torch-fake-quant"),
-                             IterationResult({"logits": out}, runner_name="onnxruntime-cpu"))
+                             IterationResult({"logits": out}, runner_name=label))
             polygraphy_passed &= bool(all(bool(r) for r in result.values()))
     finally:
         for h in hooks:
@@ -130,7 +161,7 @@ def verify(artifact_dir: str | Path, onnx_path: str | Path, source: str = "defau
     predicted = len(windows) * (seq_len - 1)
     ppl_ref, ppl_backend = math.exp(nll_ref / predicted), math.exp(nll_backend / predicted)
     report: dict[str, Any] = {
-        "artifact": str(artifact_dir), "onnx": str(onnx_path), "backend": "onnxruntime-cpu",
+        "artifact": str(artifact_dir), "onnx": str(onnx_path), "backend": label, "precision": precision,
         "corpus": corpus.corpus_name(source), "windows": len(windows), "seq_len": seq_len, "tokens": total,
         "top1_agreement": agree / total, "ppl_reference": ppl_ref, "ppl_backend": ppl_backend,
         "ppl_rel_diff": abs(ppl_backend - ppl_ref) / ppl_ref, "logits_sqnr_db": _json_float(logits_stats.sqnr_db),

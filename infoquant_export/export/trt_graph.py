@@ -11,16 +11,17 @@ from __future__ import annotations
 import onnx
 
 UINT8, INT8 = onnx.TensorProto.UINT8, onnx.TensorProto.INT8
+MOVES_BYTES = {"Concat", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Transpose", "Expand"}  # any type
 
 
 def retype_uint8_as_int8(model: onnx.ModelProto) -> list[str]:
     """Retype every uint8 graph input, output and value info of the main graph as int8; returns their names.
-    Raises ValueError if a main-graph node other than Concat produces or consumes them (not an exported decoder)."""
+    Raises ValueError if a main-graph node that does more than move bytes (Concat, Reshape, ...) touches them."""
     graph = model.graph
     infos = [*graph.input, *graph.output, *graph.value_info]
     names = {vi.name for vi in infos if vi.type.tensor_type.elem_type == UINT8}
     for node in graph.node:
-        if node.domain == "" and node.op_type != "Concat" and names & {*node.input, *node.output}:
+        if node.domain == "" and node.op_type not in MOVES_BYTES and names & {*node.input, *node.output}:
             raise ValueError(f"uint8 tensor used by {node.op_type} node {node.name}: cannot retype for TensorRT")
         if node.domain == "" and any(a.name == "to" and a.i == UINT8 for a in node.attribute):
             raise ValueError(f"node {node.name} casts to uint8: cannot retype for TensorRT")

@@ -157,15 +157,16 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, sm: str | list
 
     from infoquant_export.export.trt_graph import retype_uint8_as_int8  # adapt
 
-    if meta.get("variant") == "reference":
+    if precision != "fp32":
+        from infoquant_export.trt.precision import autocast
+
+        model = autocast(onnx_path, precision, meta.get("variant"))
+        retype_uint8_as_int8(model)
+    elif meta.get("variant") == "reference":
         import onnx
 
         model = onnx.load(str(onnx_path), load_external_data=False)
         retype_uint8_as_int8(model)
-    if precision != "fp32":
-        from infoquant_export.trt.precision import autocast
-
-        model = autocast(model, onnx_path, precision)
     dim_names = _input_dim_names(model)
 
     log = logger(trt_info, verbose)
