@@ -80,7 +80,7 @@ def gemm_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[i
                          "w4a4_quant_gemm_ms": t_full, "speedup_gemm": t_fp16 / t_gemm,
                          "speedup_quant_gemm": t_fp16 / t_full, "fp16_tflops": flops / t_fp16 / 1e9,
                          "w4a4_tops": flops / t_gemm / 1e9,
-                         "config": ops._TUNED.get((ops._bucket(m), n, k // 2, torch.float16, False, False))})
+                         "config": ops._TUNED.get((ops._bucket(m), n, k // 2, torch.float16, False, False, False, False))})
     return rows
 
 
