@@ -182,7 +182,7 @@ VARIANT_GEMM = {
     "large": [("default", False, False, False, None),
               ("aplanes_swap", True, False, True, (128, 256, 64, 8, 8, 4)),
               ("aplanes_swap", True, False, True, (256, 128, 64, 8, 8, 4)),
-              ("aplanes_swap", True, False, True, (128, 128, 128, 8, 8, 4)),
+              ("aplanes_swap", True, False, True, (128, 128, 128, 8, 4, 4)),
               ("aplanes", True, False, False, (128, 256, 64, 8, 8, 4)),
               ("wplanes", False, True, False, (128, 256, 64, 8, 8, 4)),
               ("wplanes", False, True, False, (256, 128, 64, 8, 8, 4)),
