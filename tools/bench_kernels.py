@@ -1,6 +1,7 @@
 """Benchmark the W4A4KV4 kernels against torch FP16 (cuBLAS / SDPA) and a device-to-device copy; prints JSON.
 
-    python tools/bench_kernels.py [--sections gemm,quantize,attention,e2e,sweep] [--e2e-layers 4] [--out r.json]
+    python tools/bench_kernels.py [--sections gemm,quantize,attention,e2e,sweep,variants] [--e2e-layers 4]
+        [--out r.json]
     python tools/bench_kernels.py --smoke      # tiny shapes in Triton's interpreter on the CPU (checks the script)
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) in milliseconds, kernels and
@@ -80,7 +81,8 @@ def gemm_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[i
                          "w4a4_quant_gemm_ms": t_full, "speedup_gemm": t_fp16 / t_gemm,
                          "speedup_quant_gemm": t_fp16 / t_full, "fp16_tflops": flops / t_fp16 / 1e9,
                          "w4a4_tops": flops / t_gemm / 1e9,
-                         "config": ops._TUNED.get((ops._bucket(m), n, k // 2, torch.float16, False, False))})
+                         "config": ops._TUNED.get((ops._bucket(m), n, k // 2, torch.float16, False, False, False,
+                                                   False))})
     return rows
 
 
@@ -165,6 +167,214 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+# --sections variants: the exactness-preserving performance variants side by side with today's defaults (issue 6).
+# GEMM: (name, activation planes, weight planes, swap, tile (BM, BN, BK2, GROUP_M, warps, stages) or None = default)
+VARIANT_GEMM = {
+    "mid": [("default", False, False, False, None),
+            ("aplanes_swap", True, False, True, (128, 64, 64, 8, 4, 4)),
+            ("aplanes_swap", True, False, True, (64, 128, 128, 8, 4, 4)),
+            ("wplanes", False, True, False, (128, 64, 64, 8, 4, 4)),
+            ("planes", True, True, False, (128, 64, 64, 8, 4, 4)),
+            ("planes", True, True, False, (128, 128, 64, 8, 8, 4)),
+            ("planes", True, True, False, (64, 128, 128, 8, 4, 4))],
+    "large": [("default", False, False, False, None),
+              ("aplanes_swap", True, False, True, (128, 256, 64, 8, 8, 4)),
+              ("aplanes_swap", True, False, True, (256, 128, 64, 8, 8, 4)),
+              ("aplanes_swap", True, False, True, (128, 128, 128, 8, 4, 4)),
+              ("aplanes", True, False, False, (128, 256, 64, 8, 8, 4)),
+              ("wplanes", False, True, False, (128, 256, 64, 8, 8, 4)),
+              ("wplanes", False, True, False, (256, 128, 64, 8, 8, 4)),
+              ("planes", True, True, False, (128, 256, 64, 8, 8, 4)),
+              ("planes", True, True, False, (256, 128, 64, 8, 8, 4)),
+              ("planes", True, True, False, (128, 256, 128, 8, 8, 3)),
+              ("planes", True, True, False, (128, 128, 128, 8, 4, 4))],
+}
+# quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes)
+VARIANT_QUANT = [("default", None, None, False), ("warps4", 4, None, False), ("warps8", 8, None, False),
+                 ("warps16", 16, None, False), ("planes", None, None, True), ("chunk1024_w4", 4, 1024, False),
+                 ("chunk2048_w4", 4, 2048, False), ("chunk2048_w8", 8, 2048, False), ("chunk4096_w8", 8, 4096, False)]
+# decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
+VARIANT_ATTN = [(128, 4, 2, 1), (128, 4, 4, 1), (128, 4, 3, 2), (128, 4, 3, 4), (256, 4, 3, 1), (256, 8, 3, 2)]
+
+
+class _Budget:
+    """Stops starting new measurements after ``seconds`` (the rest are recorded as skipped)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+
+    def over(self) -> bool:
+        return time.perf_counter() > self.end
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Median ms of ``fn`` as a CUDA-graph replay (GPU time, no launch overhead); eager on the CPU."""
+    if device.type != "cuda":
+        return bench(fn, device)
+    from triton.testing import do_bench
+
+    return float(do_bench(graphed(fn), warmup=10, rep=40, return_mode="median"))
+
+
+def _try(row: dict, key: str, fn: Callable[[], float]) -> None:
+    try:
+        row[key] = fn()
+    except Exception as exc:  # out of shared memory / registers for a tile: record and go on
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+
+
+def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[int], budget: _Budget) -> list[dict]:
+    rows = []
+    for n, k in shapes:
+        weight = _packed_weight(n, k, device).with_planes()
+        packed_only = ops.PackedWeight(weight.codes, weight.scale, weight.rowsum)
+        w16 = torch.randn(n, k, dtype=torch.float16, device=device)
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.float16, device=device)
+            act = ops.quantize_rows(x, 4, 0.9)
+            act_p = ops.quantize_rows_variant(x, 4, 0.9, planes=True)
+            row: dict = {"M": m, "N": n, "K": k, "variants": []}
+            if budget.over():
+                row["skipped"] = True
+                rows.append(row)
+                continue
+            row["fp16_ms"] = _timed(partial(F.linear, x, w16), device)
+            row["quant_ms"] = _timed(partial(ops.quantize_rows, x, 4, 0.9), device)
+            row["quant_planes_ms"] = _timed(partial(ops.quantize_rows_variant, x, 4, 0.9, planes=True), device)
+            ref = ops.w4a4_linear(act, packed_only, out_dtype=torch.float16)
+            for name, a_planes, w_planes, swap, tile in VARIANT_GEMM["small" if m <= 16 else ops._bucket(m)]:
+                if budget.over():
+                    row["variants"].append({"name": name, "tile": tile, "skipped": True})
+                    continue
+                keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
+                cfg = ops.gemm_config(m, k // 2) if tile is None else dict(zip(keys, tile, strict=True))
+                if tile is not None and (k // 2) % cfg["BK2"]:
+                    continue
+                cfg = {**cfg, "W_PLANES": int(w_planes), "SWAP": int(swap)}
+                a = act_p if a_planes else act
+                fn = partial(ops.w4a4_linear, a, weight, out_dtype=torch.float16, config=cfg)
+                v: dict = {"name": name, "config": cfg}
+                _try(v, "gemm_ms", lambda fn=fn: _timed(fn, device))
+                if "gemm_ms" in v:
+                    v["same_bits"] = bool(torch.equal(fn(), ref))
+                    v["speedup_gemm"] = row["fp16_ms"] / v["gemm_ms"]
+                    v["quant_gemm_ms"] = v["gemm_ms"] + row["quant_planes_ms" if a_planes else "quant_ms"]
+                    v["speedup_quant_gemm"] = row["fp16_ms"] / v["quant_gemm_ms"]
+                    v["tops"] = 2 * m * n * k / v["gemm_ms"] / 1e9
+                row["variants"].append(v)
+            ok = [v for v in row["variants"] if "gemm_ms" in v and v["same_bits"]]
+            if ok:
+                best = min(ok, key=lambda v: v["quant_gemm_ms"])
+                row["best"] = {"name": best["name"], "config": best["config"], "speedup_gemm": best["speedup_gemm"],
+                               "speedup_quant_gemm": best["speedup_quant_gemm"]}
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int | None]],
+                      budget: _Budget) -> list[dict]:
+    rows = []
+    for n, blocks in sizes:
+        x = torch.randn(m, n, dtype=torch.float16, device=device)
+        y = torch.empty_like(x)
+        row: dict = {"M": m, "n": n, "hadamard_blocks": blocks, "variants": []}
+        if budget.over():
+            row["skipped"] = True
+            rows.append(row)
+            continue
+        row["copy_ms"] = _timed(partial(y.copy_, x), device)
+        moved = x.numel() * 2 + x.numel() // 2 + m * 5
+        ref = ops.quantize_rows(x, 4, 0.9, None, blocks)
+        for name, warps, chunk, planes in VARIANT_QUANT:
+            if (chunk is not None and blocks is not None) or budget.over():
+                continue
+            fn = partial(ops.quantize_rows_variant, x, 4, 0.9, None, blocks, num_warps=warps, chunk=chunk,
+                         planes=planes)
+            v: dict = {"name": name, "num_warps": warps, "chunk": chunk, "planes": planes}
+            _try(v, "ms", lambda fn=fn: _timed(fn, device))
+            if "ms" in v:
+                out = fn()
+                codes = out.codes
+                if planes:  # back to the packed layout to compare
+                    lo, hi = codes[:, : n // 2].to(torch.uint8), codes[:, n // 2:].to(torch.uint8)
+                    codes = lo | (hi << 4)
+                v["same_bits"] = bool(torch.equal(codes, ref.codes) and torch.equal(out.scale, ref.scale)
+                                      and torch.equal(out.zero, ref.zero))
+                v["fraction_of_copy"] = (moved / v["ms"]) / (2 * x.numel() * 2 / row["copy_ms"])
+            row["variants"].append(v)
+        ok = [v for v in row["variants"] if "ms" in v and v["same_bits"] and not v["planes"]]
+        if ok:
+            best = min(ok, key=lambda v: v["ms"])
+            row["best"] = {"name": best["name"], "fraction_of_copy": best["fraction_of_copy"]}
+        rows.append(row)
+    return rows
+
+
+def variants_attention(device: torch.device, cases: list[tuple[int, int]], heads: int, head_dim: int,
+                       budget: _Budget) -> list[dict]:
+    rows = []
+    for batch, ctx in cases:
+        row: dict = {"batch": batch, "context": ctx, "variants": []}
+        if budget.over():
+            row["skipped"] = True
+            rows.append(row)
+            continue
+        k16 = torch.randn(batch, heads, ctx, head_dim, dtype=torch.float16, device=device)
+        v16 = torch.randn_like(k16)
+        q = torch.randn(batch, heads, head_dim, dtype=torch.float16, device=device)
+        row["sdpa_fp16_ms"] = _timed(partial(F.scaled_dot_product_attention, q[:, :, None], k16, v16), device)
+        del k16, v16
+        k4 = ops.KVCache4(torch.randint(0, 256, (batch, heads, ctx, head_dim // 2), dtype=torch.uint8, device=device),
+                          torch.rand(batch, heads, ctx, device=device) * 0.1,
+                          torch.randint(0, 16, (batch, heads, ctx), dtype=torch.uint8, device=device))
+        v4 = ops.KVCache4(k4.codes.clone(), k4.scale.clone(), k4.zero.clone())
+        lengths = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        ref = ops.kv4_decode_attention(q, k4, v4, lengths, ctx).float()
+        default_bt = ops.decode_tile(1)[1]
+        configs = [("default", None, None, 4, 3, None)]
+        for block_t, warps, stages, mult in VARIANT_ATTN:
+            splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
+            configs.append((f"bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages, mult))
+        for name, splits, block_t, warps, stages, _mult in configs:
+            if budget.over():
+                break
+            fn = partial(ops.kv4_decode_attention, q, k4, v4, lengths, ctx, splits, block_t, warps, stages)
+            v: dict = {"name": name, "splits": splits, "block_t": block_t or default_bt, "num_warps": warps,
+                       "num_stages": stages}
+            _try(v, "ms", lambda fn=fn: _timed(fn, device))
+            if "ms" in v:
+                out = fn().float()
+                v["same_bits"] = bool(torch.equal(out, ref))
+                v["max_rel_diff"] = float((out - ref).abs().max() / ref.abs().max())
+                v["speedup"] = row["sdpa_fp16_ms"] / v["ms"]
+                v["kv4_GBps"] = 2 * batch * heads * ctx * (head_dim // 2 + 5) / v["ms"] / 1e6
+            row["variants"].append(v)
+        ok = [v for v in row["variants"] if "ms" in v]
+        if ok:
+            best = min(ok, key=lambda v: v["ms"])
+            row["best"] = {"name": best["name"], "speedup": best["speedup"]}
+        rows.append(row)
+        del k4, v4
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def variants_section(device: torch.device, smoke: bool, budget_s: float) -> dict:
+    """Every variant next to the default and the FP16 / copy baselines; ``same_bits`` compares its output with
+    the default's on the GPU (GEMM, quantize: must be true). Stops starting measurements after ``budget_s``."""
+    budget = _Budget(budget_s)
+    shapes = [(128, 256)] if smoke else GEMM_SHAPES
+    out = {"gemm": variants_gemm(device, shapes, [32] if smoke else [256, 2048], budget)}
+    sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43)]
+    out["quantize"] = variants_quantize(device, 4 if smoke else 4096, sizes, budget)
+    cases = [(1, 256)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
+    out["attention"] = variants_attention(device, cases, 4 if smoke else 32, 64 if smoke else 128, budget)
+    return out
 
 
 class FP16Decoder:
@@ -280,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-layers", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (script check only)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--variants-budget-s", type=float, default=170.0,
+                   help="--sections variants starts no new measurement after this many seconds")
     args = p.parse_args(argv)
     smoke = args.smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -311,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(1, 64)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
         result["attention"] = attention_section(device, cases, 4 if smoke else 32, 64 if smoke else 128,
                                                 "sweep" in sections)
+    if "variants" in sections:
+        result["variants"] = variants_section(device, smoke, args.variants_budget_s)
     if "e2e" in sections:
         result["e2e"] = e2e_section(device, "smollm2-135m" if smoke else "llama2-7b", 1 if smoke else args.e2e_layers,
                                     [(1, 16)] if smoke else [(1, 2048), (4, 512)],

@@ -1,6 +1,7 @@
 """Compile every kernel specialisation to PTX and cubin for sm_80/86/87/89/90 on a CPU machine.
 
     python tools/compile_kernels.py --out build/kernels [--targets sm_90,sm_87] [--only w4a4_gemm_m2048_k4096]
+        [--variants]
 
 Writes ``OUT/<target>/<spec>.ptx`` / ``.cubin`` and ``OUT/manifest.json``; prints the manifest (JSON): per target
 and spec the MMA instructions in the PTX, shared memory, cubin size and sha256, compile seconds.
@@ -19,7 +20,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are imported: compile
 
 from infoquant_export.errors import UserError  # noqa: E402
 from infoquant_export.fsutil import atomic_output_dir  # noqa: E402
-from infoquant_export.kernels.aot import TARGETS, compile_spec, default_specs  # noqa: E402
+from infoquant_export.kernels.aot import TARGETS, compile_spec, default_specs, variant_specs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="new output directory")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from " + ",".join(TARGETS))
     p.add_argument("--only", default=None, help="comma-separated spec names")
+    p.add_argument("--variants", action="store_true", help="also the performance variants (aot.variant_specs)")
     args = p.parse_args(argv)
     try:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         unknown = [t for t in targets if t not in TARGETS]
         if unknown:
             raise UserError(f"unknown target(s) {unknown}", f"choose from {', '.join(TARGETS)}")
-        specs = default_specs()
+        specs = default_specs() + (variant_specs() if args.variants else [])
         if args.only:
             wanted = set(args.only.split(","))
             specs = [s for s in specs if s.name in wanted]

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of the kernels, as one script for a lent GPU machine (no network, no install of this package):
-#   bash tools/gpu_check.sh OUTDIR        (SECTIONS=gemm,quantize,... selects benchmark sections)
-# Runs `pytest -m gpu tests/gpu` and tools/bench_kernels.py; writes pytest.txt, bench.json, bench.log to OUTDIR.
+#   bash tools/gpu_check.sh OUTDIR
+# 1. `pytest -m gpu` on TESTS (default: tests/gpu, i.e. the kernels and their performance variants) -> pytest.txt
+# 2. tools/bench_kernels.py --sections SECTIONS (default: variants, each variant next to the default and the
+#    FP16 / copy baselines; it starts no measurement after VARIANTS_BUDGET_S seconds) -> bench.json, bench.log
+# Time limits: TEST_TIMEOUT (default 200 s), BENCH_TIMEOUT (default 240 s), VARIANTS_BUDGET_S (default 170 s).
+# H100 expectation: ~2.5 min of tests (compiles included), ~2.5-3 min of variants.
 set -u
 OUT=${1:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -12,9 +16,14 @@ python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'trit
 if ls .gpu_wheels/numpy-*.whl >/dev/null 2>&1; then  # triton 3.6's interpreter needs numpy < 2.4
   python3 -m pip install -q --no-deps --target /tmp/np .gpu_wheels/numpy-*.whl && export INFOQUANT_INTERPRETER_PYTHONPATH=/tmp/np
 fi
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu tests/gpu -q -s -p no:cacheprovider 2>&1 | tail -60 > "$OUT/pytest.txt"
+start=$(date +%s)
+# shellcheck disable=SC2086
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -m gpu ${TESTS:-tests/gpu} -q -s -p no:cacheprovider --durations=8 2>&1 \
+  | tail -60 > "$OUT/pytest.txt"
 tail -25 "$OUT/pytest.txt"
-timeout "${BENCH_TIMEOUT:-300}" python3 tools/bench_kernels.py --sections "${SECTIONS:-gemm,sweep,quantize,attention,e2e}" \
-  --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-echo "bench rc=$?"
+echo "tests took $(( $(date +%s) - start )) s"
+start=$(date +%s)
+timeout "${BENCH_TIMEOUT:-240}" python3 tools/bench_kernels.py --sections "${SECTIONS:-variants}" \
+  --variants-budget-s "${VARIANTS_BUDGET_S:-170}" --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+echo "bench rc=$? took $(( $(date +%s) - start )) s"
 tail -c 1500 "$OUT/bench.log"

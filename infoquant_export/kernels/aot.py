@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infoquant_export.kernels import interpreted, kernel_module
-from infoquant_export.kernels.ops import decode_tile, gemm_config, row_tile, row_warps
+from infoquant_export.kernels.ops import (
+    GEMM_PLANE_TILES,
+    decode_tile,
+    gemm_candidates,
+    gemm_config,
+    row_tile,
+    row_warps,
+)
 
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_87": 87, "sm_89": 89, "sm_90": 90}  # A100, RTX 30, Orin, RTX 40, H100
 
@@ -42,6 +49,23 @@ def _gemm(name: str, m: int, k: int, out: str) -> KernelSpec:
                        "stride_ym"), opts)
 
 
+def _gemm_v2(name: str, m: int, k: int, out: str, a_planes: bool, w_planes: bool, swap: bool,
+             tile: int = 0) -> KernelSpec:
+    """A ``w4a4_gemm_v2_kernel`` variant with the ``tile``-th ``GEMM_PLANE_TILES`` config of its M bucket."""
+    cfg = gemm_candidates(m, k // 2, GEMM_PLANE_TILES)[tile]
+    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    types = {"a_ptr": "*i8" if a_planes else "*u8", "a_scale_ptr": "*fp32", "a_zero_ptr": "*u8",
+             "w_ptr": "*i8" if w_planes else "*u8", "w_scale_ptr": "*fp32", "w_rowsum_ptr": "*i32",
+             "bias_ptr": "*fp32", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "M": "i32", "N": "i32", "K2": "i32",
+             "stride_am": "i32", "stride_ap": "i32", "stride_wn": "i32", "stride_wp": "i32", "stride_rm": "i32",
+             "stride_ym": "i32"}
+    return KernelSpec(name, "gemm", "w4a4_gemm_v2_kernel", types,
+                      {"HAS_BIAS": False, "HAS_RES": True, "A_PLANES": a_planes, "W_PLANES": w_planes, "SWAP": swap,
+                       **cfg},
+                      ("a_ptr", "w_ptr", "res_ptr", "y_ptr", "K2", "stride_am", "stride_ap", "stride_wn",
+                       "stride_wp", "stride_rm", "stride_ym"), opts)
+
+
 def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str) -> KernelSpec:
     tile = row_tile(n, blocks, rotate)
     types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp64", "scratch_ptr": "*fp32", "inv_sqrt": "fp32",
@@ -50,7 +74,7 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str)
              "pos0": "i32", "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32",
              "stride_st": "i32", "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32"}
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
-                      {**tile.constexprs(), "QUANT": True, "PER_BLOCK": per_block, "BITS": 4},
+                      {**tile.constexprs(), "QUANT": True, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False},
                       ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
 
 
@@ -78,6 +102,25 @@ def default_specs() -> list[KernelSpec]:
         _rows("kv_hadamard_quantize_32x128", 4096, 32, True, True, "fp16"),
         _decode("kv4_decode_g1_d128", 1, 128),
         _decode("kv4_decode_g3_d64", 3, 64),
+    ]
+
+
+def variant_specs() -> list[KernelSpec]:
+    """The performance variants (``tools/bench_kernels.py --sections variants``) at LLaMA-2-7B prefill shapes:
+    the GEMM operand layouts, the planar and chunked activation quantization."""
+    chunk_types = {"x_ptr": "*fp16", "stride_xr": "i32", "codes_ptr": "*u8", "stride_cr": "i32",
+                   "scale_ptr": "*fp32", "zero_ptr": "*u8", "n": "i32", "clip": "fp32", "clip_min": "fp32"}
+    planes = _rows("hadamard_quantize_4096_planes", 4096, 1, True, False, "fp16")
+    return [
+        _gemm_v2("w4a4_gemm_v2_aplanes_swap_m2048", 2048, 4096, "fp16", True, False, True),
+        _gemm_v2("w4a4_gemm_v2_wplanes_m2048", 2048, 4096, "fp16", False, True, False),
+        _gemm_v2("w4a4_gemm_v2_planes_m2048", 2048, 4096, "fp16", True, True, False),
+        _gemm_v2("w4a4_gemm_v2_planes_m256", 256, 4096, "fp16", True, True, False),
+        KernelSpec(planes.name, planes.module, planes.kernel, {**planes.types, "codes_ptr": "*i8"},
+                   {**planes.constexprs, "PLANES": True}, planes.divisible, planes.options),
+        KernelSpec("quantize_chunked_2048", "quantize", "quantize_rows_chunked_kernel", chunk_types,
+                   {"CH": 2048, "PLANES": False}, ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"),
+                   {"num_warps": 4}),
     ]
 
 

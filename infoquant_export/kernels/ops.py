@@ -135,12 +135,22 @@ def row_warps(elements: int) -> int:
 @dataclass
 class PackedRows:
     """Per-row quantized values: codes ``[M, n/2]`` uint8 (4-bit, packed) or ``[M, n]`` (8-bit),
-    scale ``[M]`` float32, zero point ``[M]`` uint8."""
+    scale ``[M]`` float32, zero point ``[M]`` uint8.
+
+    ``planes=True`` (4-bit only, from ``quantize_rows_variant(..., planes=True)``): codes are int8 ``[M, n]``, each
+    row the even elements (the low nibbles) then the odd elements (the high nibbles), unpacked -- the prefill GEMM
+    operand that goes to the tensor cores without a register unpack."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int = 4
+    planes: bool = False
+
+    @property
+    def k2(self) -> int:
+        """Packed bytes per row (n/2) of 4-bit codes, in either layout."""
+        return self.codes.shape[1] // 2 if self.planes else self.codes.shape[1]
 
 
 def _f32(value: float) -> float:
@@ -158,7 +168,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
                  clip_min: float, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, y: torch.Tensor,
                  seq_len: int, pos0: int, code_strides: tuple[int, int, int],
                  scale_strides: tuple[int, int, int], inv_sqrt: float | None = None,
-                 num_warps: int | None = None) -> None:
+                 num_warps: int | None = None, planes: bool = False) -> None:
     mod = kernel_module("quantize")
     k_step = tile.rotate and tile.k > 1
     hk = _hk_t(tile.k, _pow2(tile.nb), tile.kp, str(x2.device)) if k_step else scale
@@ -168,7 +178,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
         x2, x2.stride(0), hk, scratch, inv_sqrt, codes, scale, zero, y, y.stride(0) if y.dim() > 1 else 0,
         seq_len, pos0, *code_strides, *scale_strides,
         _f32(clip), _f32(clip_min),
-        **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits,
+        **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes,
         num_warps=num_warps or row_warps(tile.elements), enable_fp_fusion=False)
 
 
@@ -194,13 +204,35 @@ def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
     return (y * torch.tensor(_inv_sqrt(tile.n_block), dtype=torch.float32)).reshape(m, -1)
 
 
+QUANT_CHUNK: int | None = None
+"""Default chunk of the two-pass quantize-only kernel (``quantize_rows_chunked_kernel``) for rows without
+rotation, or None for the one-pass row-tile kernel. Either computes the same bits."""
+
+
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
                   hadamard_blocks: int | None = None, num_warps: int | None = None) -> PackedRows:
     """Per-row asymmetric quantization of ``x [..., n]``, optionally after the block Hadamard (fused, one pass).
 
     Bit-identical to ``apply_hadamard`` + ``activation_qparams`` / ``quantize_activation`` + ``pack_uint4``.
     """
+    return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps)
+
+
+def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
+                          hadamard_blocks: int | None = None, *, num_warps: int | None = None,
+                          planes: bool = False, chunk: int | None = None) -> PackedRows:
+    """``quantize_rows`` with the kernel variants (same codes, scales and zero points):
+
+    ``planes``: 4-bit codes written unpacked as int8 planes (``PackedRows.planes``; the prefill GEMM operand);
+    ``chunk``: rows without rotation go through the two-pass chunked kernel with chunks of ``chunk`` values
+    (a power of two >= 64; default ``QUANT_CHUNK``), ``num_warps`` then applies to it (default 4).
+    """
     _check_bits(bits)
+    if planes and bits != 4:
+        raise KernelInputError("planes=True holds 4-bit codes", "use bits=4 or planes=False")
+    chunk = QUANT_CHUNK if chunk is None else chunk
+    if chunk is not None and (chunk < 64 or chunk & (chunk - 1)):
+        raise KernelInputError(f"chunk={chunk} is not a power of two >= 64", "pass a valid chunk or None")
     x2 = _rows(x, "x")
     _check_device(x2)
     if hadamard_blocks is not None and hadamard_blocks < 1:
@@ -210,15 +242,24 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
         x2 = _rotate_unfused(x2, tile)
         tile = row_tile(x2.shape[1], 1, False, bits)
     m, n = x2.shape
-    codes = torch.empty(m, n // 2 if bits == 4 else n, dtype=torch.uint8, device=x2.device)
+    if planes:
+        codes = torch.empty(m, n, dtype=torch.int8, device=x2.device)
+    else:
+        codes = torch.empty(m, n // 2 if bits == 4 else n, dtype=torch.uint8, device=x2.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
     zero = torch.empty(m, dtype=torch.uint8, device=x2.device)
+    clip_min = clip if clip_min is None else clip_min
+    if chunk is not None and not tile.rotate and bits == 4:
+        kernel_module("quantize").quantize_rows_chunked_kernel[(m,)](
+            x2, x2.stride(0), codes, codes.stride(0), scale, zero, n, _f32(clip), _f32(clip_min),
+            CH=chunk, PLANES=planes, num_warps=num_warps or 4, enable_fp_fusion=False)
+        return PackedRows(codes, scale, zero, bits, planes)
     block_bytes = tile.n_block // 2 if bits == 4 else tile.n_block
     _launch_rows(x2, tile, quant=True, per_block=False, bits=bits, clip=clip,
-                 clip_min=clip if clip_min is None else clip_min, codes=codes, scale=scale, zero=zero,
+                 clip_min=clip_min, codes=codes, scale=scale, zero=zero,
                  y=scale, seq_len=m, pos0=0, code_strides=(0, codes.stride(0), block_bytes),
-                 scale_strides=(0, 1, 0), num_warps=num_warps)
-    return PackedRows(codes, scale, zero, bits)
+                 scale_strides=(0, 1, 0), num_warps=num_warps, planes=planes)
+    return PackedRows(codes, scale, zero, bits, planes)
 
 
 def hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
@@ -328,6 +369,9 @@ class PackedWeight:
     scale: torch.Tensor
     rowsum: torch.Tensor
     bias: torch.Tensor | None = None
+    planes: torch.Tensor | None = None
+    """Optional unpacked copy for the prefill GEMM (``with_planes``): int8 ``[N, K]``, each row the even-k codes
+    then the odd-k codes. Twice the bytes of ``codes``; used for M >= ``W_PLANES_MIN_M`` (memory for speed)."""
 
     @property
     def out_features(self) -> int:
@@ -353,7 +397,14 @@ class PackedWeight:
 
     def to(self, device: torch.device | str) -> PackedWeight:
         return PackedWeight(self.codes.to(device), self.scale.to(device), self.rowsum.to(device),
-                            None if self.bias is None else self.bias.to(device))
+                            None if self.bias is None else self.bias.to(device),
+                            None if self.planes is None else self.planes.to(device))
+
+    def with_planes(self) -> PackedWeight:
+        """This weight plus its int8 planes (``planes``), built from ``codes`` on their device."""
+        lo = (self.codes << 4).view(torch.int8) >> 4
+        hi = self.codes.view(torch.int8) >> 4
+        return PackedWeight(self.codes, self.scale, self.rowsum, self.bias, torch.cat([lo, hi], dim=1).contiguous())
 
 
 GEMM_TILES = {  # (BM, BN, BK2, GROUP_M, num_warps, num_stages); the first is the default, the rest autotune options
@@ -366,16 +417,28 @@ GEMM_TILES = {  # (BM, BN, BK2, GROUP_M, num_warps, num_stages); the first is th
 }
 _TUNED: dict[tuple, dict[str, int]] = {}
 
+# Operand-layout variants (w4a4_gemm_v2_kernel), used when an operand comes as int8 planes (PackedRows.planes from
+# quantize_rows_variant(planes=True), PackedWeight.with_planes()). "SWAP" puts the weight on the left of the MMA
+# (read from registers by wgmma); it is chosen when only the activation is planar (the weight is unpacked in
+# registers). The first tile per bucket is the default, the rest autotune options.
+GEMM_PLANE_TILES = {
+    "small": [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4)],
+    "mid": [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4), (64, 128, 128, 8, 4, 4)],
+    "large": [(128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4)],
+}
+W_PLANES_MIN_M = 17  # below, a weight's packed codes are read even when it has planes (half the bytes)
+
 
 def _bucket(m: int) -> str:
     return "small" if m <= 16 else "mid" if m <= 256 else "large"
 
 
-def gemm_candidates(m: int, k2: int) -> list[dict[str, int]]:
+def gemm_candidates(m: int, k2: int, tiles: dict[str, list[tuple]] | None = None) -> list[dict[str, int]]:
     """Tile configs for M rows and K/2 packed bytes whose BK2 divides K/2 (the default first)."""
+    tiles = GEMM_TILES if tiles is None else tiles
     keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
-    fits = [dict(zip(keys, t, strict=True)) for t in GEMM_TILES[_bucket(m)] if k2 % t[2] == 0]
-    return fits or [dict(zip(keys, (*GEMM_TILES[_bucket(m)][0][:2], 32, *GEMM_TILES[_bucket(m)][0][3:]),
+    fits = [dict(zip(keys, t, strict=True)) for t in tiles[_bucket(m)] if k2 % t[2] == 0]
+    return fits or [dict(zip(keys, (*tiles[_bucket(m)][0][:2], 32, *tiles[_bucket(m)][0][3:]),
                              strict=True))]
 
 
@@ -400,24 +463,34 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
 
     Returns ``[M, N]`` in ``out_dtype``; bit-identical to ``integer_linear`` (+ residual) in float32. On a GPU the
     tile config is autotuned once per (M bucket, N, K, dtypes) among ``GEMM_TILES`` (``INFOQUANT_GEMM_AUTOTUNE=0``
-    keeps the default); ``config`` forces one.
+    keeps the default); ``config`` forces one. Planar operands (``act.planes``; ``weight.planes`` when
+    M >= ``W_PLANES_MIN_M``) run ``w4a4_gemm_v2_kernel`` with ``GEMM_PLANE_TILES`` (same bits); a ``config`` may
+    also set ``"W_PLANES"`` (0/1: use the weight's planes) and ``"SWAP"`` (0/1).
     """
     if act.bits != 4:
         raise KernelInputError(f"the W4A4 GEMM takes 4-bit activations, got {act.bits}-bit",
                                "quantize the activations with bits=4")
-    _check_dtype("activation codes", act.codes, (torch.uint8,))
+    _check_dtype("activation codes", act.codes, (torch.int8,) if act.planes else (torch.uint8,))
     _check_dtype("weight codes", weight.codes, (torch.uint8,))
     _check_dtype("out_dtype", torch.empty(0, dtype=out_dtype), FLOAT_DTYPES)
     for name, t in (("activation codes", act.codes), ("weight codes", weight.codes)):
         _check_contiguous(name, t)
-    m, k2 = act.codes.shape
+    m, k2 = act.codes.shape[0], act.k2
     n = weight.out_features
+    if weight.planes is not None:
+        _check_dtype("weight planes", weight.planes, (torch.int8,))
+        _check_contiguous("weight planes", weight.planes)
+        if weight.planes.shape != (n, 2 * weight.codes.shape[1]):
+            raise KernelInputError(f"weight planes {tuple(weight.planes.shape)} do not match codes "
+                                   f"{tuple(weight.codes.shape)}", "build them with PackedWeight.with_planes()")
     if weight.codes.shape[1] != k2:
         raise KernelInputError(f"activation has {2 * k2} features but the weight expects {weight.in_features}",
                                "quantize the matching input")
     if k2 % 32:
         raise KernelInputError(f"in_features {2 * k2} is not a multiple of 64", "pad the layer to a multiple of 64")
     tensors = [act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum]
+    if weight.planes is not None:
+        tensors.append(weight.planes)
     if weight.bias is not None:
         tensors.append(weight.bias)
     if residual is not None:
@@ -430,20 +503,37 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     _check_device(*tensors)
     y = torch.empty(m, n, dtype=out_dtype, device=act.codes.device)
 
+    w_planes_default = weight.planes is not None and m >= W_PLANES_MIN_M
+
     def run(cfg: dict[str, int]) -> None:
+        cfg = dict(cfg)
+        use_wp = bool(cfg.pop("W_PLANES", w_planes_default))
+        swap = bool(cfg.pop("SWAP", act.planes and not use_wp))
+        if use_wp and weight.planes is None:
+            raise KernelInputError("config W_PLANES=1 but the weight has no planes", "use weight.with_planes()")
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
-        kernel_module("gemm").w4a4_gemm_kernel[grid](
-            act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum,
-            weight.bias if weight.bias is not None else weight.scale, residual if residual is not None else y, y,
-            m, n, k2, act.codes.stride(0), weight.codes.stride(0), residual.stride(0) if residual is not None else 0,
-            y.stride(0), HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, enable_fp_fusion=False,
-            **cfg)
+        common = dict(HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, enable_fp_fusion=False)
+        bias = weight.bias if weight.bias is not None else weight.scale
+        res = residual if residual is not None else y
+        res_stride = residual.stride(0) if residual is not None else 0
+        if not (act.planes or use_wp or swap):  # the packed operands of the default kernel
+            kernel_module("gemm").w4a4_gemm_kernel[grid](
+                act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum, bias, res, y,
+                m, n, k2, act.codes.stride(0), weight.codes.stride(0), res_stride, y.stride(0), **common, **cfg)
+            return
+        w_codes = weight.planes if use_wp else weight.codes
+        kernel_module("gemm").w4a4_gemm_v2_kernel[grid](
+            act.codes, act.scale, act.zero, w_codes, weight.scale, weight.rowsum, bias, res, y,
+            m, n, k2, act.codes.stride(0), k2 if act.planes else 0, w_codes.stride(0), k2 if use_wp else 0,
+            res_stride, y.stride(0), A_PLANES=act.planes, W_PLANES=use_wp, SWAP=swap, **common, **cfg)
 
     if config is None:
-        candidates = gemm_candidates(m, k2)
+        planar = act.planes or w_planes_default
+        candidates = gemm_candidates(m, k2, GEMM_PLANE_TILES if planar else None)
         config = candidates[0]
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
-            key = (_bucket(m), n, k2, out_dtype, weight.bias is not None, residual is not None)
+            key = (_bucket(m), n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
+                   w_planes_default)
             config = _autotune(key, run, candidates)
     run(config)
     return y

@@ -72,3 +72,83 @@ def w4a4_gemm_kernel(
         y = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask).to(tl.float32) + y
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mask)
+
+
+@triton.jit
+def w4a4_gemm_v2_kernel(
+    a_ptr, a_scale_ptr, a_zero_ptr,      # activation codes: packed [M, K/2] uint8, or int8 planes [2, M, K/2]
+    w_ptr, w_scale_ptr, w_rowsum_ptr,    # weight codes: packed [N, K/2] uint8, or int8 planes [2, N, K/2]
+    bias_ptr, res_ptr, y_ptr,
+    M, N, K2,
+    stride_am, stride_ap, stride_wn, stride_wp, stride_rm, stride_ym,   # *_p: plane strides (planes only)
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
+    A_PLANES: tl.constexpr, W_PLANES: tl.constexpr, SWAP: tl.constexpr,
+):
+    """``w4a4_gemm_kernel`` with operand-layout variants (same bits: only the int32 summation order changes, and
+    integer addition is exact; the epilogue is the same float32 steps in the same order).
+
+    ``A_PLANES`` / ``W_PLANES``: the operand is stored unpacked as two int8 planes, plane 0 = the even-k elements
+    (low nibbles), plane 1 = the odd-k elements (high nibbles), each ``[rows, K/2]``: the tile goes from global to
+    shared memory (cp.async, pipelined over ``num_stages``) straight into the tensor cores, with no register unpack.
+    ``SWAP``: computes ``acc^T = codes_w @ q_a^T`` so that the weight (unpacked in registers when packed) is the
+    left operand, which wgmma reads from registers (no register -> shared memory round trip); the right operand must
+    come from shared memory, so this pairs with ``A_PLANES``. The accumulator is transposed before the epilogue.
+    """
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK2)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for _ in range(0, K2, BK2):
+        if A_PLANES:
+            a_lo = tl.load(a_ptrs)
+            a_hi = tl.load(a_ptrs + stride_ap)
+        else:
+            a_lo, a_hi = unpack_unsigned(tl.load(a_ptrs))
+        if W_PLANES:
+            w_lo = tl.load(w_ptrs)
+            w_hi = tl.load(w_ptrs + stride_wp)
+        else:
+            w_lo, w_hi = unpack_signed(tl.load(w_ptrs))
+        if SWAP:
+            acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        a_ptrs += BK2
+        w_ptrs += BK2
+    if SWAP:
+        acc = tl.trans(acc)
+
+    z = tl.load(a_zero_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)
+    rowsum = tl.load(w_rowsum_ptr + offs_n, mask=n_mask, other=0)
+    acc = acc - z[:, None] * rowsum[None, :]
+    y = acc.to(tl.float32) * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        y = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask).to(tl.float32) + y
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)

@@ -72,6 +72,7 @@ def hadamard_quantize_kernel(
     NB: tl.constexpr, NBP: tl.constexpr, N_BLOCK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     P: tl.constexpr, LOG2P: tl.constexpr,
     ROTATE: tl.constexpr, QUANT: tl.constexpr, PER_BLOCK: tl.constexpr, BITS: tl.constexpr,
+    PLANES: tl.constexpr = False,        # 4-bit: write the codes unpacked as int8 planes (see below)
 ):
     r = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NBP)[:, None, None]
@@ -109,11 +110,15 @@ def hadamard_quantize_kernel(
         t = pos0 + r % seq_len
         if BITS == 4:
             lo_c, hi_c = tl.split(tl.reshape(q, (NBP, KP, P // 2, 2)))
-            packed = lo_c | (hi_c << 4)
             jj = tl.arange(0, NBP)[:, None, None]
             byte = a * (P // 2) + tl.arange(0, P // 2)[None, None, :]
             bmask = (jj < NB) & (byte < N_BLOCK // 2)
-            tl.store(codes_ptr + b * stride_cb + t * stride_ct + jj * stride_cj + byte, packed, mask=bmask)
+            c_ofs = codes_ptr + b * stride_cb + t * stride_ct + jj * stride_cj + byte
+            if PLANES:  # int8 row [even elements (n/2) | odd elements (n/2)]: the GEMM's A_PLANES operand
+                tl.store(c_ofs, lo_c.to(codes_ptr.dtype.element_ty), mask=bmask)
+                tl.store(c_ofs + NB * (N_BLOCK // 2), hi_c.to(codes_ptr.dtype.element_ty), mask=bmask)
+            else:
+                tl.store(c_ofs, lo_c | (hi_c << 4), mask=bmask)
         else:
             tl.store(codes_ptr + b * stride_cb + t * stride_ct + j * stride_cj + col, q, mask=mask)
         sofs = b * stride_sb + t * stride_st
@@ -124,6 +129,53 @@ def hadamard_quantize_kernel(
         else:
             tl.store(scale_ptr + sofs, scale)
             tl.store(zero_ptr + sofs, zero.to(tl.uint8))
+
+
+@triton.jit
+def quantize_rows_chunked_kernel(
+    x_ptr, stride_xr,                    # rows [M, n] (float32 / float16 / bfloat16)
+    codes_ptr, stride_cr,                # 4-bit codes: packed [M, n/2] uint8, or int8 planes [M, n] (PLANES)
+    scale_ptr, zero_ptr,                 # [M] float32, [M] uint8
+    n, clip, clip_min,
+    CH: tl.constexpr, PLANES: tl.constexpr,
+):
+    """Per-row 4-bit quantization without rotation, in chunks of ``CH`` values (a variant of
+    ``hadamard_quantize_kernel`` with ROTATE=False, PER_BLOCK=False, BITS=4; same bits).
+
+    Pass 1 keeps an element-wise running min / max over the chunks and reduces it once (min / max are exact in any
+    order; masked elements are 0, which the range includes anyway); pass 2 re-reads the row (from L1 / L2) and
+    quantizes it with the same float32 steps. No power-of-two padding of the row (11008 is not padded to 16384)
+    and a small register tile, so few warps per row and many rows per SM.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CH)
+    x_row = x_ptr + r * stride_xr
+    mn = tl.zeros((CH,), tl.float32)
+    mx = tl.zeros((CH,), tl.float32)
+    for c0 in range(0, n, CH):
+        x = tl.load(x_row + c0 + offs, mask=c0 + offs < n, other=0.0).to(tl.float32)
+        mn = tl.minimum(mn, x)
+        mx = tl.maximum(mx, x)
+    qmax: tl.constexpr = 15
+    lo = tl.minimum(tl.min(mn, axis=0), 0.0) * clip_min
+    hi = tl.maximum(tl.max(mx, axis=0), 0.0) * clip
+    scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, qmax, tl.float32)), 1e-8)
+    zero = tl.minimum(tl.maximum(round_half_even(tl.div_rn(-lo, scale)), 0.0), qmax)
+    half = tl.arange(0, CH // 2)
+    c_row = codes_ptr + r * stride_cr
+    for c0 in range(0, n, CH):
+        x = tl.load(x_row + c0 + offs, mask=c0 + offs < n, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, scale)) + zero, 0.0), qmax).to(tl.uint8)
+        lo_c, hi_c = tl.split(tl.reshape(q, (CH // 2, 2)))
+        byte = c0 // 2 + half
+        bmask = byte < n // 2
+        if PLANES:
+            tl.store(c_row + byte, lo_c.to(codes_ptr.dtype.element_ty), mask=bmask)
+            tl.store(c_row + n // 2 + byte, hi_c.to(codes_ptr.dtype.element_ty), mask=bmask)
+        else:
+            tl.store(c_row + byte, lo_c | (hi_c << 4), mask=bmask)
+    tl.store(scale_ptr + r, scale)
+    tl.store(zero_ptr + r, zero.to(tl.uint8))
 
 
 @triton.jit

@@ -33,3 +33,17 @@ def test_bench_kernels_without_gpu_exits_2():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_bench_kernels_variants_smoke():
+    """--sections variants: every variant runs and gives the default's bits (GEMM, quantize) in the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
+                           "variants"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    v = json.loads(proc.stdout)["variants"]
+    gemm = [x for row in v["gemm"] for x in row["variants"]]
+    quant = [x for row in v["quantize"] for x in row["variants"]]
+    assert len(gemm) >= 5 and all(x["same_bits"] for x in gemm)
+    assert len(quant) >= 5 and all(x["same_bits"] for x in quant)
+    assert v["attention"][0]["variants"][0]["name"] == "default" and v["attention"][0]["variants"][0]["same_bits"]

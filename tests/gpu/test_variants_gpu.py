@@ -1,0 +1,96 @@
+"""The performance variants (issue 6) compiled on the GPU: same bits as the default kernels on LLaMA-2-7B shapes.
+
+GEMM operand layouts (int8 planes, swapped MMA) and the planar / chunked activation quantization change the int32
+summation order or the memory layout only, so ``torch.equal`` with the default path (itself checked against the
+primitives in test_kernels_gpu.py) is the claim. The decode attention's launch variants (splits, tokens per step)
+regroup a float32 online softmax: within a stated tolerance of the default.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from infoquant_export.kernels import ops
+from infoquant_export.quant.primitives import integer_activation, integer_linear, quantize_weight, weight_scale
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+LAYOUTS = [(True, False, True), (False, True, False), (True, True, False), (True, False, False),
+           (False, False, True)]  # (activation planes, weight planes, swap)
+
+
+def _unplane(codes: torch.Tensor) -> torch.Tensor:
+    half = codes.shape[1] // 2
+    return codes[:, :half].to(torch.uint8) | (codes[:, half:].to(torch.uint8) << 4)
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_gemm_variants_same_bits(n, k):
+    g = torch.Generator(device=CUDA).manual_seed(n + k)
+    w = ops.PackedWeight.from_codes(torch.randint(-8, 8, (n, k), device=CUDA, generator=g),
+                                    torch.rand(n, device=CUDA, generator=g) * 0.02).with_planes()
+    packed = ops.PackedWeight(w.codes, w.scale, w.rowsum)
+    for m in (256, 300, 2048):
+        x = torch.randn(m, k, dtype=torch.float16, device=CUDA, generator=g)
+        act, act_p = ops.quantize_rows(x, 4, 0.9), ops.quantize_rows_variant(x, 4, 0.9, planes=True)
+        ref = ops.w4a4_linear(act, packed, out_dtype=torch.float16)
+        tiles = ops.gemm_candidates(m, k // 2, ops.GEMM_PLANE_TILES)
+        for (a_planes, w_planes, swap), tile in itertools.product(LAYOUTS, tiles if m != 300 else tiles[:1]):
+            if (a_planes, w_planes, swap) in LAYOUTS[3:] and tile != tiles[0]:
+                continue  # the layouts the benchmark does not sweep: default tile only
+            cfg = {**tile, "W_PLANES": int(w_planes), "SWAP": int(swap)}
+            got = ops.w4a4_linear(act_p if a_planes else act, w, out_dtype=torch.float16, config=cfg)
+            assert torch.equal(got, ref), (m, cfg, a_planes)
+
+
+def test_gemm_variants_bias_residual_against_primitives():
+    m, n, k = 300, 1024, 4096
+    x, wf = torch.randn(m, k), torch.randn(n, k)
+    ws = weight_scale(wf, 4)
+    wc = quantize_weight(wf, ws, 4)
+    bias, resid = torch.randn(n), torch.randn(m, n)
+    a_int, a_s = integer_activation(x, 4, 0.9)
+    ref = resid + integer_linear(a_int, a_s, wc.float(), ws.reshape(-1), bias)
+    weight = ops.PackedWeight.from_codes(wc, ws, bias).to(CUDA).with_planes()
+    act_p = ops.quantize_rows_variant(x.to(CUDA), 4, 0.9, planes=True)
+    act = ops.quantize_rows_variant(x.to(CUDA), 4, 0.9, chunk=1024)
+    for a, cfg in ((act_p, None), (act, None), (act_p, {**ops.gemm_config(m, k // 2), "W_PLANES": 0})):
+        assert torch.equal(ops.w4a4_linear(a, weight, resid.to(CUDA), config=cfg).cpu(), ref)
+
+
+@pytest.mark.parametrize("n,blocks", [(4096, None), (4096, 1), (11008, None), (11008, 43), (576, None)])
+def test_quantize_variants_same_bits(n, blocks):
+    x = torch.randn(1024, n, device=CUDA) * 2
+    x[:3] *= 40
+    for xx in (x.half(), x) if n == 4096 and blocks is None else (x.half(),):
+        ref = ops.quantize_rows(xx, 4, 0.9, None, blocks)
+        for warps, chunk, planes in itertools.product((None, 4), (None, 1024, 2048), (False, True)):
+            if chunk is not None and blocks is not None:
+                continue
+            got = ops.quantize_rows_variant(xx, 4, 0.9, None, blocks, num_warps=warps, chunk=chunk, planes=planes)
+            codes = _unplane(got.codes) if planes else got.codes
+            assert torch.equal(codes, ref.codes) and torch.equal(got.scale, ref.scale), (warps, chunk, planes)
+            assert torch.equal(got.zero, ref.zero)
+
+
+@pytest.mark.parametrize("batch,ctx", [(1, 4096), (16, 4096), (2, 32768)])
+def test_decode_attention_variants_close_to_default(batch, ctx):
+    heads, d = 32, 128
+    k4, v4 = ops.KVCache4.empty(batch, heads, ctx, d, CUDA), ops.KVCache4.empty(batch, heads, ctx, d, CUDA)
+    ops.quantize_kv(torch.randn(batch, ctx, heads, d, device=CUDA), k4, 0, 0.95, False)
+    ops.quantize_kv(torch.randn(batch, ctx, heads, d, device=CUDA), v4, 0, 0.95, False)
+    q = torch.randn(batch, heads, d, device=CUDA)
+    lengths = torch.full((batch,), ctx, dtype=torch.int32, device=CUDA)
+    lengths[-1] = ctx // 3
+    ref = ops.kv4_decode_attention(q, k4, v4, lengths, ctx)
+    sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+    for block_t, warps, stages, mult in ((128, 4, 2, 1), (128, 4, 4, 1), (128, 4, 3, 4), (256, 4, 3, 1),
+                                         (256, 8, 3, 2), (64, 4, 3, 4)):
+        splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * sms)
+        for qq, tol in ((q, 1e-5), (q.half(), 5e-3)):
+            got = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, splits, block_t, warps, stages).float()
+            base = ref if qq.dtype == torch.float32 else ops.kv4_decode_attention(qq, k4, v4, lengths, ctx).float()
+            assert float((got - base).abs().max() / base.abs().max()) < tol, (block_t, warps, stages, mult)

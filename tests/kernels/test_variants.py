@@ -1,0 +1,81 @@
+"""The performance variants (issue 6) in Triton's interpreter: the same bits as the default kernels and the
+primitives. GEMM operand layouts (``w4a4_gemm_v2_kernel``: int8 planes, swapped MMA), the planar and chunked
+activation quantization (``quantize_rows_variant``), the weight planes (``PackedWeight.with_planes``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from infoquant_export.kernels import ops  # noqa: E402
+from tests.kernels.conftest import DEVICE, INTERPRETER_WARNING  # noqa: E402
+from tests.kernels.test_gemm import make_layer, reference  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(INTERPRETER_WARNING)
+SMALL = {"BM": 16, "BN": 32, "BK2": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+
+
+def _planes(packed: torch.Tensor) -> torch.Tensor:
+    """Packed unsigned codes [M, n/2] -> int8 planes [M, n] (even elements, then odd elements)."""
+    return torch.cat([packed & 15, packed >> 4], dim=1).to(torch.int8)
+
+
+@pytest.mark.parametrize("n,blocks", [(256, None), (200, None), (256, 1), (192, 3)])
+def test_quantize_variants_same_bits(n, blocks):
+    x = torch.randn(5, n) * 3
+    x[1] *= 30
+    x[2, :3] = torch.tensor([7.5, -7.5, 0.5])  # a tie-prone row
+    ref = ops.quantize_rows(x.to(DEVICE), 4, 0.9, None, blocks)
+    for chunk, planes in itertools.product((None, 64, 128), (False, True)):
+        if chunk is not None and blocks is not None:
+            continue  # chunked: rows without rotation only (a rotation falls back to the row kernel)
+        got = ops.quantize_rows_variant(x.to(DEVICE), 4, 0.9, None, blocks, chunk=chunk, planes=planes)
+        assert got.planes == planes
+        assert torch.equal(got.codes, _planes(ref.codes) if planes else ref.codes), (chunk, planes)
+        assert torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+    assert ops.quantize_rows_variant(x.to(DEVICE), 4, 0.9, None, blocks, chunk=64).k2 == n // 2
+
+
+def test_weight_planes():
+    wc = torch.randint(-8, 8, (8, 64), dtype=torch.int8)
+    w = ops.PackedWeight.from_codes(wc, torch.ones(8)).with_planes()
+    assert w.planes.dtype == torch.int8 and torch.equal(w.planes, torch.cat([wc[:, 0::2], wc[:, 1::2]], 1))
+    assert torch.equal(w.to("cpu").planes, w.planes)
+
+
+@pytest.mark.parametrize("m,k", [(17, 128), (40, 192)])  # K/2 = 64 (two K steps of 32), 96; M, N = 80 partial
+def test_gemm_layouts_same_bits(m, k):
+    x, wc, ws, bias = make_layer(m, k, seed=m)
+    residual = torch.randn(m, 80) * 4
+    ref = residual + reference(x, wc, ws, bias)
+    act = ops.quantize_rows(x.to(DEVICE), 4, 0.9)
+    act_p = ops.quantize_rows_variant(x.to(DEVICE), 4, 0.9, planes=True)
+    w = ops.PackedWeight.from_codes(wc, ws, bias).to(DEVICE).with_planes()
+    res = residual.to(DEVICE)
+    for a_planes, w_planes, swap in itertools.product((False, True), (False, True), (False, True)):
+        cfg = {**SMALL, "W_PLANES": int(w_planes), "SWAP": int(swap)}
+        got = ops.w4a4_linear(act_p if a_planes else act, w, res, config=cfg).cpu()
+        assert torch.equal(got, ref), (a_planes, w_planes, swap)
+    # the defaults: planar activations (swap), weight planes from M >= W_PLANES_MIN_M, the GEMM_PLANE_TILES configs
+    assert torch.equal(ops.w4a4_linear(act_p, w, res).cpu(), ref)
+    assert torch.equal(ops.w4a4_linear(act, w, res).cpu(), ref)
+
+
+def test_variant_bad_input():
+    x = torch.randn(4, 64)
+    with pytest.raises(ops.KernelInputError, match="power of two"):
+        ops.quantize_rows_variant(x, 4, chunk=100)
+    with pytest.raises(ops.KernelInputError, match="4-bit"):
+        ops.quantize_rows_variant(x, 8, planes=True)
+    act = ops.quantize_rows(x.to(DEVICE), 4)
+    w = ops.PackedWeight.from_codes(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16)).to(DEVICE)
+    with pytest.raises(ops.KernelInputError, match="no planes"):
+        ops.w4a4_linear(act, w, config={**SMALL, "W_PLANES": 1})
+    bad = ops.PackedWeight(w.codes, w.scale, w.rowsum, planes=torch.zeros(16, 32, dtype=torch.int8, device=DEVICE))
+    with pytest.raises(ops.KernelInputError, match="planes"):
+        ops.w4a4_linear(act, bad)
