@@ -145,3 +145,41 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
     return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma,
             "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest()}
+
+
+def hadamard_aot_spec(size: int, num_blocks: int) -> KernelSpec:
+    """The AOT-plugin Hadamard kernel for ``size`` = ``num_blocks`` power-of-two blocks (float32 in and out)."""
+    from infoquant_export.kernels.ops import _inv_sqrt
+    from infoquant_export.transforms.hadamard import hadamard_factors
+
+    p = size // num_blocks
+    k, _ = hadamard_factors(p)
+    if k != 1 or num_blocks & (num_blocks - 1):
+        raise ValueError(f"the AOT Hadamard kernel covers power-of-two blocks only (size {size}, {num_blocks} blocks)")
+    return KernelSpec(f"hadamard_aot_n{size}b{num_blocks}", "aot_kernels", "hadamard_rows_aot_kernel",
+                      {"x_ptr": "*fp32", "y_ptr": "*fp32"},
+                      {"NB": num_blocks, "P": p, "LOG2P": p.bit_length() - 1, "INV_SQRT": _inv_sqrt(p)},
+                      ("x_ptr", "y_ptr"), {"num_warps": 4 if size <= 4096 else 8})
+
+
+def strip_unused_params(ptx: str) -> tuple[str, int]:
+    """Drop trailing ``.entry`` parameters the body never reads (Triton >= 3.3 appends global- and profile-scratch
+    pointers; TensorRT's AOT launcher passes only inputs, scalars and outputs). Returns (PTX, params dropped)."""
+    head = re.search(r"(\.entry\s+\w+\s*\()(.*?)(\))", ptx, re.S)
+    if head is None:
+        raise ValueError("no .entry in the PTX")
+    params = [p.strip() for p in head.group(2).split(",") if p.strip()]
+    keep = list(params)
+    while keep and ptx.count(keep[-1].split()[-1]) == 1:  # declared only
+        keep.pop()
+    body = ",\n\t".join(keep)
+    return ptx[:head.start(2)] + "\n\t" + body + "\n" + ptx[head.end(2):], len(params) - len(keep)
+
+
+def hadamard_rows_ptx(size: int, num_blocks: int, cc: int = 89) -> tuple[str, str, int, int]:
+    """(kernel name, PTX with TensorRT's parameter list, num_warps, shared bytes) of :func:`hadamard_aot_spec`."""
+    spec = hadamard_aot_spec(size, num_blocks)
+    out = compile_spec(spec, cc)
+    ptx, _ = strip_unused_params(out["ptx"])
+    name = re.search(r"\.entry\s+(\w+)", ptx).group(1)  # type: ignore[union-attr]
+    return name, ptx, spec.options["num_warps"], out["shared_bytes"]
