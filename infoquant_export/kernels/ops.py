@@ -129,7 +129,10 @@ def row_tile(n: int, num_blocks: int, rotate: bool, bits: int = 4) -> RowTile:
 
 
 def row_warps(elements: int) -> int:
-    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    """Warps per row program. Measured on an H200 (docs/bench/variants-h200.json, 4096 rows): 4 warps beat 8/16 at
+    4096 elements (with and without the Hadamard) and at 16384 with the Hadamard (43 blocks of 256: 0.20 vs
+    0.32 ms); every warp count computes the same bits."""
+    return 4 if elements <= 16384 else 8
 
 
 @dataclass
@@ -204,6 +207,10 @@ def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
     return (y * torch.tensor(_inv_sqrt(tile.n_block), dtype=torch.float32)).reshape(m, -1)
 
 
+CHUNKED_ABOVE, CHUNK = 8192, 1024
+"""Rows longer than CHUNKED_ABOVE quantized without a fused rotation use the two-pass chunked kernel with chunks of
+CHUNK (H200, 4096 x 11008: 0.066 vs 0.146 ms, 44 % vs 20 % of copy bandwidth: no padding to 16384). Same bits
+(tests/gpu/test_variants_gpu.py)."""
 QUANT_CHUNK: int | None = None
 """Default chunk of the two-pass quantize-only kernel (``quantize_rows_chunked_kernel``) for rows without
 rotation, or None for the one-pass row-tile kernel. Either computes the same bits."""
@@ -215,7 +222,8 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
 
     Bit-identical to ``apply_hadamard`` + ``activation_qparams`` / ``quantize_activation`` + ``pack_uint4``.
     """
-    return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps)
+    chunk = CHUNK if x.dim() and x.shape[-1] > CHUNKED_ABOVE and QUANT_CHUNK is None else None
+    return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps, chunk=chunk)
 
 
 def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,

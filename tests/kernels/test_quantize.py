@@ -211,3 +211,11 @@ def test_hadamard_half_input_rotates_in_float32():
     got = ops.hadamard(x.to(DEVICE), 1).cpu()
     assert got.dtype == torch.float16 and got.shape == x.shape
     assert torch.equal(got, apply_hadamard(x.float(), 1).half())
+
+
+def test_quantize_rows_long_rows_take_the_chunked_kernel():
+    n = 11008  # > ops.CHUNKED_ABOVE without rotation: two-pass chunked kernel (no padding to 16384)
+    assert n > ops.CHUNKED_ABOVE
+    x = torch.randn(3, n) * 2
+    x[1, 5] = 60.0
+    assert_rows_equal(x, 4, 0.9, None, None)
