@@ -192,3 +192,20 @@ def test_fp16_engine_keeps_plugins_and_verify_measures_its_cost(tiny_exported, t
     low, _, _ = OrtDecoder(converted)(ids)
     sqnr = 10 * np.log10((ref ** 2).sum() / ((ref - low) ** 2).sum())
     assert 10 < sqnr < 60  # measured: 24.5 dB on this random tiny model (fp16 rounding flips 4-bit codes)
+
+
+def test_running_an_engine_without_a_gpu_is_a_clear_error(tiny_exported, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; tests/gpu covers running")
+    plan = tmp_path / "t.plan"
+    build_engine(tiny_exported[0], plan)
+    import shutil
+
+    shutil.copy(tiny_exported[0], tmp_path / tiny_exported[0].name)  # the sidecar names the ONNX next to the plan
+    for args in (["generate", str(plan), "--prompt", "hi"], ["run", "--backend", "trt", str(plan), "--prompt", "hi"],
+                 ["generate", str(tmp_path / "missing.plan"), "--prompt", "hi"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and ("needs a CUDA GPU" in err or "does not exist" in err)
