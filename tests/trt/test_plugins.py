@@ -52,3 +52,21 @@ def test_type_and_shape_rules():
         kv.attrs({"bits": 4, "clip": 0.95, "head_dim": 63})
     with pytest.raises(ValueError, match="size"):
         SPECS["Hadamard"].attrs({"size": 100, "num_blocks": 3})
+
+
+def test_psot_graph_plugins_match_onnx_runtime_and_build(psot_exported, tmp_path):
+    """Learned rotations (PSOT) add BlockRotation nodes; LAC sets QLinear's clip fields."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
+    from infoquant_export.trt.build import build_engine
+
+    model = onnx.load(str(psot_exported))
+    cases = plugin_cases(model, np.random.default_rng(1))
+    assert "BlockRotation" in {c.op_type for c in cases}
+    for case in cases:
+        for got, want in zip(run_case_cpu(case), case.expected, strict=True):
+            if case.op_type == "BlockRotation":  # float64 matmul rounded once; summation order may differ
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # measured: bit-identical here
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=case.node_name)
+    side = build_engine(psot_exported, tmp_path / "psot.plan").sidecar
+    assert {p["name"] for p in side["plugins"]} >= {"BlockRotation", "QLinear", "Hadamard", "KVQuantize"}
