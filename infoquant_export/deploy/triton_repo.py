@@ -196,11 +196,11 @@ else ONNX Runtime, CUDA provider on a GPU instance). Context {context} tokens.
 
 Serve it:
 
-    tritonserver --model-repository {repo}
+    tritonserver --model-repository "$(pwd)"   # run in this directory
 
 Ask it (Triton's generate extension; `"stream": true` with `generate_stream` for server-sent events):
 
-    curl -s localhost:8000/v2/models/{name}/generate -d '{{"text_input": "What is the capital of France?", "max_tokens": 32}}'
+    curl -s localhost:8000/v2/models/{name}/generate -d '{{"text_input": "Hello!", "max_tokens": 32}}'
 
 Outputs: `text_output` (the reply) and `output_ids` (greedy token ids). Over gRPC the model is decoupled, so use the
 streaming API (`samples/triton_client.py`).
@@ -254,7 +254,7 @@ def build_repository(source: str | Path, out: str | Path, opts: RepoOptions) -> 
                     "server with the TensorRT backend and plans whose plugins are embedded.\n" if opts.plans else "")
         (tmp / "README.md").write_text(README.format(
             version=__version__, name=opts.name, model=meta.get("source", {}).get("name", "model"),
-            engine=opts.engine, context=max_context, repo=out, trt=trt_note))
+            engine=opts.engine, context=max_context, trt=trt_note))
     models = [opts.name] + ([trt_name] if opts.plans else [])
     return {"repository": str(out), "models": models, "onnx": str(onnx_path), "max_context": max_context,
             "engine": opts.engine, "plans": sorted(opts.plans), "python": sys.version.split()[0]}
