@@ -66,6 +66,7 @@ def build_engine(onnx_path: Path, engine_dir: Path, sms: list[int]) -> dict[str,
 def run_pipeline(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
     from infoquant_export.deploy.triton_repo import RepoOptions, build_repository
     from infoquant_export.export.exporter import export_onnx
+    from infoquant_export.models.loading import load_model
     from infoquant_export.pipeline import evaluate, load_for_eval, quantize_to_dir
     from infoquant_export.verify import verify
 
@@ -74,6 +75,8 @@ def run_pipeline(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
         raise UserError(f"output directory {out} already exists", "choose a new --out path or remove it first")
     if opts.verify_windows < 1 or (opts.eval_windows is not None and opts.eval_windows < 1):
         raise UserError("window counts must be positive", "use --eval-windows / --verify-windows >= 1")
+    if opts.model != "demo" and not Path(opts.model).exists():
+        raise UserError(f"model {opts.model} does not exist", "pass --model demo, a .gguf file or a HF directory")
     cfg = QuantConfig(rotation=opts.rotation, weights=opts.weights).validate()
     seconds: dict[str, float] = {}
     start_all = time.perf_counter()
@@ -84,10 +87,14 @@ def run_pipeline(out: str | Path, opts: PipelineOptions) -> dict[str, Any]:
 
         t = _stage("perplexity FP vs W4A4KV4", opts.progress)
         ppl = {}
-        for label, target in (("fp", opts.model), ("quantized", str(tmp / "artifact"))):
-            model, tokenizer, _ = load_for_eval(target, opts.device)
-            ppl[label] = evaluate(model, tokenizer, "default", opts.seq_len, opts.eval_windows, progress=opts.progress)
-            del model
+        loaded = load_model(opts.model)  # not load_for_eval: a HF directory also looks like an artifact there
+        ppl["fp"] = evaluate(loaded.model.to(opts.device), loaded.tokenizer, "default", opts.seq_len,
+                             opts.eval_windows, progress=opts.progress)
+        del loaded
+        model, tokenizer, _ = load_for_eval(str(tmp / "artifact"), opts.device)
+        ppl["quantized"] = evaluate(model, tokenizer, "default", opts.seq_len, opts.eval_windows,
+                                    progress=opts.progress)
+        del model
         seconds["eval"] = time.perf_counter() - t
 
         t = _stage("export ONNX", opts.progress)
