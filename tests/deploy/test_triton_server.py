@@ -100,3 +100,20 @@ def test_dynamic_batching_repository_serves(tiny_deploy_onnx, expected, tmp_path
         results = concurrent_http(server, PROMPTS, MAX_TOKENS, threads=4)
     for prompt, (status, body) in zip(PROMPTS, results, strict=True):
         assert status == 200 and ids_of(body["output_ids"]) == expected[prompt]["tokens"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_sample_streaming_client(served, expected, protocol):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[2] / "samples" / "triton_client.py"
+    url = served.grpc_url if protocol == "grpc" else served.http_url
+    proc = subprocess.run([sys.executable, str(sample), "--protocol", protocol, "--url", url, "--prompt", PROMPTS[1],
+                           "--max-tokens", str(MAX_TOKENS), "--print-ids"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text, ids = proc.stdout.rsplit("\n", 2)[:2]
+    assert json.loads(ids) == expected[PROMPTS[1]]["tokens"]
+    assert text == expected[PROMPTS[1]]["text"]
