@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -50,7 +51,7 @@ def one_level(server, model: str, clients: int, requests: int, max_tokens: int) 
     tokens = sum(n for _, n in results)
     return {"wall_s": wall, "requests": len(results), "tokens": tokens, "tokens_per_s": tokens / wall,
             "requests_per_s": len(results) / wall, "latency_p50_s": statistics.median(latencies),
-            "latency_p90_s": latencies[int(0.9 * (len(latencies) - 1))],
+            "latency_p90_s": latencies[math.ceil(0.9 * len(latencies)) - 1],  # nearest rank
             "ms_per_token_p50": statistics.median(lat / n * 1000 for lat, n in results)}
 
 
