@@ -20,7 +20,7 @@ def _schema() -> Any:
         from tritonclient.grpc import model_config_pb2
     except ImportError as err:
         raise UserError("tritonclient is not installed (its ModelConfig schema checks every config.pbtxt)",
-                        'pip install "tritonclient[all]"') from err
+                        'pip install -e ".[deploy]" (tritonclient[grpc])') from err
     return model_config_pb2.ModelConfig
 
 
