@@ -117,14 +117,16 @@ def main():
     args = p.parse_args()
     if not os.path.isfile(args.plan):
         sys.exit(f"error: {args.plan} does not exist; run ./build_engine.sh first")
+    import numpy as np
+
     from infoquant_export.eval.generate import chat_prompt_ids, greedy_loop
     from infoquant_export.trt.runtime import TrtDecoder
 
     decoder = TrtDecoder(args.plan, os.path.join(HERE, "model", "model.onnx"))
     tokenizer = decoder.tokenizer()
     ids = chat_prompt_ids(tokenizer, args.prompt).numpy()
-    logits, cache, _ = decoder(ids)
-    step = lambda token, c: decoder([[token]], c)[:2]  # noqa: E731
+    logits, cache, _ = decoder(ids, decoder.empty_cache(1))
+    step = lambda token, c: decoder(np.array([[token]], np.int64), c)[:2]  # noqa: E731
     tokens = greedy_loop(logits, cache, step, args.max_new_tokens, decoder.stop_ids(tokenizer))
     print(tokenizer.decode(tokens, skip_special_tokens=True))
 

@@ -34,8 +34,9 @@ def supported_plan(plans_dir: Path) -> Path | None:
     return plan if plan.is_file() else None
 
 
-def load_decoder(engine: str, version_dir: Path, use_gpu: bool, threads: int | None) -> tuple[Any, str]:
-    """``engine``: auto | ort | trt. Returns the decoder and a label."""
+def load_decoder(engine: str, version_dir: Path, gpu: int | None, threads: int | None) -> tuple[Any, str]:
+    """``engine``: auto | ort | trt; ``gpu``: the instance's device id (None on a CPU instance). Returns the decoder
+    and a label."""
     onnx_path = version_dir / "model.onnx"
     plan = supported_plan(version_dir / "plans") if engine in ("auto", "trt") else None
     if engine == "trt" and plan is None:
@@ -53,13 +54,14 @@ def load_decoder(engine: str, version_dir: Path, use_gpu: bool, threads: int | N
             return TrtDecoder(str(plan), str(onnx_path)), f"trt:{plan.name}"
     from infoquant_export.runtime.ort_decoder import OrtDecoder
 
-    providers = ["CPUExecutionProvider"]
-    if use_gpu:
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if gpu is not None:
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return OrtDecoder(onnx_path, threads=threads, providers=providers), f"ort:{providers[0]}"
+            providers = [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
+    label = "ort:CUDA" if len(providers) > 1 else "ort:CPU"
+    return OrtDecoder(onnx_path, threads=threads, providers=providers), label
 
 
 class RequestError(ValueError):
@@ -75,8 +77,8 @@ class LlmModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
         threads = int(params.get("ort_threads", "0")) or None
-        use_gpu = args.get("model_instance_kind") == "GPU"
-        self.decoder, self.engine = load_decoder(params.get("engine", "auto"), version_dir, use_gpu, threads)
+        gpu = int(args.get("model_instance_device_id", 0)) if args.get("model_instance_kind") == "GPU" else None
+        self.decoder, self.engine = load_decoder(params.get("engine", "auto"), version_dir, gpu, threads)
         self.tokenizer = self.decoder.tokenizer()
         self.stop = self.decoder.stop_ids(self.tokenizer)
         self.max_context = int(params["max_context"])
@@ -114,7 +116,7 @@ class LlmModel:
     # -------------------------------------------------------------------------------------------- generation
     def tokens(self, ids: np.ndarray, budget: int) -> Iterator[tuple[int, bool]]:
         """Greedy tokens with a flag on the last one (same steps as ``eval.generate.greedy_loop``)."""
-        logits, cache, _ = self.decoder(ids)
+        logits, cache, _ = self.decoder(ids, self.decoder.empty_cache(ids.shape[0]))
         for step in range(budget):
             token = int(logits[0, -1].argmax())
             last = token in self.stop or step == budget - 1

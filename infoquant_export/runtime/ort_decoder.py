@@ -42,7 +42,7 @@ class OrtDecoder:
     """An exported decoder in an ONNX Runtime session (CPU unless ``providers`` says otherwise)."""
 
     def __init__(self, path: str | Path, threads: int | None = None, extra_outputs: tuple[str, ...] = (),
-                 providers: list[str] | None = None) -> None:
+                 providers: list[Any] | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
