@@ -186,7 +186,7 @@ def _add_deploy(sub: Any) -> None:
     p.add_argument("--out", required=True, help="new output directory")
     p.add_argument("--rotation", default="hadamard", choices=("none", "hadamard"))
     p.add_argument("--weights", default="gptq", choices=WEIGHT_METHODS)
-    p.add_argument("--eval-windows", type=int, default=None, help="perplexity windows (default: all)")
+    p.add_argument("--eval-windows", type=int, default=80, help="perplexity windows of 512 tokens (default 80)")
     p.add_argument("--verify-windows", type=int, default=16)
     p.add_argument("--engine-sm", default="89", help="comma-separated compute capabilities of the engines")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
