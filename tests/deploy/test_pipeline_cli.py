@@ -59,3 +59,20 @@ def test_sample_quantize_hf_llama(hf_dir, tmp_path):
     assert "ORT parity" in proc.stdout and "PASSED" in proc.stdout
     assert (tmp_path / "mine-jetson" / "model" / "model.trt.onnx").is_file()
     assert (out / "triton" / "infoquant_llm" / "1" / "model.onnx").is_file()
+
+
+def test_sigterm_leaves_nothing(hf_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "infoquant_export.cli", "pipeline", "--model", str(hf_dir), "--out",
+                             str(out), "--weights", "rtn", "--eval-windows", "1", "--verify-windows", "1"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the pipeline ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 130
+    assert list(tmp_path.iterdir()) == []
