@@ -68,7 +68,7 @@ def test_32_concurrent_and_malformed(served, expected):
     for prompt, (status, body) in zip(prompts, results, strict=True):
         assert status == 200 and ids_of(body["output_ids"]) == expected[prompt]["tokens"]
     assert served.generate(MODEL, {"text_input": "", "max_tokens": 4})[0] == 400
-    assert served.generate(MODEL, {"text_input": "word " * 9000, "max_tokens": 4})[0] == 400  # > 8192 context
+    assert served.generate(MODEL, {"text_input": "word " * 9000, "max_tokens": 4})[0] == 400  # > the 2048 context
     assert served.generate(MODEL, {"text_input": "hi", "max_tokens": [1.5]})[0] >= 400
     status, body = served.generate(MODEL, {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
     assert status == 200 and ids_of(body["output_ids"]) == expected[PROMPTS[0]]["tokens"]
