@@ -161,6 +161,10 @@ def _run(out: Path, opts: PipelineOptions) -> dict[str, Any]:
     return summary
 
 
+def _db(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The short table the command prints."""
     p, v, e, a = s["perplexity"], s["ort_parity"], s["engine"], s["artifacts"]
@@ -169,7 +173,7 @@ def format_summary(s: dict[str, Any]) -> str:
         ("perplexity FP", f"{p['fp']:.3f} ({p['corpus']}, {p['windows']} x {p['seq_len']} tokens)"),
         ("perplexity W4A4KV4", f"{p['w4a4kv4']:.3f}"),
         ("ORT parity", f"{'PASSED' if v['passed'] else 'FAILED'}: top-1 {v['top1_agreement']:.4%}, ppl torch "
-                       f"{v['ppl_torch']:.4f} vs ort {v['ppl_ort']:.4f}, SQNR {v['logits_sqnr_db']} dB"),
+                       f"{v['ppl_torch']:.4f} vs ort {v['ppl_ort']:.4f}, logits SQNR {_db(v['logits_sqnr_db'])} dB"),
         ("TensorRT engine", e["status"] + (f" ({e['note']})" if e.get("note") else "")),
         ("artifact", a["artifact"]), ("ONNX", a["onnx"]), ("ONNX (TensorRT < 10.7)", a["trt_onnx"]),
         ("verify report", a["verify_report"]), ("engine", ", ".join(a["engine"]) if a["engine"] else "-"),
