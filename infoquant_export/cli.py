@@ -1,5 +1,5 @@
-"""Command line: ``infoquant-export quantize | eval | generate | export | verify | build | run``, and
-``infoquant-export MODEL.onnx --engine OUT.plan`` (= ``build``).
+"""Command line: quantize, eval, generate, export, verify, build, run, triton-repo, jetson-bundle,
+pipeline, and ``infoquant-export MODEL.onnx --engine OUT.plan`` (= ``build``).
 
 Bad input exits with code 2 and one line naming the problem and the fix; Ctrl-C exits with 130 and leaves no
 partial output.
@@ -182,6 +182,39 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _add_deploy(sub: Any) -> None:
+    p = sub.add_parser("triton-repo", help="Triton Inference Server model repository for an exported model")
+    p.add_argument("source", help="model.onnx, or a directory holding it (export or pipeline output)")
+    p.add_argument("--out", required=True, help="new repository directory (must not exist)")
+    p.add_argument("--name", default="infoquant_llm", help="model name in the repository")
+    p.add_argument("--instances", type=int, default=1, help="model instances (each its own process and session)")
+    p.add_argument("--instance-kind", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--max-batch-size", type=int, default=0)
+    p.add_argument("--dynamic-batching", action="store_true", help="needs --max-batch-size >= 1")
+    p.add_argument("--engine", choices=("auto", "ort", "trt"), default="auto",
+                   help="auto: a TensorRT plan for the GPU when present, else ONNX Runtime")
+    p.add_argument("--plan", action="append", default=[], metavar="smXY=PATH",
+                   help="TensorRT plan per compute capability (repeatable); also writes a tensorrt_plan model")
+    p.add_argument("--max-context", type=int, default=None, help="prompt + reply tokens (default: the tokenizer's)")
+    p.add_argument("--default-max-tokens", type=int, default=64)
+    p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--config-extra", help="file with config.pbtxt text appended to the LLM model's config")
+    p = sub.add_parser("jetson-bundle", help="offline bundle for a Jetson Orin (sm_87): ONNX, kernels, scripts")
+    p.add_argument("source", help="model.onnx, or a directory holding it (export or pipeline output)")
+    p.add_argument("--out", required=True, help="new bundle directory (must not exist)")
+    p.add_argument("--no-kernels", action="store_true", help="skip compiling the Triton kernels for sm_87")
+    p = sub.add_parser("pipeline", help="quantize, eval, export, verify, engine (when TensorRT), Triton repository")
+    p.add_argument("--model", default="demo", help="demo | .gguf | Hugging Face model directory")
+    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--rotation", default="hadamard", choices=("none", "hadamard"))
+    p.add_argument("--weights", default="gptq", choices=WEIGHT_METHODS)
+    p.add_argument("--eval-windows", type=int, default=80, help="perplexity windows of 512 tokens (default 80)")
+    p.add_argument("--verify-windows", type=int, default=16)
+    p.add_argument("--engine-sm", default="89", help="comma-separated compute capabilities of the engines")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_device(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="infoquant-export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -192,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_build(sub)
     _add_generate(sub, "run")
+    _add_deploy(sub)
     return parser
 
 
@@ -325,8 +359,44 @@ def cmd_build(args: argparse.Namespace) -> dict[str, Any]:
             / 2**20, 2), "build_seconds": side["build_seconds"], "total_seconds": side["total_seconds"]}
 
 
+def cmd_triton_repo(args: argparse.Namespace) -> dict[str, Any]:
+    from infoquant_export.deploy.triton_repo import RepoOptions, build_repository, parse_plans
+
+    extra = ""
+    if args.config_extra:
+        if not Path(args.config_extra).is_file():
+            raise UserError(f"--config-extra {args.config_extra} does not exist", "pass a file of config.pbtxt text")
+        extra = Path(args.config_extra).read_text()
+    opts = RepoOptions(name=args.name, instances=args.instances, instance_kind=args.instance_kind,
+                       max_batch_size=args.max_batch_size, dynamic_batching=args.dynamic_batching,
+                       engine=args.engine, max_context=args.max_context, default_max_tokens=args.default_max_tokens,
+                       ort_threads=args.ort_threads, plans=parse_plans(args.plan), config_extra=extra)
+    return build_repository(args.source, args.out, opts)
+
+
+def cmd_jetson_bundle(args: argparse.Namespace) -> dict[str, Any]:
+    from infoquant_export.deploy.jetson import build_bundle
+
+    return build_bundle(args.source, args.out, kernels=not args.no_kernels)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from infoquant_export.deploy.end_to_end import PipelineOptions, run_pipeline
+    from infoquant_export.pipeline import resolve_device
+
+    try:
+        sms = [int(v) for v in args.engine_sm.split(",") if v.strip()]
+    except ValueError as err:
+        raise UserError(f"invalid --engine-sm {args.engine_sm!r}", "e.g. --engine-sm 89 or 87,89") from err
+    opts = PipelineOptions(model=args.model, rotation=args.rotation, weights=args.weights,
+                           device=resolve_device(args.device), eval_windows=args.eval_windows,
+                           verify_windows=args.verify_windows, engine_sm=sms)
+    return run_pipeline(args.out, opts)
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
-            "verify": cmd_verify, "build": cmd_build, "run": cmd_generate}
+            "verify": cmd_verify, "build": cmd_build, "run": cmd_generate, "triton-repo": cmd_triton_repo,
+            "jetson-bundle": cmd_jetson_bundle, "pipeline": cmd_pipeline}
 
 
 def _engine_form(argv: list[str]) -> list[str]:
@@ -349,6 +419,10 @@ def _report(command: str, result: dict[str, Any], as_json: bool) -> None:
               f"(torch) vs {result['ppl_backend']:.4f} ({result['backend']}), "
               f"logits SQNR {result['logits_sqnr_db']} dB, "
               f"KL {result['kl_divergence']:.3g} over {result['tokens']} tokens{where}")
+    elif command == "pipeline":
+        from infoquant_export.deploy.end_to_end import format_summary
+
+        print(format_summary(result))
     elif command == "eval":
         print(f"{result['config']}: ppl {result['ppl']:.3f} on {result['corpus']} "
               f"({result['windows']} windows x {result['seq_len']} tokens)")

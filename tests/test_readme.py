@@ -14,5 +14,5 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     commands = re.findall(r"```\n(.*?)\n```", setup, flags=re.S)
     assert len(commands) == 2
     main_job, tests = commands
-    assert "quantize --model demo" in main_job and "pytest" in tests
+    assert "pipeline --model demo" in main_job and "pytest" in tests
     assert tests in (REPO / ".ci" / "run").read_text().splitlines()

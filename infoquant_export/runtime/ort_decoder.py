@@ -39,9 +39,10 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
 
 
 class OrtDecoder:
-    """An exported decoder in an ONNX Runtime CPU session."""
+    """An exported decoder in an ONNX Runtime session (CPU unless ``providers`` says otherwise)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, extra_outputs: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, extra_outputs: tuple[str, ...] = (),
+                 providers: list[Any] | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -64,7 +65,7 @@ class OrtDecoder:
                 proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
             model = proto.SerializeToString()
         try:
-            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types for malformed graphs
             raise UserError(f"ONNX Runtime cannot load {self.path}: {str(err).splitlines()[0][:200]}",
                             "re-export it with `infoquant-export export`") from err
@@ -109,7 +110,7 @@ class OrtDecoder:
 
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in files.items():
-                (Path(tmp) / name).write_text(text)
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
             return AutoTokenizer.from_pretrained(tmp)
 
     def stop_ids(self, tokenizer: Any) -> set[int]:

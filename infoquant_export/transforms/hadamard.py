@@ -237,7 +237,12 @@ def _paley_block(order: int) -> np.ndarray:
 def _sylvester(p: int) -> np.ndarray:
     """Natural-order Sylvester matrix: H[i, j] = (-1)^popcount(i & j) (read-only int8)."""
     idx = np.arange(p, dtype=np.int64)
-    parity = (np.bitwise_count(idx[:, None] & idx[None, :]) & 1).astype(np.int8)
+    both = idx[:, None] & idx[None, :]
+    parity = np.zeros_like(both)
+    while both.any():  # popcount parity without np.bitwise_count (numpy >= 2), since nvidia-pytriton pins numpy < 2
+        parity ^= both & 1
+        both = both >> 1
+    parity = parity.astype(np.int8)
     h = 1 - 2 * parity
     h.setflags(write=False)
     return h
