@@ -47,19 +47,32 @@ def _stage(name: str, progress: bool) -> float:
 
 def build_engine(onnx_path: Path, engine_dir: Path, sms: list[int]) -> dict[str, Any]:
     """TensorRT engine via ``infoquant_export.trt.build`` when TensorRT is importable; else a skip note."""
-    try:
-        import tensorrt  # noqa: F401
+    from infoquant_export.trt import load_tensorrt, trt_available
 
-        from infoquant_export.trt.build import build_engine as trt_build
-    except ImportError as err:
-        return {"status": "skipped", "note": f"TensorRT not importable ({err}); pip install -e '.[trt]' on a GPU "
-                "machine, then infoquant-export triton-repo ... --plan smXY=PLAN"}
+    if not trt_available():
+        return {"status": "skipped", "note": "TensorRT not importable; pip install -e '.[trt-rtx]' (builds on a CPU) "
+                "or TensorRT >= 10.7, then infoquant-export build + triton-repo --plan smXY=PLAN"}
+    from infoquant_export.trt.build import build_engine as trt_build
+
+    try:
+        flavour = load_tensorrt().flavour
+    except UserError as err:
+        return {"status": "skipped", "note": str(err)}
+    if flavour == "tensorrt":  # data-centre TensorRT builds for the GPU it runs on
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"status": "skipped", "note": "tensorrt needs a GPU to build; TensorRT-RTX builds on a CPU"}
+        major, minor = torch.cuda.get_device_capability()
+        targets: list[tuple[int, list[int] | None]] = [(major * 10 + minor, None)]
+    else:
+        targets = [(sm, [sm]) for sm in sms]
     engine_dir.mkdir()
     plans = {}
-    for sm in sms:
+    for sm, sm_arg in targets:
         plan = engine_dir / f"model_sm{sm}.plan"
         try:
-            trt_build(onnx_path, plan, sm=[sm])
+            trt_build(onnx_path, plan, sm=sm_arg)
         except Exception as err:  # a failed build is reported, the rest of the pipeline still runs
             return {"status": "failed", "note": f"sm{sm}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
         plans[f"sm{sm}"] = plan

@@ -248,6 +248,9 @@ def build_repository(source: str | Path, out: str | Path, opts: RepoOptions) -> 
             write_config(tmp / trt_name, trt_text or "")
             for key, plan in opts.plans.items():
                 _link_or_copy(plan, version / "plans" / f"model_{key}.plan")
+                sidecar = plan.with_name(plan.name + ".json")  # TrtDecoder reads the engine's profiles from it
+                if sidecar.is_file():
+                    _link_or_copy(sidecar, version / "plans" / f"model_{key}.plan.json")
                 _link_or_copy(plan, tmp / trt_name / "1" / f"model_{key}.plan")
         trt_note = (f"\nModel `{trt_name}`: the TensorRT plan(s) {', '.join(sorted(opts.plans))} as a `tensorrt_plan` "
                     "model (KV cache as explicit inputs/outputs, one plan per compute capability); needs the NGC "
