@@ -106,7 +106,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def is_artifact(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+    """An artifact directory, not a Hugging Face one (both hold config.json and model.safetensors; only an artifact
+    has the transform schema)."""
+    return all((Path(path) / name).is_file() for name in ("config.json", "model.safetensors", "transforms.json"))
 
 
 @dataclass
