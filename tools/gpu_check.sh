@@ -16,6 +16,9 @@ python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'trit
 if ls .gpu_wheels/numpy-*.whl >/dev/null 2>&1; then  # triton 3.6's interpreter needs numpy < 2.4
   python3 -m pip install -q --no-deps --target /tmp/np .gpu_wheels/numpy-*.whl && export INFOQUANT_INTERPRETER_PYTHONPATH=/tmp/np
 fi
+if [ -d .gpu_cases ]; then  # plugin cases made on a CPU machine: python tools/plugin_cases.py M.onnx --out .gpu_cases
+  export INFOQUANT_PLUGIN_CASES=$PWD/.gpu_cases
+fi
 start=$(date +%s)
 # shellcheck disable=SC2086
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -m gpu ${TESTS:-tests/gpu} -q -s -p no:cacheprovider --durations=8 2>&1 \
