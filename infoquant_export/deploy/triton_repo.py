@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -64,6 +65,18 @@ def find_onnx(source: str | Path) -> Path:
     fix = (f"export it first (infoquant-export export {source} --out {source}/model.onnx) or pass the .onnx file"
            if not found else "pass the .onnx file to use")
     raise UserError(f"{source} has {'no' if not found else len(found)} ONNX file{'s' if found else ''}", fix)
+
+
+def plugins_embedded(plan: Path) -> bool:
+    """Whether a plan can run without Python (its plugins embedded ahead of time): from the sidecar that
+    ``infoquant-export build`` writes; a plan without a sidecar is taken as the user's own such engine."""
+    sidecar = plan.with_name(plan.name + ".json")
+    if not sidecar.is_file():
+        return True
+    try:
+        return bool(json.loads(sidecar.read_text()).get("plugins_embedded", False))
+    except (json.JSONDecodeError, OSError):
+        return False
 
 
 def parse_plans(specs: list[str]) -> dict[str, Path]:
@@ -230,7 +243,8 @@ def build_repository(source: str | Path, out: str | Path, opts: RepoOptions) -> 
     llm_text = llm_config(opts, max_context, paths)
     parse_config(llm_text, f"{opts.name}/config.pbtxt")  # before anything is written
     trt_name = f"{opts.name}_trt"
-    trt_text = plan_config(trt_name, onnx_path, opts.plans) if opts.plans else None
+    embedded = {k: p for k, p in opts.plans.items() if plugins_embedded(p)}
+    trt_text = plan_config(trt_name, onnx_path, embedded) if embedded else None
     if trt_text:
         parse_config(trt_text, f"{trt_name}/config.pbtxt")
     with atomic_output_dir(out) as tmp:
@@ -242,22 +256,29 @@ def build_repository(source: str | Path, out: str | Path, opts: RepoOptions) -> 
         data = onnx_path.with_name(onnx_path.name + ".data")
         if data.is_file():
             _link_or_copy(data, version / "model.onnx.data")
+        if trt_text:
+            (tmp / trt_name / "1").mkdir(parents=True)
+            write_config(tmp / trt_name, trt_text)
+            for key, plan in embedded.items():
+                _link_or_copy(plan, tmp / trt_name / "1" / f"model_{key}.plan")
         if opts.plans:
             (version / "plans").mkdir()
-            (tmp / trt_name / "1").mkdir(parents=True)
-            write_config(tmp / trt_name, trt_text or "")
             for key, plan in opts.plans.items():
                 _link_or_copy(plan, version / "plans" / f"model_{key}.plan")
                 sidecar = plan.with_name(plan.name + ".json")  # TrtDecoder reads the engine's profiles from it
                 if sidecar.is_file():
                     _link_or_copy(sidecar, version / "plans" / f"model_{key}.plan.json")
-                _link_or_copy(plan, tmp / trt_name / "1" / f"model_{key}.plan")
-        trt_note = (f"\nModel `{trt_name}`: the TensorRT plan(s) {', '.join(sorted(opts.plans))} as a `tensorrt_plan` "
+        trt_note = (f"\nModel `{trt_name}`: the TensorRT plan(s) {', '.join(sorted(embedded))} as a `tensorrt_plan` "
                     "model (KV cache as explicit inputs/outputs, one plan per compute capability); needs the NGC "
-                    "server with the TensorRT backend and plans whose plugins are embedded.\n" if opts.plans else "")
+                    "server with the TensorRT backend.\n" if embedded else "")
+        if len(embedded) < len(opts.plans):
+            trt_note += ("\nNo `tensorrt_plan` model for plan(s) "
+                         f"{', '.join(sorted(set(opts.plans) - set(embedded)))}: their plugins are Python IPluginV3 "
+                         "plugins (see the .plan.json sidecar), which Triton's TensorRT backend cannot load; the "
+                         f"Python-backend model `{opts.name}` runs them.\n")
         (tmp / "README.md").write_text(README.format(
             version=__version__, name=opts.name, model=meta.get("source", {}).get("name", "model"),
             engine=opts.engine, context=max_context, trt=trt_note))
-    models = [opts.name] + ([trt_name] if opts.plans else [])
+    models = [opts.name] + ([trt_name] if embedded else [])
     return {"repository": str(out), "models": models, "onnx": str(onnx_path), "max_context": max_context,
             "engine": opts.engine, "plans": sorted(opts.plans), "python": sys.version.split()[0]}

@@ -224,6 +224,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, sm: str | list
         "targets": [f"sm_{s}" for s in sms] if trt_info.is_rtx else ["current-gpu"],
         "profiles": [{"name": p.name, **{k: asdict(v) for k, v in p.dims().items()}} for p in profiles],
         "precision": precision, "strongly_typed": True,
+        "plugins_embedded": False,  # Python IPluginV3 plugins: the serving process needs Python, torch and triton
         "plugins": [{"name": n, "namespace": NAMESPACE, "version": VERSION, "layers": plugin_layers[n]}
                     for n in sorted(plugin_layers)],
         "onnx": {"path": onnx_path.name, "sha256": _sha256(onnx_path), "variant": meta.get("variant"),
