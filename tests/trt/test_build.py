@@ -209,3 +209,19 @@ def test_running_an_engine_without_a_gpu_is_a_clear_error(tiny_exported, tmp_pat
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and ("needs a CUDA GPU" in err or "does not exist" in err)
+
+
+def test_triton_repository_with_our_engine(tiny_exported, tmp_path):
+    """Our engines carry Python plugins: the repository's Python-backend model gets the plan and its sidecar (for
+    TrtDecoder), and no tensorrt_plan model is written (Triton's TensorRT backend could not load the plugins)."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (.[deploy])")
+    from infoquant_export.deploy.triton_repo import RepoOptions, build_repository
+
+    plan = build_engine(tiny_exported[0], tmp_path / "tiny.plan").plan_path
+    assert json.loads((tmp_path / "tiny.plan.json").read_text())["plugins_embedded"] is False
+    result = build_repository(tiny_exported[0], tmp_path / "repo", RepoOptions(plans={"sm89": plan}))
+    assert result["models"] == ["infoquant_llm"]
+    plans = tmp_path / "repo" / "infoquant_llm" / "1" / "plans"
+    assert (plans / "model_sm89.plan").stat().st_size == plan.stat().st_size
+    assert json.loads((plans / "model_sm89.plan.json").read_text())["format"] == "infoquant-export/trt-engine"
+    assert "Python IPluginV3" in (tmp_path / "repo" / "README.md").read_text()
