@@ -18,7 +18,10 @@ TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT3
 TYPESTR = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int64": "<i8", "int8": "|i1", "uint8": "|u1"}
 
 
-_ALIVE: list[Any] = []  # TEMP
+# TensorRT holds raw pointers to the Python plugin objects that create_plugin() and clone() return; if Python frees
+# one, the builder corrupts the heap (seen: "malloc_consolidate(): invalid chunk size" while building the tiny model).
+# Keep them for the life of the process (a few objects per network layer and build).
+_ALIVE: list[Any] = []
 
 
 class _DeviceBuffer:
