@@ -13,78 +13,47 @@ export INFOQUANT_KERNEL_DIR="$HERE/kernels/sm_87"
 exec python3 "$HERE/build_engine.py" "$@"
 """
 
-BUILD_PY = '''"""Parse the bundled ONNX with JetPack's TensorRT after registering the plugins; write the engine.
+BUILD_PY = '''"""Build the engine on the device with JetPack's TensorRT: ``infoquant_export.trt.build`` (the same stages
+as ``infoquant-export build``: plugins registered, plugin layers counted against custom nodes, prefill and decode
+profiles, JSON sidecar next to the plan).
 
-    ./build_engine.sh [--out model_sm87.plan] [--max-context @CONTEXT@] [--workspace-mb 1024]
+    ./build_engine.sh [--out model_sm87.plan] [--max-context @CONTEXT@] [--max-seq 512] [--onnx FILE]
 
-TensorRT < 10.7 (JetPack 6.x ships 10.3) parses model/model.trt.onnx (no ONNX local functions); 10.7+ and 11.x
-(JetPack 7.2.2+: 11.4.1) parse model/model.onnx. Strongly typed network: the graph's own Q/DQ and plugin types.
+It parses model/model.trt.onnx on every TensorRT: that variant has no ONNX local functions (TensorRT < 10.7, e.g.
+JetPack 6's 10.3, would import those instead of the plugins) and types the 4-bit KV cache int8 (TensorRT has no
+uint8 intermediate tensors). Strongly typed network: the graph's own Q/DQ and plugin types.
 """
 
 import argparse
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def version_tuple(text):
-    return tuple(int(p) for p in text.split(".")[:2])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(HERE, "model_sm87.plan"))
     p.add_argument("--max-context", type=int, default=@CONTEXT@)
-    p.add_argument("--workspace-mb", type=int, default=1024)
-    p.add_argument("--onnx", default=None, help="override the ONNX file")
+    p.add_argument("--max-seq", type=int, default=512)
+    p.add_argument("--onnx", default=os.path.join(HERE, "model", "model.trt.onnx"), help="override the ONNX file")
     args = p.parse_args()
     try:
-        import tensorrt as trt
-    except ImportError:
-        sys.exit("error: TensorRT Python is not importable; it ships with JetPack (python3-libnvinfer)")
-    try:
-        from infoquant_export.trt import register_plugins
+        from infoquant_export.errors import UserError
+        from infoquant_export.trt import load_tensorrt
+        from infoquant_export.trt.build import build_engine
     except ImportError as err:
         sys.exit(f"error: infoquant_export.trt is missing from {HERE}/python ({err}); rebuild the bundle")
-    version = version_tuple(trt.__version__)
-    onnx_path = args.onnx or os.path.join(HERE, "model", "model.trt.onnx" if version < (10, 7) else "model.onnx")
-    print(f"TensorRT {trt.__version__}: parsing {onnx_path}")
-    register_plugins()  # before parsing: the parser maps infoquant nodes to the registered plugins
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(onnx_path):
-        for i in range(parser.num_errors):
-            print(parser.get_error(i), file=sys.stderr)
-        sys.exit("error: the ONNX parser failed (see above)")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, args.workspace_mb << 20)
-    profile = builder.create_optimization_profile()
-    ctx = args.max_context
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = list(tensor.shape)
-        if tensor.name in ("input_ids", "position_ids"):
-            lo, opt, hi = [1, 1], [1, min(128, ctx)], [1, ctx]
-        elif tensor.name == "attention_mask":
-            lo, opt, hi = [1, 1], [1, ctx // 2], [1, ctx]
-        else:  # past cache [batch, kv_heads, past, width]
-            lo, opt, hi = ([1, shape[1], n, shape[3]] for n in (0, ctx // 2, ctx - 1))
-        profile.set_shape(tensor.name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    start = time.time()
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        sys.exit("error: the engine build failed (see the TensorRT log above)")
-    with open(args.out, "wb") as f:
-        f.write(plan)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MB) in {time.time() - start:.0f} s")
+    try:  # JetPack's `tensorrt` (python3-libnvinfer); INFOQUANT_TRT=tensorrt_rtx selects TensorRT-RTX elsewhere
+        trt = load_tensorrt()
+        print(f"{trt.flavour} {trt.version}: parsing {args.onnx}")
+        result = build_engine(args.onnx, args.out, max_seq=min(args.max_seq, args.max_context),
+                              max_context=args.max_context)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    side = result.sidecar
+    print(f"wrote {args.out} ({side['plan_bytes'] / 2**20:.1f} MB, "
+          f"{sum(p['layers'] for p in side['plugins'])} plugin layers) in {side['build_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
