@@ -1,7 +1,7 @@
 """``infoquant-export jetson-bundle``: everything a Jetson Orin (sm_87) needs to build and run the engine offline.
 
-    BUNDLE/model/model.onnx[.data]     the exported graph (function bodies; TensorRT >= 10.7 / 11.x parse it)
-    BUNDLE/model/model.trt.onnx        the function-free variant for JetPack 6's TensorRT 10.3
+    BUNDLE/model/model.onnx[.data]     the exported graph (function bodies; ONNX Runtime)
+    BUNDLE/model/model.trt.onnx        the TensorRT variant (no functions, int8-typed KV cache) every TensorRT builds
     BUNDLE/kernels/sm_87/*.ptx|cubin   the Triton kernels compiled ahead of time for Orin (+ manifest.json)
     BUNDLE/python/                     infoquant_export + infoquant_kernels sources (the plugins), no install
     BUNDLE/build_engine.sh|.py         on the device: TensorRT from JetPack, register_plugins(), parse, build

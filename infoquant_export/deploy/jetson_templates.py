@@ -119,8 +119,9 @@ network access on the device.
 
 ## Contents
 
-- `model/model.trt.onnx`: the graph without ONNX local functions, for JetPack 6.x's TensorRT 10.3;
-  `model/model.onnx`: the full graph, for TensorRT >= 10.7 (JetPack 7.2.2+ ships TensorRT 11.4.1).
+- `model/model.trt.onnx`: the graph TensorRT builds on every version (no ONNX local functions, which TensorRT
+  < 10.7 such as JetPack 6.x's 10.3 would import instead of the plugins; the 4-bit KV cache typed int8);
+  `model/model.onnx`: the full graph with function bodies, for ONNX Runtime on the device.
 - {kernel_text}.
 - `python/`: the `infoquant_export` and `infoquant_kernels` sources (the plugins register from
   `infoquant_export.trt.register_plugins()`); used from PYTHONPATH, nothing to install.
