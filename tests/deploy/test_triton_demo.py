@@ -19,20 +19,10 @@ MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def demo_onnx(tmp_path_factory):
+def demo_onnx(request):
     if os.environ.get("INFOQUANT_DEMO_ONNX"):
         return Path(os.environ["INFOQUANT_DEMO_ONNX"])
-    from infoquant_export.config import QuantConfig
-    from infoquant_export.export.exporter import export_onnx
-    from infoquant_export.pipeline import quantize_to_dir
-
-    directory = os.environ.get("INFOQUANT_DEMO_ARTIFACT")
-    if not directory:
-        directory = tmp_path_factory.mktemp("demo") / "w4a4kv4"
-        quantize_to_dir("demo", QuantConfig(rotation="hadamard", weights="rtn"), directory, progress=False)
-    onnx_path = tmp_path_factory.mktemp("demo-onnx") / "model.onnx"
-    export_onnx(directory, onnx_path)
-    return onnx_path
+    return request.getfixturevalue("demo_rtn_onnx")
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,10 @@
 Slow (quantizes the demo model). Set INFOQUANT_DEMO_ARTIFACT to an existing artifact directory to skip quantizing.
 """
 
-import os
 
 import pytest
 
-from infoquant_export.config import QuantConfig
 from infoquant_export.eval.generate import chat_prompt_ids, greedy_generate
-from infoquant_export.export.exporter import export_onnx
 from infoquant_export.runtime.ort_decoder import OrtDecoder, ort_greedy_generate
 
 pytestmark = pytest.mark.slow
@@ -19,17 +16,10 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_rtn_artifact, demo_rtn_onnx):
     from infoquant_export.artifact import load_artifact
-    from infoquant_export.pipeline import quantize_to_dir
 
-    directory = os.environ.get("INFOQUANT_DEMO_ARTIFACT")
-    if not directory:
-        directory = tmp_path_factory.mktemp("demo") / "w4a4kv4"
-        quantize_to_dir("demo", QuantConfig(rotation="hadamard", weights="rtn"), directory, progress=False)
-    onnx_path = tmp_path_factory.mktemp("demo-onnx") / "model.onnx"
-    export_onnx(directory, onnx_path)
-    return load_artifact(directory), OrtDecoder(onnx_path)
+    return load_artifact(demo_rtn_artifact), OrtDecoder(demo_rtn_onnx)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -2,7 +2,6 @@
 bad input. TensorRT-RTX comes with the test extra (``.[test]`` includes ``trt-rtx``)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from infoquant_export.cli import main
 
 trt_rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (.[trt-rtx])")
 
-from infoquant_export.config import QuantConfig  # noqa: E402
 from infoquant_export.errors import UserError  # noqa: E402
 from infoquant_export.trt.build import build_engine  # noqa: E402
 
@@ -142,21 +140,8 @@ def test_bad_input_exits_2_and_leaves_nothing(tiny_exported, tmp_path, capsys, c
     assert not plan.exists() and not list(tmp_path.rglob("*.plan*"))
 
 
-@pytest.fixture(scope="module")
-def demo_onnx(tmp_path_factory):
-    """The demo model (SmolLM2-135M-Instruct) quantized W4A4KV4 (Hadamard, RTN) and exported; about 90 s on 2
-    cores. INFOQUANT_DEMO_ARTIFACT reuses an existing artifact directory."""
-    from infoquant_export.export.exporter import export_onnx
-    from infoquant_export.pipeline import quantize_to_dir
-
-    directory = os.environ.get("INFOQUANT_DEMO_ARTIFACT")
-    if not directory:
-        directory = tmp_path_factory.mktemp("demo") / "w4a4kv4"
-        quantize_to_dir("demo", QuantConfig(rotation="hadamard", weights="rtn"), directory, progress=False)
-    return export_onnx(directory, tmp_path_factory.mktemp("demo-onnx") / "model.onnx").onnx_path
-
-
-def test_demo_engine_for_sm89_and_sm86(demo_onnx, tmp_path):
+def test_demo_engine_for_sm89_and_sm86(demo_rtn_onnx, tmp_path):
+    demo_onnx = demo_rtn_onnx  # the demo model, W4A4KV4 Hadamard RTN, exported (tests/conftest.py)
     result = build_engine(demo_onnx, tmp_path / "demo.plan", sm="86,89", max_batch=1, max_seq=512, max_context=2048)
     check_plan(result, demo_onnx, ["sm_86", "sm_89"])
     # measured: 120 QLinear, 90 Hadamard, 60 KVQuantize, 60 KVDequantize = 330 plugin layers, 30 decoder layers
