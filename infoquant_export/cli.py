@@ -278,31 +278,26 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     target = _target(args)
     suffix = Path(str(target)).suffix
     backend = args.backend or {".onnx": "ort", ".plan": "trt"}.get(suffix, "torch")
-    if backend == "trt":
-        from infoquant_export.trt.runtime import TrtDecoder
-
-        if args.model or suffix != ".plan":
-            raise UserError("--backend trt runs a TensorRT engine", "infoquant-export generate out.plan --backend trt "
-                            "--prompt ... (build it with infoquant-export MODEL.onnx --engine out.plan)")
-        _positive("--max-new-tokens", args.max_new_tokens)
-        decoder = TrtDecoder(target)
-        tokenizer = decoder.tokenizer()
-        ids = chat_prompt_ids(tokenizer, args.prompt).numpy()
-        tokens = decoder.greedy(ids, args.max_new_tokens, decoder.stop_ids(tokenizer))
-        return {"backend": "trt", "prompt": args.prompt, "tokens": tokens,
-                "text": tokenizer.decode(tokens, skip_special_tokens=True)}
-    if backend == "ort":
+    if backend in ("trt", "ort"):
         from infoquant_export.runtime.ort_decoder import OrtDecoder, ort_greedy_generate
 
-        if args.model or not str(target).endswith(".onnx"):
-            raise UserError("--backend ort runs an exported .onnx file", "infoquant-export generate model.onnx "
-                            "--backend ort --prompt ...")
+        wanted, what, how = {
+            "trt": (".plan", "a TensorRT engine", " (build it with infoquant-export MODEL.onnx --engine out.plan)"),
+            "ort": (".onnx", "an exported .onnx file", "")}[backend]
+        if args.model or suffix != wanted:
+            raise UserError(f"--backend {backend} runs {what}",
+                            f"infoquant-export generate model{wanted} --backend {backend} --prompt ...{how}")
         _positive("--max-new-tokens", args.max_new_tokens)
-        decoder = OrtDecoder(target)
+        if backend == "trt":
+            from infoquant_export.trt.runtime import TrtDecoder
+
+            decoder: Any = TrtDecoder(target)
+        else:
+            decoder = OrtDecoder(target)
         tokenizer = decoder.tokenizer()
         ids = chat_prompt_ids(tokenizer, args.prompt).numpy()
         tokens = ort_greedy_generate(decoder, ids, args.max_new_tokens, decoder.stop_ids(tokenizer))
-        return {"backend": "ort", "prompt": args.prompt, "tokens": tokens,
+        return {"backend": backend, "prompt": args.prompt, "tokens": tokens,
                 "text": tokenizer.decode(tokens, skip_special_tokens=True)}
     from infoquant_export.pipeline import load_for_eval, resolve_device
 

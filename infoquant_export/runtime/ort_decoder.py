@@ -117,7 +117,8 @@ class OrtDecoder:
         return stop_ids(self.meta["model_config"].get("eos_token_id"), tokenizer)
 
 
-def ort_greedy_generate(decoder: OrtDecoder, input_ids: np.ndarray, max_new_tokens: int, stop: set[int]) -> list[int]:
-    """Prefill once, then one token per step from the 4-bit KV cache (the loop of ``eval.generate``)."""
+def ort_greedy_generate(decoder: Any, input_ids: np.ndarray, max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Prefill once, then one token per step from the 4-bit KV cache (the loop of ``eval.generate``); any decoder
+    with OrtDecoder's call interface (``trt.runtime.TrtDecoder`` too)."""
     logits, cache, _ = decoder(input_ids)
     return greedy_loop(logits, cache, lambda t, c: decoder(np.array([[t]], np.int64), c)[:2], max_new_tokens, stop)

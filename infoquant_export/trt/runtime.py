@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from infoquant_export.errors import UserError
-from infoquant_export.eval.generate import greedy_loop
 
 TORCH_OF = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
             "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
@@ -127,10 +126,6 @@ class TrtDecoder:
         present = {n.replace("present.", "past.", 1): v for n, v in outs.items() if n.startswith("present.")}
         extras = {n: v.cpu().numpy() for n, v in outs.items() if n != "logits" and not n.startswith("present.")}
         return outs["logits"].float().cpu().numpy(), present, extras
-
-    def greedy(self, input_ids: np.ndarray, max_new_tokens: int, stop: set[int]) -> list[int]:
-        logits, cache, _ = self(input_ids)
-        return greedy_loop(logits, cache, lambda t, c: self(np.array([[t]], np.int64), c)[:2], max_new_tokens, stop)
 
     def tokenizer(self) -> Any:
         from infoquant_export.runtime.ort_decoder import OrtDecoder
