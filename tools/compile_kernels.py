@@ -4,7 +4,8 @@
         [--variants]
 
 Writes ``OUT/<target>/<spec>.ptx`` / ``.cubin`` and ``OUT/manifest.json``; prints the manifest (JSON): per target
-and spec the MMA instructions in the PTX, shared memory, cubin size and sha256, compile seconds.
+and spec the MMA instructions in the PTX, shared memory, registers and spill bytes (ptxas -v), TMA copies in the
+PTX, cubin size and sha256, compile seconds.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                     (tmp / target / f"{spec.name}.ptx").write_text(res["ptx"])
                     (tmp / target / f"{spec.name}.cubin").write_bytes(res["cubin"])
                     entries[spec.name] = {"mma": res["mma"], "shared_bytes": res["shared_bytes"],
+                                          "registers": res["registers"],
+                                          "spill_store_bytes": res["spill_store_bytes"],
+                                          "spill_load_bytes": res["spill_load_bytes"],
+                                          "tma_loads": res["tma_loads"],
                                           "cubin_bytes": len(res["cubin"]), "sha256": res["sha256"],
                                           "seconds": round(time.perf_counter() - start, 2)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

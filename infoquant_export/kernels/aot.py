@@ -15,6 +15,7 @@ from typing import Any
 from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.kernels.ops import (
     GEMM_PLANE_TILES,
+    GEMM_TMA_TILES,
     decode_tile,
     gemm_candidates,
     gemm_config,
@@ -66,6 +67,20 @@ def _gemm_v2(name: str, m: int, k: int, out: str, a_planes: bool, w_planes: bool
                        "stride_wp", "stride_rm", "stride_ym"), opts)
 
 
+def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_planes: bool) -> KernelSpec:
+    """A ``w4a4_gemm_tma_kernel`` specialisation for one tile config (``BM BN BK2 GROUP_M num_warps num_stages``)."""
+    cfg = dict(tile)
+    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    a_t, w_t = ("i8" if a_planes else "u8"), ("i8" if w_planes else "u8")
+    types = {"a_desc": f"tensordesc<{a_t}[{cfg['BM']}, {cfg['BK2']}]>", "a_scale_ptr": "*fp32", "a_zero_ptr": "*u8",
+             "w_desc": f"tensordesc<{w_t}[{cfg['BN']}, {cfg['BK2']}]>", "w_scale_ptr": "*fp32",
+             "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_desc": f"tensordesc<{out}[{cfg['BM']}, {cfg['BN']}]>",
+             "y_desc": f"tensordesc<{out}[{cfg['BM']}, {cfg['BN']}]>", "M": "i32", "N": "i32", "K2": "i32"}
+    return KernelSpec(name, "gemm", "w4a4_gemm_tma_kernel", types,
+                      {"HAS_BIAS": False, "HAS_RES": True, "A_PLANES": a_planes, "W_PLANES": w_planes, **cfg},
+                      ("K2",), opts)
+
+
 def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str) -> KernelSpec:
     tile = row_tile(n, blocks, rotate)
     types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp64", "scratch_ptr": "*fp32", "inv_sqrt": "fp32",
@@ -105,6 +120,20 @@ def default_specs() -> list[KernelSpec]:
     ]
 
 
+def gemm_tma_specs() -> list[KernelSpec]:
+    """Every ``GEMM_TMA_TILES`` tile with each operand layout (packed / activation planes / both planes), fp16 out."""
+    keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
+    specs = []
+    for tiles in GEMM_TMA_TILES.values():
+        for t in tiles:
+            tile = dict(zip(keys, t, strict=True))
+            for layout, a_planes, w_planes in (("packed", False, False), ("aplanes", True, False),
+                                               ("planes", True, True)):
+                name = "w4a4_gemm_tma_{}_{}x{}x{}_w{}_s{}".format(layout, *t[:3], *t[4:])
+                specs.append(gemm_tma_spec(name, tile, "fp16", a_planes, w_planes))
+    return specs
+
+
 def variant_specs() -> list[KernelSpec]:
     """The performance variants (``tools/bench_kernels.py --sections variants``) at LLaMA-2-7B prefill shapes:
     the GEMM operand layouts, the planar and chunked activation quantization."""
@@ -121,6 +150,7 @@ def variant_specs() -> list[KernelSpec]:
         KernelSpec("quantize_chunked_2048", "quantize", "quantize_rows_chunked_kernel", chunk_types,
                    {"CH": 2048, "PLANES": False}, ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"),
                    {"num_warps": 4}),
+        *gemm_tma_specs(),
     ]
 
 
@@ -143,8 +173,34 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
-    return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma,
-            "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest()}
+    return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma, "tma_loads": ptx.count("cp.async.bulk.tensor"),
+            "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest(),
+            **ptxas_resources(ptx, cc)}
+
+
+def ptxas_resources(ptx: str, cc: int) -> dict[str, int]:
+    """Registers per thread, spill store / load bytes and stack frame of ``ptx`` assembled for ``cc`` by Triton's
+    bundled ptxas (``-v``, the options Triton uses). 255 registers plus spills means the tile does not fit the
+    register file: local-memory traffic in the kernel (a static fact, no GPU needed)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", f"{tmp}/k.cubin"],
+                             capture_output=True, text=True, check=True).stderr
+
+    def grab(pattern: str) -> int:
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {"registers": grab(r"Used (\d+) registers"), "spill_store_bytes": grab(r"(\d+) bytes spill stores"),
+            "spill_load_bytes": grab(r"(\d+) bytes spill loads"), "stack_bytes": grab(r"(\d+) bytes stack frame")}
 
 
 def hadamard_aot_spec(size: int, num_blocks: int) -> KernelSpec:

@@ -437,6 +437,15 @@ GEMM_PLANE_TILES = {
     # of shared memory (> 227 KB on sm_90): removed
     "large": [(128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4)],
 }
+# Tensor-descriptor (TMA) tiles of w4a4_gemm_tma_kernel, autotune options on sm_90 next to the pointer kernels
+# (config "TMA": 1). Chosen statically (no GPU): no register spills and <= 227 KB of shared memory for every operand
+# layout, from `python tools/compile_kernels.py --variants` (ptxas -v, sm_90a); the pointer kernels' large tiles
+# spill 128-552 bytes per thread. Not yet timed on a GPU: the autotuner decides per shape.
+GEMM_TMA_TILES = {
+    "small": [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4)],
+    "mid": [(128, 64, 64, 8, 4, 4), (64, 128, 128, 8, 4, 4), (128, 128, 64, 8, 8, 5)],
+    "large": [(128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 5)],
+}
 W_PLANES_MIN_M = 17  # below, a weight's packed codes are read even when it has planes (half the bytes)
 
 
@@ -527,6 +536,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         cfg = dict(cfg)
         use_wp = bool(cfg.pop("W_PLANES", w_planes_default))
         swap = bool(cfg.pop("SWAP", act.planes and not use_wp))
+        tma = bool(cfg.pop("TMA", 0))
         if use_wp and weight.planes is None:
             raise KernelInputError("config W_PLANES=1 but the weight has no planes", "use weight.with_planes()")
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
@@ -534,6 +544,20 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         bias = weight.bias if weight.bias is not None else weight.scale
         res = residual if residual is not None else y
         res_stride = residual.stride(0) if residual is not None else 0
+        if tma:
+            if swap or not tma_eligible(act, weight, y, residual):
+                raise KernelInputError("config TMA=1 needs SWAP=0, 16-byte aligned tensors and rows of a multiple "
+                                       "of 16 bytes", "drop TMA from the config")
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            w_codes = weight.planes if use_wp else weight.codes
+            tiles = ([cfg["BM"], cfg["BK2"]], [cfg["BN"], cfg["BK2"]], [cfg["BM"], cfg["BN"]])
+            kernel_module("gemm").w4a4_gemm_tma_kernel[grid](
+                TensorDescriptor.from_tensor(act.codes, tiles[0]), act.scale, act.zero,
+                TensorDescriptor.from_tensor(w_codes, tiles[1]), weight.scale, weight.rowsum, bias,
+                TensorDescriptor.from_tensor(res, tiles[2]), TensorDescriptor.from_tensor(y, tiles[2]), m, n, k2,
+                A_PLANES=act.planes, W_PLANES=use_wp, **common, **cfg)
+            return
         if not (act.planes or use_wp or swap):  # the packed operands of the default kernel
             kernel_module("gemm").w4a4_gemm_kernel[grid](
                 act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum, bias, res, y,
@@ -548,6 +572,9 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     if config is None:
         planar = act.planes or w_planes_default
         candidates = gemm_candidates(m, k2, GEMM_PLANE_TILES if planar else None)
+        if y.is_cuda and torch.cuda.get_device_capability(y.device)[0] == 9 and \
+                tma_eligible(act, weight, y, residual):
+            candidates += [{**c, "TMA": 1, "SWAP": 0} for c in gemm_candidates(m, k2, GEMM_TMA_TILES)]
         config = candidates[0]
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
             key = (_bucket(m), n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
@@ -555,6 +582,13 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
             config = _autotune(key, run, candidates)
     run(config)
     return y
+
+
+def tma_eligible(act: PackedRows, weight: PackedWeight, y: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether ``w4a4_gemm_tma_kernel`` can take these tensors: TMA needs 16-byte aligned bases and row strides."""
+    w_codes = weight.planes if weight.planes is not None else weight.codes
+    tensors = [act.codes, weight.codes, w_codes, y] + ([residual] if residual is not None else [])
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
 _DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # tensor-core dot dtype of the decode kernel

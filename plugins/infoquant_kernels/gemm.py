@@ -22,6 +22,46 @@ from .common import unpack_signed, unpack_unsigned
 
 
 @triton.jit
+def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program: grouped ordering, GROUP_M row tiles share weight tiles in L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * grid_n)) % size_m, (pid % (GROUP_M * grid_n)) // size_m
+
+
+@triton.jit
+def gemm_scale(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr,
+               HAS_BIAS: tl.constexpr):
+    """``((acc - z_a * rowsum_w) * s_a) * s_w (+ bias)`` in float32 (vectors loaded masked on the true indices)."""
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    z = tl.load(a_zero_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)
+    rowsum = tl.load(w_rowsum_ptr + offs_n, mask=n_mask, other=0)
+    acc = acc - z[:, None] * rowsum[None, :]
+    y = acc.to(tl.float32) * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    return y
+
+
+@triton.jit
+def gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_ptr,
+                  y_ptr, stride_rm, stride_ym, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """``gemm_scale`` (+ residual), stored in y's dtype through masked pointers."""
+    y = gemm_scale(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, HAS_BIAS)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if HAS_RES:
+        y = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask).to(tl.float32) + y
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def w4a4_gemm_kernel(
     a_ptr, a_scale_ptr, a_zero_ptr,      # activation codes [M, K/2] uint8, scale [M] f32, zero point [M] uint8
     w_ptr, w_scale_ptr, w_rowsum_ptr,    # weight codes [N, K/2] uint8, scale [N] f32, row sums [N] int32
@@ -31,20 +71,11 @@ def w4a4_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    group = pid // (GROUP_M * grid_n)          # grouped ordering: GROUP_M row tiles share weight tiles in L2
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK2)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
     rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)   # wrap rows instead of masking loads
     rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
@@ -59,19 +90,8 @@ def w4a4_gemm_kernel(
         a_ptrs += BK2
         w_ptrs += BK2
 
-    # epilogue vectors: masked loads on the true indices (rm / rn carry contiguity hints that wrapped tiles break)
-    z = tl.load(a_zero_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)
-    rowsum = tl.load(w_rowsum_ptr + offs_n, mask=n_mask, other=0)
-    acc = acc - z[:, None] * rowsum[None, :]
-    y = acc.to(tl.float32) * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
-    y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RES:
-        y = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask).to(tl.float32) + y
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask)
+    gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_ptr,
+                  y_ptr, stride_rm, stride_ym, HAS_BIAS, HAS_RES)
 
 
 @triton.jit
@@ -95,20 +115,11 @@ def w4a4_gemm_v2_kernel(
     left operand, which wgmma reads from registers (no register -> shared memory round trip); the right operand must
     come from shared memory, so this pairs with ``A_PLANES``. The accumulator is transposed before the epilogue.
     """
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK2)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
     rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
     rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
@@ -140,15 +151,48 @@ def w4a4_gemm_v2_kernel(
     if SWAP:
         acc = tl.trans(acc)
 
-    z = tl.load(a_zero_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)
-    rowsum = tl.load(w_rowsum_ptr + offs_n, mask=n_mask, other=0)
-    acc = acc - z[:, None] * rowsum[None, :]
-    y = acc.to(tl.float32) * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
-    y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
+    gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_ptr,
+                  y_ptr, stride_rm, stride_ym, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def w4a4_gemm_tma_kernel(
+    a_desc, a_scale_ptr, a_zero_ptr,     # activation codes: descriptor of packed [M, K/2] uint8 or planes [M, K] int8
+    w_desc, w_scale_ptr, w_rowsum_ptr,   # weight codes: descriptor of packed [N, K/2] uint8 or planes [N, K] int8
+    bias_ptr, res_desc, y_desc,          # residual / output: descriptors of [M, N], block [BM, BN]
+    M, N, K2,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
+    A_PLANES: tl.constexpr, W_PLANES: tl.constexpr,
+):
+    """``w4a4_gemm_v2_kernel`` (same bits) with every tile moved through tensor descriptors: on sm_90 the Tensor
+    Memory Accelerator copies each operand tile ``[rows, BK2]`` to shared memory (``cp.async.bulk.tensor``,
+    pipelined over ``num_stages``) and the residual / output tiles in and out, so the kernel holds no per-element
+    pointer tensors (the register pressure that makes the pointer kernels spill at M = 2048; see
+    ``kernels.aot.ptxas_resources``). Rows past M / N read as zeros and are not written (the descriptors' bounds).
+    A plane operand is one int8 row per token or channel, ``[even-k codes (K/2) | odd-k codes (K/2)]``: its low
+    plane at column ``k``, its high plane at ``K/2 + k``. sm_80-89 have no TMA (Triton lowers descriptor loads to
+    plain loads there): ``ops`` offers this kernel on sm_90.
+    """
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k in range(0, K2, BK2):
+        if A_PLANES:
+            a_lo = a_desc.load([off_m, k])
+            a_hi = a_desc.load([off_m, K2 + k])
+        else:
+            a_lo, a_hi = unpack_unsigned(a_desc.load([off_m, k]))
+        if W_PLANES:
+            w_lo = w_desc.load([off_n, k])
+            w_hi = w_desc.load([off_n, K2 + k])
+        else:
+            w_lo, w_hi = unpack_signed(w_desc.load([off_n, k]))
+        acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+        acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+    y = gemm_scale(acc, off_m + tl.arange(0, BM), off_n + tl.arange(0, BN), M, N, a_scale_ptr, a_zero_ptr,
+                   w_scale_ptr, w_rowsum_ptr, bias_ptr, HAS_BIAS)
     if HAS_RES:
-        y = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask).to(tl.float32) + y
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask)
+        y = res_desc.load([off_m, off_n]).to(tl.float32) + y
+    y_desc.store([off_m, off_n], y.to(y_desc.dtype))

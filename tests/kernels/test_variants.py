@@ -61,6 +61,10 @@ def test_gemm_layouts_same_bits(m, k):
         cfg = {**SMALL, "W_PLANES": int(w_planes), "SWAP": int(swap)}
         got = ops.w4a4_linear(act_p if a_planes else act, w, res, config=cfg).cpu()
         assert torch.equal(got, ref), (a_planes, w_planes, swap)
+    for a_planes, w_planes in itertools.product((False, True), (False, True)):  # the tensor-descriptor kernel
+        cfg = {**SMALL, "W_PLANES": int(w_planes), "SWAP": 0, "TMA": 1}
+        got = ops.w4a4_linear(act_p if a_planes else act, w, res, config=cfg).cpu()
+        assert torch.equal(got, ref), ("tma", a_planes, w_planes)
     # the defaults: planar activations (swap), weight planes from M >= W_PLANES_MIN_M, the GEMM_PLANE_TILES configs
     assert torch.equal(ops.w4a4_linear(act_p, w, res).cpu(), ref)
     assert torch.equal(ops.w4a4_linear(act, w, res).cpu(), ref)
@@ -76,6 +80,11 @@ def test_variant_bad_input():
     w = ops.PackedWeight.from_codes(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16)).to(DEVICE)
     with pytest.raises(ops.KernelInputError, match="no planes"):
         ops.w4a4_linear(act, w, config={**SMALL, "W_PLANES": 1})
+    with pytest.raises(ops.KernelInputError, match="TMA=1"):
+        ops.w4a4_linear(act, w, config={**SMALL, "TMA": 1, "SWAP": 1})
+    odd = ops.PackedWeight.from_codes(torch.zeros(6, 64, dtype=torch.int8), torch.ones(6)).to(DEVICE)
+    with pytest.raises(ops.KernelInputError, match="16 bytes"):  # fp16 rows of 6 outputs: 12 bytes
+        ops.w4a4_linear(act, odd, out_dtype=torch.float16, config={**SMALL, "TMA": 1})
     bad = ops.PackedWeight(w.codes, w.scale, w.rowsum, planes=torch.zeros(16, 32, dtype=torch.int8, device=DEVICE))
     with pytest.raises(ops.KernelInputError, match="planes"):
         ops.w4a4_linear(act, bad)
