@@ -170,7 +170,8 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
 
 
 # --sections variants: the exactness-preserving performance variants side by side with today's defaults (issue 6).
-# GEMM: (name, activation planes, weight planes, swap, tile (BM, BN, BK2, GROUP_M, warps, stages) or None = default)
+# GEMM: (name, activation planes, weight planes, swap, tile (BM, BN, BK2, GROUP_M, warps, stages) or None = default);
+# "tma_*": the tensor-descriptor kernel (ops.GEMM_TMA_TILES, spill-free on sm_90)
 VARIANT_GEMM = {
     "mid": [("default", False, False, False, None),
             ("aplanes_swap", True, False, True, (128, 64, 64, 8, 4, 4)),
@@ -178,7 +179,12 @@ VARIANT_GEMM = {
             ("wplanes", False, True, False, (128, 64, 64, 8, 4, 4)),
             ("planes", True, True, False, (128, 64, 64, 8, 4, 4)),
             ("planes", True, True, False, (128, 128, 64, 8, 8, 4)),
-            ("planes", True, True, False, (64, 128, 128, 8, 4, 4))],
+            ("planes", True, True, False, (64, 128, 128, 8, 4, 4)),
+            ("tma_packed", False, False, False, (128, 64, 64, 8, 4, 4)),
+            ("tma_packed", False, False, False, (128, 128, 64, 8, 8, 5)),
+            ("tma_aplanes", True, False, False, (64, 128, 128, 8, 4, 4)),
+            ("tma_planes", True, True, False, (64, 128, 128, 8, 4, 4)),
+            ("tma_planes", True, True, False, (128, 128, 64, 8, 8, 5))],
     "large": [("default", False, False, False, None),
               ("aplanes_swap", True, False, True, (128, 256, 64, 8, 8, 4)),
               ("aplanes_swap", True, False, True, (256, 128, 64, 8, 8, 4)),
@@ -189,7 +195,13 @@ VARIANT_GEMM = {
               ("planes", True, True, False, (128, 256, 64, 8, 8, 4)),
               ("planes", True, True, False, (256, 128, 64, 8, 8, 4)),
               ("planes", True, True, False, (128, 256, 128, 8, 8, 3)),
-              ("planes", True, True, False, (128, 128, 128, 8, 4, 4))],
+              ("planes", True, True, False, (128, 128, 128, 8, 4, 4)),
+              ("tma_packed", False, False, False, (128, 256, 64, 8, 8, 4)),
+              ("tma_packed", False, False, False, (256, 128, 64, 8, 8, 4)),
+              ("tma_aplanes", True, False, False, (128, 256, 64, 8, 8, 4)),
+              ("tma_planes", True, True, False, (128, 256, 64, 8, 8, 4)),
+              ("tma_planes", True, True, False, (256, 128, 64, 8, 8, 4)),
+              ("tma_planes", True, True, False, (128, 128, 64, 8, 8, 5))],
 }
 # quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes)
 VARIANT_QUANT = [("default", None, None, False), ("warps4", 4, None, False), ("warps8", 8, None, False),
@@ -253,6 +265,8 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
                 if tile is not None and (k // 2) % cfg["BK2"]:
                     continue
                 cfg = {**cfg, "W_PLANES": int(w_planes), "SWAP": int(swap)}
+                if name.startswith("tma"):  # w4a4_gemm_tma_kernel (tensor descriptors; TMA on sm_90)
+                    cfg["TMA"] = 1
                 a = act_p if a_planes else act
                 fn = partial(ops.w4a4_linear, a, weight, out_dtype=torch.float16, config=cfg)
                 v: dict = {"name": name, "config": cfg}

@@ -124,13 +124,11 @@ def gemm_tma_specs() -> list[KernelSpec]:
     """Every ``GEMM_TMA_TILES`` tile with each operand layout (packed / activation planes / both planes), fp16 out."""
     keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
     specs = []
-    for tiles in GEMM_TMA_TILES.values():
-        for t in tiles:
-            tile = dict(zip(keys, t, strict=True))
-            for layout, a_planes, w_planes in (("packed", False, False), ("aplanes", True, False),
-                                               ("planes", True, True)):
-                name = "w4a4_gemm_tma_{}_{}x{}x{}_w{}_s{}".format(layout, *t[:3], *t[4:])
-                specs.append(gemm_tma_spec(name, tile, "fp16", a_planes, w_planes))
+    for t in dict.fromkeys(t for tiles in GEMM_TMA_TILES.values() for t in tiles):  # each tile once, in order
+        tile = dict(zip(keys, t, strict=True))
+        for layout, a_planes, w_planes in (("packed", False, False), ("aplanes", True, False), ("planes", True, True)):
+            name = "w4a4_gemm_tma_{}_{}x{}x{}_w{}_s{}".format(layout, *t[:3], *t[4:])
+            specs.append(gemm_tma_spec(name, tile, "fp16", a_planes, w_planes))
     return specs
 
 

@@ -76,9 +76,10 @@ def test_tma_gemm_tiles_fit_sm90(tmp_path):
     sys.path.insert(0, str(REPO))
     from infoquant_export.kernels.aot import gemm_tma_specs
 
+    from infoquant_export.kernels.ops import GEMM_TMA_TILES
+
     names = [s.name for s in gemm_tma_specs()]
-    assert len(names) == 3 * sum(len(t) for t in __import__("infoquant_export.kernels.ops", fromlist=["x"])
-                                 .GEMM_TMA_TILES.values())
+    assert len(names) == 3 * len({t for tiles in GEMM_TMA_TILES.values() for t in tiles}) == len(set(names))
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
     out = tmp_path / "kernels"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "compile_kernels.py"), "--out", str(out),
@@ -88,7 +89,7 @@ def test_tma_gemm_tiles_fit_sm90(tmp_path):
     entries = json.loads((out / "manifest.json").read_text())["targets"]["sm_90"]
     for name in names:
         e = entries[name]
-        assert e["spill_store_bytes"] == 0 and e["spill_load_bytes"] == 0, (name, e)  # measured 0 for all 24
+        assert e["spill_store_bytes"] == 0 and e["spill_load_bytes"] == 0, (name, e)  # measured 0 for all 21
         assert e["registers"] <= 255 and e["shared_bytes"] <= 227 * 1024, (name, e)  # max 246 regs, 196 KB
         assert e["tma_loads"] >= 3, (name, e)  # operand loads + output store through TMA (measured 8-22 in PTX)
         assert e["mma"] and all(".s32.s8.s8" in m for m in e["mma"]), name  # int8 tensor cores only
