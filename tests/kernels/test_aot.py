@@ -75,7 +75,6 @@ def test_tma_gemm_tiles_fit_sm90(tmp_path):
     compiled beside it: the spill figures are real (it spills; measured 255 registers + 560 bytes)."""
     sys.path.insert(0, str(REPO))
     from infoquant_export.kernels.aot import gemm_tma_specs
-
     from infoquant_export.kernels.ops import GEMM_TMA_TILES
 
     names = [s.name for s in gemm_tma_specs()]
