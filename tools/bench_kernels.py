@@ -209,6 +209,8 @@ VARIANT_QUANT = [("default", None, None, False), ("warps4", 4, None, False), ("w
                  ("chunk2048_w4", 4, 2048, False), ("chunk2048_w8", 8, 2048, False), ("chunk4096_w8", 8, 4096, False)]
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
 VARIANT_ATTN = [(128, 4, 2, 1), (128, 4, 4, 1), (128, 4, 3, 2), (128, 4, 3, 4), (256, 4, 3, 1), (256, 8, 3, 2)]
+# the CUDA-core decode kernel: (block_t, num_warps, split multiplier)
+VARIANT_ATTN_CC = [(32, 8, 1), (32, 8, 2), (32, 4, 1), (64, 8, 1), (64, 4, 1), (128, 8, 1)]
 
 
 class _Budget:
@@ -347,18 +349,22 @@ def variants_attention(device: torch.device, cases: list[tuple[int, int]], heads
                           torch.randint(0, 16, (batch, heads, ctx), dtype=torch.uint8, device=device))
         v4 = ops.KVCache4(k4.codes.clone(), k4.scale.clone(), k4.zero.clone())
         lengths = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-        ref = ops.kv4_decode_attention(q, k4, v4, lengths, ctx).float()
+        ref = ops.kv4_decode_attention(q, k4, v4, lengths, ctx, kernel="tc").float()
         default_bt = ops.decode_tile(1)[1]
-        configs = [("default", None, None, 4, 3, None)]
+        configs = [("default", None, None, 4, 3, "tc")]
         for block_t, warps, stages, mult in VARIANT_ATTN:
             splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
-            configs.append((f"bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages, mult))
-        for name, splits, block_t, warps, stages, _mult in configs:
+            configs.append((f"bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages, "tc"))
+        for block_t, warps, mult in VARIANT_ATTN_CC:
+            splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
+            configs.append((f"cc_bt{block_t}_w{warps}_x{mult}", splits, block_t, warps, 3, "cc"))
+        for name, splits, block_t, warps, stages, kernel in configs:
             if budget.over():
                 break
-            fn = partial(ops.kv4_decode_attention, q, k4, v4, lengths, ctx, splits, block_t, warps, stages)
+            fn = partial(ops.kv4_decode_attention, q, k4, v4, lengths, ctx, splits, block_t, warps, stages,
+                         kernel=kernel)
             v: dict = {"name": name, "splits": splits, "block_t": block_t or default_bt, "num_warps": warps,
-                       "num_stages": stages}
+                       "num_stages": stages, "kernel": kernel}
             _try(v, "ms", lambda fn=fn: _timed(fn, device))
             if "ms" in v:
                 out = fn().float()

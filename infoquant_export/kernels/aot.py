@@ -39,6 +39,14 @@ class KernelSpec:
     options: dict[str, int] = field(default_factory=dict)
 
 
+# The GEMM arguments the JIT marks divisible by 16 at run time on LLaMA shapes (torch allocations are 16-byte
+# aligned; M = 2048, N and K multiples of 16): the AOT specialisations declare the same, so their code, registers
+# and spills are the ones a GPU runs (arguments a kernel lacks are ignored).
+_RUNTIME_DIVISIBLE = ("a_ptr", "a_scale_ptr", "a_zero_ptr", "w_ptr", "w_scale_ptr", "w_rowsum_ptr", "bias_ptr",
+                      "res_ptr", "y_ptr", "M", "N", "K2", "stride_am", "stride_ap", "stride_wn", "stride_wp",
+                      "stride_rm", "stride_ym")
+
+
 def _gemm(name: str, m: int, k: int, out: str) -> KernelSpec:
     cfg = gemm_config(m, k // 2)
     opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
@@ -46,8 +54,7 @@ def _gemm(name: str, m: int, k: int, out: str) -> KernelSpec:
              "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "M": "i32",
              "N": "i32", "K2": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_ym": "i32"}
     return KernelSpec(name, "gemm", "w4a4_gemm_kernel", types, {"HAS_BIAS": False, "HAS_RES": True, **cfg},
-                      ("a_ptr", "w_ptr", "res_ptr", "y_ptr", "K2", "stride_am", "stride_wn", "stride_rm",
-                       "stride_ym"), opts)
+                      _RUNTIME_DIVISIBLE, opts)
 
 
 def _gemm_v2(name: str, m: int, k: int, out: str, a_planes: bool, w_planes: bool, swap: bool,
@@ -63,8 +70,7 @@ def _gemm_v2(name: str, m: int, k: int, out: str, a_planes: bool, w_planes: bool
     return KernelSpec(name, "gemm", "w4a4_gemm_v2_kernel", types,
                       {"HAS_BIAS": False, "HAS_RES": True, "A_PLANES": a_planes, "W_PLANES": w_planes, "SWAP": swap,
                        **cfg},
-                      ("a_ptr", "w_ptr", "res_ptr", "y_ptr", "K2", "stride_am", "stride_ap", "stride_wn",
-                       "stride_wp", "stride_rm", "stride_ym"), opts)
+                      _RUNTIME_DIVISIBLE, opts)
 
 
 def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_planes: bool) -> KernelSpec:
@@ -78,7 +84,7 @@ def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_p
              "y_desc": f"tensordesc<{out}[{cfg['BM']}, {cfg['BN']}]>", "M": "i32", "N": "i32", "K2": "i32"}
     return KernelSpec(name, "gemm", "w4a4_gemm_tma_kernel", types,
                       {"HAS_BIAS": False, "HAS_RES": True, "A_PLANES": a_planes, "W_PLANES": w_planes, **cfg},
-                      ("K2",), opts)
+                      _RUNTIME_DIVISIBLE, opts)
 
 
 def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str) -> KernelSpec:
@@ -102,7 +108,17 @@ def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
              "chunk": "i32", "max_len": "i32", "qk_scale": "fp32"}
     return KernelSpec(name, "attention", "kv4_decode_partial_kernel", types,
                       {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8, "DOT": 1},
-                      ("kc_ptr", "vc_ptr", "stride_ct"), {"num_warps": 4})
+                      # what the JIT sees at run time: every pointer and cache stride a multiple of 16 (capacity % 16)
+                      ("q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr", "stride_qb", "stride_qh",
+                       "stride_cb", "stride_ch", "stride_ct", "stride_sb", "stride_sh"), {"num_warps": 4})
+
+
+def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps: int) -> KernelSpec:
+    """A ``kv4_decode_partial_cc_kernel`` specialisation (float16 q, 8 splits)."""
+    base = _decode(name, group, head_dim)
+    return KernelSpec(name, "attention", "kv4_decode_partial_cc_kernel", base.types,
+                      {"G": group, "D": head_dim, "BT": block_t, "SPLITS": 8}, base.divisible,
+                      {"num_warps": num_warps})
 
 
 def default_specs() -> list[KernelSpec]:
@@ -149,6 +165,7 @@ def variant_specs() -> list[KernelSpec]:
                    {"CH": 2048, "PLANES": False}, ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"),
                    {"num_warps": 4}),
         *gemm_tma_specs(),
+        *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}", 1, 128, bt, w) for bt in (32, 64, 128) for w in (4, 8)),
     ]
 
 
@@ -165,7 +182,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     missing = [a for a, t in signature.items() if t == "constexpr" and a not in spec.constexprs]
     if missing:
         raise ValueError(f"{spec.name}: no type or constexpr for {missing}")
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible if a in fn.arg_names}
     src = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
     options = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False, **spec.options}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)

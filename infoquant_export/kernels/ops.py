@@ -601,6 +601,12 @@ def decode_tile(group: int) -> tuple[int, int]:
     return gp, 128 if gp <= 16 else 64
 
 
+# (tokens per step, warps) of the CUDA-core decode kernel. Static choice (no GPU yet): at D = 128 on sm_90 it needs
+# 64 registers per thread (32 resident warps per SM; 32 x 4 warps: 128, 64 x 8: 128, 128 x 8: 190 registers), where
+# the tensor-core kernel needs 255 (8 resident warps). tools/bench_kernels.py --sections variants times the others.
+DECODE_CC_TILE = (32, 8)
+
+
 def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs: int) -> int:
     """Power-of-2 number of context chunks so that ``batch_heads * splits`` fills the GPU."""
     splits = 1
@@ -610,15 +616,19 @@ def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs:
 
 
 def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int,
-                         splits: int | None = None, block_t: int | None = None, num_warps: int = 4,
-                         num_stages: int = 3, check_lengths: bool = True) -> torch.Tensor:
+                         splits: int | None = None, block_t: int | None = None, num_warps: int | None = None,
+                         num_stages: int = 3, check_lengths: bool = True, kernel: str | None = None) -> torch.Tensor:
     """Attention of one new token per row, ``q [B, Hq, D]``, over the 4-bit caches' first ``lengths[b]`` tokens.
 
     ``max_len`` (>= every length) sizes the split and is checked against ``lengths`` when ``check_lengths`` (a host
     sync on the GPU; skipped during CUDA-graph capture). The kernel clamps lengths to ``max_len``, so it never reads
     past it. Returns ``[B, Hq, D]`` in q's dtype (float32 softmax; tensor-core
     dot products in float16 for a float16 q). ``splits`` / ``block_t`` / warps / stages override the heuristics.
+    ``kernel``: ``"tc"`` the tensor-core kernel (a GQA group per program, 4 warps), ``"cc"`` the CUDA-core kernel
+    (``kv4_decode_partial_cc_kernel``: one query head per program, float32 throughout, ``DECODE_CC_TILE``); default
+    ``$INFOQUANT_DECODE_KERNEL`` or ``"tc"``.
     """
+    kernel = kernel or os.environ.get("INFOQUANT_DECODE_KERNEL", "tc")
     _check_dtype("q", q, FLOAT_DTYPES)
     _check_contiguous("q", q)
     _check_dtype("lengths", lengths, (torch.int32,))
@@ -647,22 +657,30 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
                                                                 int(lengths.min()) < 1):
         raise KernelInputError(f"lengths {lengths.tolist()} outside 1..max_len={max_len}",
                                "pass max_len >= every length (and every length >= 1)")
+    if kernel not in ("tc", "cc"):
+        raise KernelInputError(f"kernel={kernel!r} is not 'tc' or 'cc'", "pass kernel='tc' (tensor cores) or 'cc'")
     g = hq // hkv
     gp, default_block_t = decode_tile(g)
-    block_t = block_t or default_block_t
+    block_t = block_t or (DECODE_CC_TILE[0] if kernel == "cc" else default_block_t)
+    num_warps = num_warps or (DECODE_CC_TILE[1] if kernel == "cc" else 4)
+    programs = b * (hq if kernel == "cc" else hkv)
     target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
-    splits = splits or decode_splits(b * hkv, max_len, block_t, target)
+    splits = splits or decode_splits(programs, max_len, block_t, target)
     chunk = triton_cdiv(triton_cdiv(max_len, splits), block_t) * block_t
     part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     mod = kernel_module("attention")
-    mod.kv4_decode_partial_kernel[(b * hkv, splits)](
-        q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
-        k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
-        lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)),
-        G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT=_DOT[q.dtype], num_warps=num_warps,
-        num_stages=num_stages)
+    args = (q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
+            k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
+            lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)))
+    if kernel == "cc":
+        mod.kv4_decode_partial_cc_kernel[(programs, splits)](
+            *args, G=g, D=d, BT=block_t, SPLITS=splits, num_warps=num_warps, num_stages=num_stages)
+    else:
+        mod.kv4_decode_partial_kernel[(programs, splits)](
+            *args, G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT=_DOT[q.dtype], num_warps=num_warps,
+            num_stages=num_stages)
     out = torch.empty_like(q)
     mod.kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits, SP=splits, D=d,
                                              num_warps=4)

@@ -92,6 +92,79 @@ def kv4_decode_partial_kernel(
 
 
 @triton.jit
+def _dequant_f32(codes, zero_magic):
+    """4-bit codes (int32, 0..15) minus the zero point, exact in float32 without an int -> float conversion:
+    ``bits(2^23 + code) - (2^23 + z)`` (a LOP3 and an FADD instead of a quarter-rate I2F)."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
+
+
+@triton.jit
+def kv4_decode_partial_cc_kernel(
+    q_ptr, stride_qb, stride_qh,
+    kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+    stride_cb, stride_ch, stride_ct, stride_sb, stride_sh,
+    len_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
+    num_kv_heads, chunk, max_len, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """``kv4_decode_partial_kernel`` on the CUDA cores, one query head per program (grid ``(B * Hq, splits)``; a GQA
+    group's KV head is read by each of its G query heads): no padding of the query to 16 tensor-core rows (15 of
+    16 rows wasted at G = 1), no shared-memory transposes of the dequantized tiles. Everything in float32: scores
+    ``(q_even . (k_lo - z) + q_odd . (k_hi - z)) * s_k``; the value sums stay a ``[BT, D/2]`` tile per parity
+    (one FFMA per element per step, rescaled by the online-softmax factor) reduced over tokens once at the end.
+    Same partial outputs (and combine kernel) as the tensor-core kernel; float32 rounding only, where the
+    tensor-core kernel rounds q and p * s_v to a 16-bit q's type."""
+    bhq = tl.program_id(0)
+    split = tl.program_id(1)
+    hq_per_b = num_kv_heads * G
+    b = bhq // hq_per_b
+    h = (bhq % hq_per_b) // G
+    length = tl.minimum(tl.load(len_ptr + b), max_len)
+    t_start = split * chunk
+    t_end = tl.minimum(t_start + chunk, length)
+
+    half = tl.arange(0, D // 2)
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + (bhq % hq_per_b) * stride_qh
+    q_even = tl.load(q_row + 2 * half).to(tl.float32) * qk_scale
+    q_odd = tl.load(q_row + 2 * half + 1).to(tl.float32) * qk_scale
+
+    c_base = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+    s_base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    m_i = tl.max(tl.full((1,), float("-inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros((1,), tl.float32), axis=0)
+    acc_even = tl.zeros((BT, D // 2), tl.float32)
+    acc_odd = tl.zeros((BT, D // 2), tl.float32)
+    for t0 in range(t_start, t_end, BT):
+        t = t0 + tl.arange(0, BT)
+        tmask = t < t_end
+        c_ofs = c_base + t[:, None] * stride_ct + half[None, :]
+        k_codes = tl.load(kc_ptr + c_ofs, mask=tmask[:, None], other=0).to(tl.int32)
+        k_s = tl.load(ks_ptr + s_base + t, mask=tmask, other=0.0)
+        k_z = (tl.load(kz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32) + 8388608.0)[:, None]
+        dots = _dequant_f32(k_codes & 15, k_z) * q_even[None, :] + _dequant_f32(k_codes >> 4, k_z) * q_odd[None, :]
+        scores = tl.where(tmask, tl.sum(dots, axis=1) * k_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+
+        v_codes = tl.load(vc_ptr + c_ofs, mask=tmask[:, None], other=0).to(tl.int32)
+        v_s = tl.load(vs_ptr + s_base + t, mask=tmask, other=0.0)
+        v_z = (tl.load(vz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32) + 8388608.0)[:, None]
+        pv = (p * v_s)[:, None]
+        acc_even = acc_even * alpha + pv * _dequant_f32(v_codes & 15, v_z)
+        acc_odd = acc_odd * alpha + pv * _dequant_f32(v_codes >> 4, v_z)
+        m_i = m_new
+
+    ml_ofs = bhq.to(tl.int64) * SPLITS + split
+    tl.store(part_m_ptr + ml_ofs, m_i)
+    tl.store(part_l_ptr + ml_ofs, l_i)
+    o_ofs = ml_ofs * D + 2 * half
+    tl.store(part_o_ptr + o_ofs, tl.sum(acc_even, axis=0))
+    tl.store(part_o_ptr + o_ofs + 1, tl.sum(acc_odd, axis=0))
+
+
+@triton.jit
 def kv4_decode_combine_kernel(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, SPLITS: tl.constexpr,
                               SP: tl.constexpr, D: tl.constexpr):
     """out[bh] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits (empty splits have m = -inf)."""

@@ -94,3 +94,8 @@ def test_decode_attention_variants_close_to_default(batch, ctx):
             got = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, splits, block_t, warps, stages).float()
             base = ref if qq.dtype == torch.float32 else ops.kv4_decode_attention(qq, k4, v4, lengths, ctx).float()
             assert float((got - base).abs().max() / base.abs().max()) < tol, (block_t, warps, stages, mult)
+    for block_t, warps in ((32, 8), (32, 4), (64, 8), (64, 4), (128, 8)):  # the CUDA-core kernel (float32)
+        for qq, tol in ((q, 1e-5), (q.half(), 5e-3)):
+            got = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, None, block_t, warps, kernel="cc").float()
+            base = ref if qq.dtype == torch.float32 else ops.kv4_decode_attention(qq, k4, v4, lengths, ctx).float()
+            assert float((got - base).abs().max() / base.abs().max()) < tol, ("cc", block_t, warps)

@@ -137,15 +137,16 @@ def random_cache(b: int, h: int, t: int, cap: int, d: int, spread: float = 2.0) 
 
 
 # Measured (interpreter, float32 q): max |out - ref| / max |ref| = 2.3e-7 (G=1, D=128) and 2.5e-7 (G=3, D=64) for
-# every split count here (other seeds: up to 4.2e-7); the kernel runs in float32 (scores as (q . (code - z)) * s,
-# exp2, partial results merged across splits). 1e-5 leaves a margin of > 20x while an indexing / masking / GQA /
+# every split count here (other seeds: up to 4.2e-7; the CUDA-core kernel "cc" 2.9e-7 - 4.5e-7); the kernel runs
+# in float32 (scores as (q . (code - z)) * s, exp2, partial results merged across splits). 1e-5 leaves a margin of > 20x while an indexing / masking / GQA /
 # split-merge mistake gives errors of order 1e-1.
 REL_TOL = 1e-5
 
 
+@pytest.mark.parametrize("kernel", ["tc", "cc"])
 @pytest.mark.parametrize("splits,block_t", [(1, None), (4, None), (None, None), (1, 16), (4, 16)])
 @pytest.mark.parametrize("groups,head_dim", [(1, 128), (3, 64)])
-def test_kv4_decode_attention(groups, head_dim, splits, block_t):
+def test_kv4_decode_attention(groups, head_dim, splits, block_t, kernel):
     """Batch rows of 150, 37 and 1 tokens (max_len 150, cache 160): with 4 splits the chunks are partly and wholly
     empty; block_t = 16 puts several token tiles in one chunk (the online-softmax rescaling between tiles)."""
     b, hkv, t, cap = 3, 2, 150, 160
@@ -154,7 +155,7 @@ def test_kv4_decode_attention(groups, head_dim, splits, block_t):
     vc, v_hat = random_cache(b, hkv, t, cap, head_dim, 1.0)
     q = torch.randn(b, hkv * groups, head_dim) * 2
     out = ops.kv4_decode_attention(q.to(DEVICE), kc, vc, torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
-                                   t, splits=splits, block_t=block_t).cpu()
+                                   t, splits=splits, block_t=block_t, kernel=kernel).cpu()
     assert out.dtype == torch.float32 and out.shape == q.shape
     ref = attention_reference(q, k_hat, v_hat, lengths)
     rel = float((out.double() - ref).abs().max() / ref.abs().max())
@@ -179,3 +180,10 @@ def test_kv4_decode_attention_float16_query():
     # float16 rounding of q, p * s_v and the output (2^-11 relative each): measured 7.0e-4 here, up to 9.4e-4 in
     # the shapes of test_kv4_decode_attention with a float16 q
     assert rel < 4e-3, rel
+    # the CUDA-core kernel computes in float32 from the float16 q: only the output's float16 rounding (2^-11 of
+    # max |ref| at most); measured 3.0e-4 here and 2.9e-4 - 3.2e-4 in the shapes of test_kv4_decode_attention
+    out_cc = ops.kv4_decode_attention(q.to(DEVICE), kc, vc, torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+                                      t, splits=2, kernel="cc").cpu()
+    assert out_cc.dtype == torch.float16
+    rel_cc = float((out_cc.double() - ref).abs().max() / ref.abs().max())
+    assert rel_cc < 6e-4, rel_cc
