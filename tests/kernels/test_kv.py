@@ -138,8 +138,8 @@ def random_cache(b: int, h: int, t: int, cap: int, d: int, spread: float = 2.0) 
 
 # Measured (interpreter, float32 q): max |out - ref| / max |ref| = 2.3e-7 (G=1, D=128) and 2.5e-7 (G=3, D=64) for
 # every split count here (other seeds: up to 4.2e-7; the CUDA-core kernel "cc" 2.9e-7 - 4.5e-7); the kernel runs
-# in float32 (scores as (q . (code - z)) * s, exp2, partial results merged across splits). 1e-5 leaves a margin of > 20x while an indexing / masking / GQA /
-# split-merge mistake gives errors of order 1e-1.
+# in float32 (scores as (q . (code - z)) * s, exp2, partial results merged across splits). 1e-5 leaves a margin of
+# > 20x while an indexing / masking / GQA / split-merge mistake gives errors of order 1e-1.
 REL_TOL = 1e-5
 
 
