@@ -204,7 +204,8 @@ VARIANT_GEMM = {
               ("tma_planes", True, True, False, (128, 128, 64, 8, 8, 5))],
 }
 # quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes)
-VARIANT_QUANT = [("default", None, None, False), ("warps4", 4, None, False), ("warps8", 8, None, False),
+VARIANT_QUANT = [("default", None, None, False), ("warps1", 1, None, False), ("warps2", 2, None, False),
+                 ("warps4", 4, None, False), ("warps8", 8, None, False),
                  ("warps16", 16, None, False), ("planes", None, None, True), ("chunk1024_w4", 4, 1024, False),
                  ("chunk2048_w4", 4, 2048, False), ("chunk2048_w8", 8, 2048, False), ("chunk4096_w8", 8, 4096, False)]
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)

@@ -16,7 +16,7 @@ def compile_target(out: Path, target: str = "sm_87") -> dict:
 
     (out / target).mkdir(parents=True)
     entries = {}
-    for spec in default_specs():
+    for spec in default_specs(TARGETS[target]):
         res = compile_spec(spec, TARGETS[target])
         (out / target / f"{spec.name}.ptx").write_text(res["ptx"])
         (out / target / f"{spec.name}.cubin").write_bytes(res["cubin"])

@@ -14,11 +14,11 @@ from typing import Any
 
 from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.kernels.ops import (
-    GEMM_PLANE_TILES,
     GEMM_TMA_TILES,
     decode_tile,
     gemm_candidates,
     gemm_config,
+    gemm_tables,
     row_tile,
     row_warps,
 )
@@ -47,8 +47,9 @@ _RUNTIME_DIVISIBLE = ("a_ptr", "a_scale_ptr", "a_zero_ptr", "w_ptr", "w_scale_pt
                       "stride_rm", "stride_ym")
 
 
-def _gemm(name: str, m: int, k: int, out: str) -> KernelSpec:
-    cfg = gemm_config(m, k // 2)
+def _gemm(name: str, m: int, k: int, out: str, cc: int = 90, cfg: dict[str, int] | None = None) -> KernelSpec:
+    """A ``w4a4_gemm_kernel`` specialisation: the default tile on ``cc`` (or ``cfg``)."""
+    cfg = dict(cfg or gemm_config(m, k // 2, cc))
     opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     types = {"a_ptr": "*u8", "a_scale_ptr": "*fp32", "a_zero_ptr": "*u8", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
              "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "M": "i32",
@@ -58,9 +59,9 @@ def _gemm(name: str, m: int, k: int, out: str) -> KernelSpec:
 
 
 def _gemm_v2(name: str, m: int, k: int, out: str, a_planes: bool, w_planes: bool, swap: bool,
-             tile: int = 0) -> KernelSpec:
-    """A ``w4a4_gemm_v2_kernel`` variant with the ``tile``-th ``GEMM_PLANE_TILES`` config of its M bucket."""
-    cfg = gemm_candidates(m, k // 2, GEMM_PLANE_TILES)[tile]
+             tile: int = 0, cc: int = 90, cfg: dict[str, int] | None = None) -> KernelSpec:
+    """A ``w4a4_gemm_v2_kernel`` variant with the ``tile``-th plane tile of its M bucket on ``cc`` (or ``cfg``)."""
+    cfg = dict(cfg or gemm_candidates(m, k // 2, gemm_tables(cc)[1])[tile])
     opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     types = {"a_ptr": "*i8" if a_planes else "*u8", "a_scale_ptr": "*fp32", "a_zero_ptr": "*u8",
              "w_ptr": "*i8" if w_planes else "*u8", "w_scale_ptr": "*fp32", "w_rowsum_ptr": "*i32",
@@ -121,12 +122,13 @@ def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps
                       {"num_warps": num_warps})
 
 
-def default_specs() -> list[KernelSpec]:
-    """The specialisations of LLaMA-2-7B (hidden 4096, intermediate 11008, 32 heads of 128) and the demo model."""
+def default_specs(cc: int = 90) -> list[KernelSpec]:
+    """The specialisations of LLaMA-2-7B (hidden 4096, intermediate 11008, 32 heads of 128) and the demo model that
+    the runtime launches by default on compute capability ``cc``."""
     return [
-        _gemm("w4a4_gemm_m1_k4096", 1, 4096, "fp16"),
-        _gemm("w4a4_gemm_m64_k4096", 64, 4096, "fp16"),
-        _gemm("w4a4_gemm_m2048_k4096", 2048, 4096, "fp16"),
+        _gemm("w4a4_gemm_m1_k4096", 1, 4096, "fp16", cc),
+        _gemm("w4a4_gemm_m64_k4096", 64, 4096, "fp16", cc),
+        _gemm("w4a4_gemm_m2048_k4096", 2048, 4096, "fp16", cc),
         _rows("quantize_4096", 4096, 1, False, False, "fp16"),
         _rows("hadamard_quantize_4096", 4096, 1, True, False, "fp16"),
         _rows("hadamard_quantize_1536_k12", 1536, 1, True, False, "fp32"),
@@ -148,23 +150,39 @@ def gemm_tma_specs() -> list[KernelSpec]:
     return specs
 
 
-def variant_specs() -> list[KernelSpec]:
+def tile_specs(cc: int) -> list[KernelSpec]:
+    """Every GEMM tile ``ops`` may launch on ``cc`` (``gemm_tables``; on sm_90 also ``GEMM_TMA_TILES``), packed and
+    plane operands, K = 4096, fp16 out: the static check that each fits the target (``--tiles``)."""
+    keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
+    packed, planes = gemm_tables(cc)
+    specs = []
+    for layout, tables in (("packed", packed), ("planes", planes)):
+        for t in dict.fromkeys(t for tiles in tables.values() for t in tiles):
+            name = "w4a4_gemm_tile_{}_{}x{}x{}_w{}_s{}".format(layout, *t[:3], *t[4:])
+            cfg = dict(zip(keys, t, strict=True))
+            specs.append(_gemm(name, 2048, 4096, "fp16", cc, cfg) if layout == "packed" else
+                         _gemm_v2(name, 2048, 4096, "fp16", True, True, False, cc=cc, cfg=cfg))
+    return specs + (gemm_tma_specs() if cc == 90 else [])
+
+
+def variant_specs(cc: int = 90) -> list[KernelSpec]:
     """The performance variants (``tools/bench_kernels.py --sections variants``) at LLaMA-2-7B prefill shapes:
-    the GEMM operand layouts, the planar and chunked activation quantization."""
+    the GEMM operand layouts, the planar and chunked activation quantization, the TMA GEMM (sm_90), the CUDA-core
+    decode attention."""
     chunk_types = {"x_ptr": "*fp16", "stride_xr": "i32", "codes_ptr": "*u8", "stride_cr": "i32",
                    "scale_ptr": "*fp32", "zero_ptr": "*u8", "n": "i32", "clip": "fp32", "clip_min": "fp32"}
     planes = _rows("hadamard_quantize_4096_planes", 4096, 1, True, False, "fp16")
     return [
-        _gemm_v2("w4a4_gemm_v2_aplanes_swap_m2048", 2048, 4096, "fp16", True, False, True),
-        _gemm_v2("w4a4_gemm_v2_wplanes_m2048", 2048, 4096, "fp16", False, True, False),
-        _gemm_v2("w4a4_gemm_v2_planes_m2048", 2048, 4096, "fp16", True, True, False),
-        _gemm_v2("w4a4_gemm_v2_planes_m256", 256, 4096, "fp16", True, True, False),
+        _gemm_v2("w4a4_gemm_v2_aplanes_swap_m2048", 2048, 4096, "fp16", True, False, True, cc=cc),
+        _gemm_v2("w4a4_gemm_v2_wplanes_m2048", 2048, 4096, "fp16", False, True, False, cc=cc),
+        _gemm_v2("w4a4_gemm_v2_planes_m2048", 2048, 4096, "fp16", True, True, False, cc=cc),
+        _gemm_v2("w4a4_gemm_v2_planes_m256", 256, 4096, "fp16", True, True, False, cc=cc),
         KernelSpec(planes.name, planes.module, planes.kernel, {**planes.types, "codes_ptr": "*i8"},
                    {**planes.constexprs, "PLANES": True}, planes.divisible, planes.options),
         KernelSpec("quantize_chunked_2048", "quantize", "quantize_rows_chunked_kernel", chunk_types,
                    {"CH": 2048, "PLANES": False}, ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"),
                    {"num_warps": 4}),
-        *gemm_tma_specs(),
+        *(gemm_tma_specs() if cc == 90 else []),
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}", 1, 128, bt, w) for bt in (32, 64, 128) for w in (4, 8)),
     ]
 
@@ -188,9 +206,31 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
+    resources = ptxas_resources(ptx, cc)
     return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma, "tma_loads": ptx.count("cp.async.bulk.tensor"),
             "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest(),
-            **ptxas_resources(ptx, cc)}
+            **resources, "resident_warps": resident_warps(cc, resources["registers"], compiled.metadata.shared,
+                                                          options["num_warps"])}
+
+
+# Per SM: (max resident warps, registers, shared memory, shared memory one block may use, max blocks) -- the CUDA
+# occupancy tables of each compute capability
+SM_LIMITS = {80: (64, 65536, 164 * 1024, 163 * 1024, 32), 86: (48, 65536, 100 * 1024, 99 * 1024, 16),
+             87: (48, 65536, 164 * 1024, 163 * 1024, 16), 89: (48, 65536, 100 * 1024, 99 * 1024, 24),
+             90: (64, 65536, 228 * 1024, 227 * 1024, 32)}
+
+
+def resident_warps(cc: int, registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Warps of this kernel resident on one SM (occupancy), from its registers per thread (allocated per warp in
+    units of 256), shared memory per block (+1 KB the driver reserves) and the SM's limits. Few resident warps
+    means few loads in flight: a memory-bound kernel then waits on latency instead of bandwidth."""
+    max_warps, regs, smem, block_smem, max_blocks = SM_LIMITS[cc]
+    if shared_bytes > block_smem:
+        return 0  # does not launch (OutOfResources)
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(max_blocks, max_warps // num_warps, regs // (per_warp * num_warps) if per_warp else max_blocks,
+                 smem // (shared_bytes + 1024))
+    return blocks * num_warps
 
 
 def ptxas_resources(ptx: str, cc: int) -> dict[str, int]:

@@ -448,6 +448,38 @@ GEMM_TMA_TILES = {
 }
 W_PLANES_MIN_M = 17  # below, a weight's packed codes are read even when it has planes (half the bytes)
 
+# sm_80-89 (A100, RTX 30/40, Orin): mma.sync keeps both operand fragments and the accumulator in registers, and
+# sm_86/89 give a block 99 KB of shared memory. Compiled for sm_80 and sm_89 (ptxas -v, no GPU), the sm_90 tables
+# above spill there (256x128x128 packed: 3.3 KB per thread on sm_89, 18.7 KB on sm_80) or do not launch (the plane
+# tiles' 128-192 KB); these tiles compile without spills within 99 KB on sm_80/86/87/89 (tests/kernels/test_aot.py).
+# Not yet timed on such a GPU: the first of each bucket is a static choice, the autotuner picks among them.
+GEMM_TILES_SM8X = {
+    "small": [t for t in GEMM_TILES["small"] if t != (16, 64, 256, 1, 4, 3)],  # that one spills 8 B on sm_80
+    "mid": [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4)],
+    "large": [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 3)],
+}
+GEMM_PLANE_TILES_SM8X = {
+    "small": GEMM_PLANE_TILES["small"],
+    "mid": [(128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4), (128, 128, 64, 8, 8, 3)],
+    "large": [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4)],
+}
+
+
+def gemm_tables(cc: int | None) -> tuple[dict[str, list[tuple]], dict[str, list[tuple]]]:
+    """(packed tiles, plane tiles) for compute capability ``cc`` (e.g. 89); None (the interpreter) and sm_90+
+    get the sm_90 tables."""
+    if cc is not None and cc < 90:
+        return GEMM_TILES_SM8X, GEMM_PLANE_TILES_SM8X
+    return GEMM_TILES, GEMM_PLANE_TILES
+
+
+def device_cc(device: torch.device) -> int | None:
+    """Compute capability of a CUDA device as an int (89 for 8.9); None for the CPU (interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
 
 def _bucket(m: int) -> str:
     return "small" if m <= 16 else "mid" if m <= 256 else "large"
@@ -462,9 +494,9 @@ def gemm_candidates(m: int, k2: int, tiles: dict[str, list[tuple]] | None = None
                              strict=True))]
 
 
-def gemm_config(m: int, k2: int) -> dict[str, int]:
-    """The default tile config (no autotuning)."""
-    return gemm_candidates(m, k2)[0]
+def gemm_config(m: int, k2: int, cc: int | None = None) -> dict[str, int]:
+    """The default tile config (no autotuning) on compute capability ``cc``."""
+    return gemm_candidates(m, k2, gemm_tables(cc)[0])[0]
 
 
 def _autotune(key: tuple, run: Callable[[dict[str, int]], object], candidates: list[dict[str, int]]) -> dict:
@@ -489,7 +521,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     """``((acc - z_a * rowsum) * s_a) * s_w + bias (+ residual)`` with ``acc = q_a @ codes_w^T`` in int32.
 
     Returns ``[M, N]`` in ``out_dtype``; bit-identical to ``integer_linear`` (+ residual) in float32. On a GPU the
-    tile config is autotuned once per (M bucket, N, K, dtypes) among ``GEMM_TILES`` (``INFOQUANT_GEMM_AUTOTUNE=0``
+    tile config is autotuned once per (M bucket, N, K, dtypes) among ``gemm_tables(cc)`` (``INFOQUANT_GEMM_AUTOTUNE=0``
     keeps the default); ``config`` forces one. Planar operands (``act.planes``; ``weight.planes`` when
     M >= ``W_PLANES_MIN_M``) run ``w4a4_gemm_v2_kernel`` with ``GEMM_PLANE_TILES`` (same bits); a ``config`` may
     also set ``"W_PLANES"`` (0/1: use the weight's planes) and ``"SWAP"`` (0/1).
@@ -571,14 +603,15 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
 
     if config is None:
         planar = act.planes or w_planes_default
-        candidates = gemm_candidates(m, k2, GEMM_PLANE_TILES if planar else None)
-        if y.is_cuda and torch.cuda.get_device_capability(y.device)[0] == 9 and \
-                tma_eligible(act, weight, y, residual):
+        cc = device_cc(y.device)
+        packed_tiles, plane_tiles = gemm_tables(cc)
+        candidates = gemm_candidates(m, k2, plane_tiles if planar else packed_tiles)
+        if cc is not None and 90 <= cc < 100 and tma_eligible(act, weight, y, residual):
             candidates += [{**c, "TMA": 1, "SWAP": 0} for c in gemm_candidates(m, k2, GEMM_TMA_TILES)]
         config = candidates[0]
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
             key = (_bucket(m), n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
-                   w_planes_default)
+                   w_planes_default, cc)
             config = _autotune(key, run, candidates)
     run(config)
     return y
