@@ -44,6 +44,18 @@ def test_gemm_variants_same_bits(n, k):
             cfg = {**tile, "W_PLANES": int(w_planes), "SWAP": int(swap)}
             got = ops.w4a4_linear(act_p if a_planes else act, w, out_dtype=torch.float16, config=cfg)
             assert torch.equal(got, ref), (m, cfg, a_planes)
+        if m == 300:
+            continue  # below: M divisible by 16 only (one compile per tile and layout)
+        cc = ops.device_cc(x.device)  # every tile the runtime may pick on this GPU (tensor-descriptor kernel: sm_90)
+        packed_tiles, plane_tiles = ops.gemm_tables(cc)
+        configs = [{**t, "W_PLANES": 0} for t in ops.gemm_candidates(m, k // 2, packed_tiles)]
+        configs += [{**t, "W_PLANES": 1} for t in ops.gemm_candidates(m, k // 2, plane_tiles)]
+        if cc == 90:
+            configs += [{**t, "W_PLANES": wp, "SWAP": 0, "TMA": 1}
+                        for t in ops.gemm_candidates(m, k // 2, ops.GEMM_TMA_TILES) for wp in (0, 1)]
+        for cfg, a in itertools.product(configs, (act, act_p)):
+            got = ops.w4a4_linear(a, w, out_dtype=torch.float16, config=cfg)
+            assert torch.equal(got, ref), (m, cfg, a.planes)
 
 
 def test_gemm_variants_bias_residual_against_primitives():
@@ -57,7 +69,10 @@ def test_gemm_variants_bias_residual_against_primitives():
     weight = ops.PackedWeight.from_codes(wc, ws, bias).to(CUDA).with_planes()
     act_p = ops.quantize_rows_variant(x.to(CUDA), 4, 0.9, planes=True)
     act = ops.quantize_rows_variant(x.to(CUDA), 4, 0.9, chunk=1024)
-    for a, cfg in ((act_p, None), (act, None), (act_p, {**ops.gemm_config(m, k // 2), "W_PLANES": 0})):
+    configs = [None, {**ops.gemm_config(m, k // 2), "W_PLANES": 0}]
+    if ops.device_cc(torch.device(CUDA)) == 90:
+        configs.append({**ops.gemm_candidates(m, k // 2, ops.GEMM_TMA_TILES)[0], "SWAP": 0, "TMA": 1})
+    for a, cfg in [(act_p, c) for c in configs] + [(act, None)]:
         assert torch.equal(ops.w4a4_linear(a, weight, resid.to(CUDA), config=cfg).cpu(), ref)
 
 

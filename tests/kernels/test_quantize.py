@@ -196,7 +196,8 @@ def test_quantize_rows_ieee_division_not_reciprocal():
     assert_rows_equal(x, 4, 1.0)
 
 
-@pytest.mark.parametrize("n,blocks", [(256, 1), (192, 1), (1536, 1), (384, 2), (192, 3), (11008, 1)])
+@pytest.mark.parametrize("n,blocks", [(256, 1), (192, 1), (1536, 1), (384, 2), (192, 3), (11008, 1), (4096, 1),
+                                     (4096, 32)])
 def test_hadamard_equals_apply_hadamard(n, blocks):
     x = torch.randn(3, n)
     got = ops.hadamard(x.to(DEVICE), blocks).cpu()
