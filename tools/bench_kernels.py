@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -491,6 +492,12 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
         t16 = bench(partial(base.forward, step, cache16, ctx), device)
         t4 = bench(partial(_decode_step, fast, step, cache4, ctx), device)
         row = {"batch": batch, "context": ctx, "fp16_ms": t16, "w4a4kv4_ms": t4, "speedup": t16 / t4}
+        os.environ["INFOQUANT_DECODE_KERNEL"] = "cc"  # the same step with the CUDA-core decode attention
+        try:
+            t4cc = bench(partial(_decode_step, fast, step, cache4, ctx), device)
+        finally:
+            os.environ.pop("INFOQUANT_DECODE_KERNEL")
+        row.update({"w4a4kv4_cc_ms": t4cc, "speedup_cc": t16 / t4cc})
         if device.type == "cuda":
             try:  # both decoders as CUDA graphs: GPU time without Python and launch overhead
                 g16 = bench(graphed(partial(base.forward, step, cache16, ctx)), device)
