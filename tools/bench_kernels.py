@@ -210,7 +210,8 @@ VARIANT_QUANT = [("default", None, None, False), ("warps1", 1, None, False), ("w
                  ("warps16", 16, None, False), ("planes", None, None, True), ("chunk1024_w4", 4, 1024, False),
                  ("chunk2048_w4", 4, 2048, False), ("chunk2048_w8", 8, 2048, False), ("chunk4096_w8", 8, 4096, False)]
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
-VARIANT_ATTN = [(128, 4, 2, 1), (128, 4, 4, 1), (128, 4, 3, 2), (128, 4, 3, 4), (256, 4, 3, 1), (256, 8, 3, 2)]
+VARIANT_ATTN = [(128, 4, 2, 1), (128, 4, 4, 1), (128, 4, 3, 2), (128, 4, 3, 4), (256, 4, 3, 1), (256, 8, 3, 2),
+                (64, 4, 3, 1), (64, 4, 3, 2)]  # 64 tokens: fewer registers than 128 (255 on sm_90, 8 warps per SM)
 # the CUDA-core decode kernel: (block_t, num_warps, split multiplier)
 VARIANT_ATTN_CC = [(32, 8, 1), (32, 8, 2), (32, 4, 1), (64, 8, 1), (64, 4, 1), (128, 8, 1)]
 
