@@ -5,7 +5,8 @@
 
 Writes ``OUT/<target>/<spec>.ptx`` / ``.cubin`` and ``OUT/manifest.json``; prints the manifest (JSON): per target
 and spec the MMA instructions in the PTX, shared memory, registers and spill bytes (ptxas -v), resident warps
-per SM (occupancy), TMA copies in the PTX, cubin size and sha256, compile seconds.
+per SM (occupancy), TMA copies in the PTX, the main loop's machine instructions (``mma_loop``: count, MMAs, PRMT /
+LOP3 / SHF / IMAD, from the SASS), cubin size and sha256, compile seconds.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "spill_store_bytes": res["spill_store_bytes"],
                                           "spill_load_bytes": res["spill_load_bytes"],
                                           "tma_loads": res["tma_loads"], "resident_warps": res["resident_warps"],
+                                          "mma_loop": res["mma_loop"],
                                           "cubin_bytes": len(res["cubin"]), "sha256": res["sha256"],
                                           "seconds": round(time.perf_counter() - start, 2)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -54,7 +54,8 @@ def _gemm(name: str, m: int, k: int, out: str, cc: int = 90, cfg: dict[str, int]
     types = {"a_ptr": "*u8", "a_scale_ptr": "*fp32", "a_zero_ptr": "*u8", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
              "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "M": "i32",
              "N": "i32", "K2": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_ym": "i32"}
-    return KernelSpec(name, "gemm", "w4a4_gemm_kernel", types, {"HAS_BIAS": False, "HAS_RES": True, **cfg},
+    return KernelSpec(name, "gemm", "w4a4_gemm_kernel", types,
+                      {"HAS_BIAS": False, "HAS_RES": True, "WORDS": True, **cfg},
                       _RUNTIME_DIVISIBLE, opts)
 
 
@@ -69,7 +70,8 @@ def _gemm_v2(name: str, m: int, k: int, out: str, a_planes: bool, w_planes: bool
              "stride_am": "i32", "stride_ap": "i32", "stride_wn": "i32", "stride_wp": "i32", "stride_rm": "i32",
              "stride_ym": "i32"}
     return KernelSpec(name, "gemm", "w4a4_gemm_v2_kernel", types,
-                      {"HAS_BIAS": False, "HAS_RES": True, "A_PLANES": a_planes, "W_PLANES": w_planes, "SWAP": swap,
+                      {"HAS_BIAS": False, "HAS_RES": True, "WORDS": True, "A_PLANES": a_planes, "W_PLANES": w_planes,
+                       "SWAP": swap,
                        **cfg},
                       _RUNTIME_DIVISIBLE, opts)
 
@@ -84,7 +86,8 @@ def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_p
              "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_desc": f"tensordesc<{out}[{cfg['BM']}, {cfg['BN']}]>",
              "y_desc": f"tensordesc<{out}[{cfg['BM']}, {cfg['BN']}]>", "M": "i32", "N": "i32", "K2": "i32"}
     return KernelSpec(name, "gemm", "w4a4_gemm_tma_kernel", types,
-                      {"HAS_BIAS": False, "HAS_RES": True, "A_PLANES": a_planes, "W_PLANES": w_planes, **cfg},
+                      {"HAS_BIAS": False, "HAS_RES": True, "WORDS": True, "A_PLANES": a_planes,
+                       "W_PLANES": w_planes, **cfg},
                       _RUNTIME_DIVISIBLE, opts)
 
 
@@ -208,6 +211,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
     resources = ptxas_resources(ptx, cc)
     return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma, "tma_loads": ptx.count("cp.async.bulk.tensor"),
+            "mma_loop": mma_loop(compiled.asm["cubin"]),
             "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest(),
             **resources, "resident_warps": resident_warps(cc, resources["registers"], compiled.metadata.shared,
                                                           options["num_warps"])}
@@ -231,6 +235,36 @@ def resident_warps(cc: int, registers: int, shared_bytes: int, num_warps: int) -
     blocks = min(max_blocks, max_warps // num_warps, regs // (per_warp * num_warps) if per_warp else max_blocks,
                  smem // (shared_bytes + 1024))
     return blocks * num_warps
+
+
+def mma_loop(cubin: bytes) -> dict[str, Any] | None:
+    """The machine code (SASS, by the bundled cuobjdump) of the kernel's main loop: the innermost backward branch
+    whose body holds tensor-core instructions. Returns its instruction count, MMA instructions and the counts of the
+    byte-shuffling / integer ops (PRMT, LOP3, SHF, IMAD) -- the cost of unpacking per K step -- or None."""
+    import subprocess
+    import tempfile
+    from collections import Counter
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(90).path.rsplit("/", 1)[0] + "/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    line = r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?"
+    code = [(int(a, 16), op) for a, op in re.findall(line + r"([A-Z][A-Z0-9_.]*)", sass)]
+    branches = [(int(a, 16), int(t, 16)) for a, t in re.findall(line + r"BRA\s+0x([0-9a-f]+)", sass)]
+    best = None
+    for addr, target in branches:
+        if target >= addr:
+            continue
+        ops = Counter(op.split(".")[0] for a, op in code if target <= a <= addr)
+        mma = sum(n for op, n in ops.items() if op in ("IGMMA", "HGMMA", "IMMA", "HMMA"))
+        if mma and (best is None or sum(ops.values()) < best["instructions"]):
+            best = {"instructions": sum(ops.values()), "mma": mma,
+                    **{op.lower(): ops.get(op, 0) for op in ("PRMT", "LOP3", "SHF", "IMAD")}}
+    return best
 
 
 def ptxas_resources(ptx: str, cc: int) -> dict[str, int]:

@@ -455,7 +455,7 @@ W_PLANES_MIN_M = 17  # below, a weight's packed codes are read even when it has 
 # Not yet timed on such a GPU: the first of each bucket is a static choice, the autotuner picks among them.
 GEMM_TILES_SM8X = {
     "small": [t for t in GEMM_TILES["small"] if t != (16, 64, 256, 1, 4, 3)],  # that one spills 8 B on sm_80
-    "mid": [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4)],
+    "mid": [(64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4)],  # 128x64x64: 32 B spill, sm_80
     "large": [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 3)],
 }
 GEMM_PLANE_TILES_SM8X = {
@@ -572,7 +572,9 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         if use_wp and weight.planes is None:
             raise KernelInputError("config W_PLANES=1 but the weight has no planes", "use weight.with_planes()")
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
-        common = dict(HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, enable_fp_fusion=False)
+        # WORDS: word-parallel nibble unpacking (inline PTX, compiled code only; same bits as the interpreter's form)
+        common = dict(HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, enable_fp_fusion=False,
+                      WORDS=not interpreted())
         bias = weight.bias if weight.bias is not None else weight.scale
         res = residual if residual is not None else y
         res_stride = residual.stride(0) if residual is not None else 0

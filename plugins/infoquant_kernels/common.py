@@ -26,3 +26,49 @@ def unpack_signed(packed):
     lo = (packed << 4).to(tl.int8, bitcast=True) >> 4
     hi = packed.to(tl.int8, bitcast=True) >> 4
     return lo, hi
+
+
+# Word-parallel unpacking (compiled code only; Triton's interpreter has no inline assembly): four packed bytes in
+# one 32-bit register per asm instance (``pack=4``), every byte lane computed independently, so the result does not
+# depend on which four bytes Triton groups. Low nibbles: ``w & 0x0F0F0F0F``; high nibbles: ``(w >> 4) & 0x0F0F0F0F``
+# (the bits shifted in from the next byte are masked away). Two's-complement nibbles are sign-extended per byte by
+# OR-ing ``(sign bit 0x08 of the lane) * 30 = 0xF0`` (no carry across lanes: 0xF0 < 0x100). 10 PTX integer
+# instructions per 4 bytes instead of Triton's byte-by-byte extraction and re-packing (PRMT per byte).
+# ($0, $1: the low / high output words, $2: the packed input word.)
+UNPACK_UNSIGNED_PTX = tl.constexpr("{ and.b32 $0, $2, 0x0F0F0F0F; shr.u32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F; }")
+UNPACK_SIGNED_PTX = tl.constexpr(
+    "{ .reg .b32 t, m; and.b32 t, $2, 0x08080808; mul.lo.u32 t, t, 30; and.b32 $0, $2, 0x0F0F0F0F; "
+    "or.b32 $0, $0, t; and.b32 m, $2, 0x80808080; shr.u32 m, m, 4; mul.lo.u32 m, m, 30; shr.u32 t, $2, 4; "
+    "and.b32 t, t, 0x0F0F0F0F; or.b32 $1, t, m; }")
+
+
+@triton.jit
+def unpack_unsigned_words(packed):
+    """``unpack_unsigned`` four bytes at a time (compiled code only)."""
+    return tl.inline_asm_elementwise(UNPACK_UNSIGNED_PTX, "=r,=r,r", [packed], dtype=(tl.int8, tl.int8),
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def unpack_signed_words(packed):
+    """``unpack_signed`` four bytes at a time (compiled code only)."""
+    return tl.inline_asm_elementwise(UNPACK_SIGNED_PTX, "=r,=r,r", [packed], dtype=(tl.int8, tl.int8),
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def unpack_a(packed, WORDS: tl.constexpr):
+    """Activation codes (unsigned nibbles) -> (low, high) int8; ``WORDS``: the word-parallel form."""
+    if WORDS:
+        return unpack_unsigned_words(packed)
+    else:
+        return unpack_unsigned(packed)
+
+
+@triton.jit
+def unpack_w(packed, WORDS: tl.constexpr):
+    """Weight codes (two's-complement nibbles) -> (low, high) int8; ``WORDS``: the word-parallel form."""
+    if WORDS:
+        return unpack_signed_words(packed)
+    else:
+        return unpack_signed(packed)

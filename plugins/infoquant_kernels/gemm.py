@@ -18,7 +18,7 @@ Tensor cores: the codes are int8 operands of ``tl.dot(..., out_dtype=int32)`` --
 import triton
 import triton.language as tl
 
-from .common import unpack_signed, unpack_unsigned
+from .common import unpack_a, unpack_w
 
 
 @triton.jit
@@ -70,6 +70,7 @@ def w4a4_gemm_kernel(
     stride_am, stride_wn, stride_rm, stride_ym,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
+    WORDS: tl.constexpr = False,         # word-parallel unpacking (inline PTX; compiled code only)
 ):
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
 
@@ -83,8 +84,8 @@ def w4a4_gemm_kernel(
 
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for _ in range(0, K2, BK2):
-        a_lo, a_hi = unpack_unsigned(tl.load(a_ptrs))
-        w_lo, w_hi = unpack_signed(tl.load(w_ptrs))
+        a_lo, a_hi = unpack_a(tl.load(a_ptrs), WORDS)
+        w_lo, w_hi = unpack_w(tl.load(w_ptrs), WORDS)
         acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
         acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
         a_ptrs += BK2
@@ -104,6 +105,7 @@ def w4a4_gemm_v2_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
     A_PLANES: tl.constexpr, W_PLANES: tl.constexpr, SWAP: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     """``w4a4_gemm_kernel`` with operand-layout variants (same bits: only the int32 summation order changes, and
     integer addition is exact; the epilogue is the same float32 steps in the same order).
@@ -134,12 +136,12 @@ def w4a4_gemm_v2_kernel(
             a_lo = tl.load(a_ptrs)
             a_hi = tl.load(a_ptrs + stride_ap)
         else:
-            a_lo, a_hi = unpack_unsigned(tl.load(a_ptrs))
+            a_lo, a_hi = unpack_a(tl.load(a_ptrs), WORDS)
         if W_PLANES:
             w_lo = tl.load(w_ptrs)
             w_hi = tl.load(w_ptrs + stride_wp)
         else:
-            w_lo, w_hi = unpack_signed(tl.load(w_ptrs))
+            w_lo, w_hi = unpack_w(tl.load(w_ptrs), WORDS)
         if SWAP:
             acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
             acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
@@ -164,6 +166,7 @@ def w4a4_gemm_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
     A_PLANES: tl.constexpr, W_PLANES: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     """``w4a4_gemm_v2_kernel`` (same bits) with every tile moved through tensor descriptors: on sm_90 the Tensor
     Memory Accelerator copies each operand tile ``[rows, BK2]`` to shared memory (``cp.async.bulk.tensor``,
@@ -183,12 +186,12 @@ def w4a4_gemm_tma_kernel(
             a_lo = a_desc.load([off_m, k])
             a_hi = a_desc.load([off_m, K2 + k])
         else:
-            a_lo, a_hi = unpack_unsigned(a_desc.load([off_m, k]))
+            a_lo, a_hi = unpack_a(a_desc.load([off_m, k]), WORDS)
         if W_PLANES:
             w_lo = w_desc.load([off_n, k])
             w_hi = w_desc.load([off_n, K2 + k])
         else:
-            w_lo, w_hi = unpack_signed(w_desc.load([off_n, k]))
+            w_lo, w_hi = unpack_w(w_desc.load([off_n, k]), WORDS)
         acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
         acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
     y = gemm_scale(acc, off_m + tl.arange(0, BM), off_n + tl.arange(0, BN), M, N, a_scale_ptr, a_zero_ptr,

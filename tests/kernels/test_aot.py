@@ -58,6 +58,15 @@ def test_compile_sm90_and_sm80(tmp_path):
             assert all(".s8.s8" in m for m in mma)
         assert manifest["targets"][target]["hadamard_quantize_4096"]["mma"] == []
         assert manifest["targets"][target]["w4a4_gemm_m1_k4096"]["mma"]  # the M=1 GEMM uses tensor cores too
+    # the nibbles are unpacked four bytes per instruction (inline PTX), not byte by byte: no PRMT in the main loop, and
+    # a short loop. Measured instructions per K step (bytes -> words): sm_90 M=2048 1353 -> 334, M=1 675 -> 160;
+    # sm_80 M=2048 523, M=1 172.
+    for target, limits in (("sm_90", {"w4a4_gemm_m2048_k4096": 450, "w4a4_gemm_m1_k4096": 250}),
+                           ("sm_80", {"w4a4_gemm_m2048_k4096": 700, "w4a4_gemm_m1_k4096": 250})):
+        for spec, limit in limits.items():
+            loop = manifest["targets"][target][spec]["mma_loop"]
+            assert loop["prmt"] == 0 and loop["instructions"] < limit, (target, spec, loop)
+            assert "0x0F0F0F0F" in (out / target / f"{spec}.ptx").read_text()
 
 
 def test_unknown_target_exits_2_without_output(tmp_path):
