@@ -17,6 +17,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _magic_zero(zero, DOT: tl.constexpr):
+    """``M + z`` in the dot dtype, where the float with bits ``MAGIC | c`` is ``M + c`` for a 4-bit code ``c``:
+    float32 2^23 (0x4B000000), float16 1024 (0x6400), bfloat16 128 (0x4300); exact for z <= 15."""
+    if DOT == 0:
+        return zero.to(tl.float32) + 8388608.0
+    elif DOT == 1:
+        return zero.to(tl.float16) + 1024.0
+    else:
+        return zero.to(tl.bfloat16) + 128.0
+
+
+@triton.jit
+def _codes_minus_zero(codes, zero_magic, DOT: tl.constexpr):
+    """``code - z`` (exact) in the dot dtype from 4-bit codes (uint8 in [0, 15]): the code's bits OR-ed into the
+    magic constant's (no int -> float conversion; I2F runs at a quarter of the FP32 rate), minus ``M + z``."""
+    if DOT == 0:
+        return (codes.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
+    elif DOT == 1:
+        return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - zero_magic
+    else:
+        return (codes.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True) - zero_magic
+
+
+@triton.jit
 def kv4_decode_partial_kernel(
     q_ptr, stride_qb, stride_qh,                       # q [B, Hq, D]
     kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,    # cache tensors (K and V share strides)
@@ -63,9 +87,9 @@ def kv4_decode_partial_kernel(
         c_ofs = c_base + t[:, None] * stride_ct + half[None, :]
         k_codes = tl.load(kc_ptr + c_ofs, mask=tmask[:, None], other=0)
         k_s = tl.load(ks_ptr + s_base + t, mask=tmask, other=0.0)
-        k_z = tl.load(kz_ptr + s_base + t, mask=tmask, other=0).to(dt)[:, None]
-        k_lo = (k_codes & 15).to(dt) - k_z
-        k_hi = (k_codes >> 4).to(dt) - k_z
+        k_z = _magic_zero(tl.load(kz_ptr + s_base + t, mask=tmask, other=0), DOT)[:, None]
+        k_lo = _codes_minus_zero(k_codes & 15, k_z, DOT)
+        k_hi = _codes_minus_zero(k_codes >> 4, k_z, DOT)
         scores = tl.dot(q_even, tl.trans(k_lo), input_precision=prec)
         scores = tl.dot(q_odd, tl.trans(k_hi), scores, input_precision=prec)
         scores = tl.where(tmask[None, :], scores * k_s[None, :], float("-inf"))
@@ -76,10 +100,12 @@ def kv4_decode_partial_kernel(
 
         v_codes = tl.load(vc_ptr + c_ofs, mask=tmask[:, None], other=0)
         v_s = tl.load(vs_ptr + s_base + t, mask=tmask, other=0.0)
-        v_z = tl.load(vz_ptr + s_base + t, mask=tmask, other=0).to(dt)[:, None]
+        v_z = _magic_zero(tl.load(vz_ptr + s_base + t, mask=tmask, other=0), DOT)[:, None]
         pv = (p * v_s[None, :]).to(dt)
-        acc_even = tl.dot(pv, (v_codes & 15).to(dt) - v_z, acc_even * alpha[:, None], input_precision=prec)
-        acc_odd = tl.dot(pv, (v_codes >> 4).to(dt) - v_z, acc_odd * alpha[:, None], input_precision=prec)
+        acc_even = tl.dot(pv, _codes_minus_zero(v_codes & 15, v_z, DOT), acc_even * alpha[:, None],
+                          input_precision=prec)
+        acc_odd = tl.dot(pv, _codes_minus_zero(v_codes >> 4, v_z, DOT), acc_odd * alpha[:, None],
+                         input_precision=prec)
         m_i = m_new
 
     hq = b * (num_kv_heads * G) + h * G + g                   # flat (batch, query head) index
