@@ -499,17 +499,34 @@ def gemm_config(m: int, k2: int, cc: int | None = None) -> dict[str, int]:
     return gemm_candidates(m, k2, gemm_tables(cc)[0])[0]
 
 
-def _autotune(key: tuple, run: Callable[[dict[str, int]], object], candidates: list[dict[str, int]]) -> dict:
-    """Time each candidate once per key (CUDA events) and keep the fastest. Any config computes the same bits
-    (integer accumulation), so tuning changes speed only."""
+TUNE_ERRORS: dict[tuple, str] = {}
+"""(autotune key, candidate) -> the error a non-default candidate raised while being timed (it was skipped)."""
+
+
+def _autotune(key: tuple, run: Callable[[dict[str, int]], object], candidates: list[dict[str, int]],
+              timer: Callable[[Callable[[], object]], float] | None = None) -> dict:
+    """Time each candidate once per key (CUDA events; ``timer`` replaces ``triton.testing.do_bench``) and keep the
+    fastest. Any config computes the same bits (integer accumulation), so tuning changes speed only. A candidate
+    that cannot run (out of shared memory, or any other error of a non-default candidate, e.g. a tensor-descriptor
+    tile on an untested driver) is skipped and its error kept in ``TUNE_ERRORS``; the default's errors propagate."""
     if key not in _TUNED:
         from triton.runtime.errors import OutOfResources
-        from triton.testing import do_bench
+
+        if timer is None:
+            from triton.testing import do_bench
+
+            def timer(fn: Callable[[], object]) -> float:
+                return do_bench(fn, warmup=3, rep=15)
 
         def timed(cfg: dict[str, int]) -> float:
             try:
-                return do_bench(lambda: run(cfg), warmup=3, rep=15)
+                return timer(lambda: run(cfg))
             except OutOfResources:  # a tile this GPU's shared memory cannot hold
+                return math.inf
+            except Exception as exc:
+                if cfg is candidates[0]:
+                    raise
+                TUNE_ERRORS[(key, tuple(sorted(cfg.items())))] = f"{type(exc).__name__}: {exc}"[:300]
                 return math.inf
 
         _TUNED[key] = min(candidates, key=timed)

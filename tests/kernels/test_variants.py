@@ -88,3 +88,26 @@ def test_variant_bad_input():
     bad = ops.PackedWeight(w.codes, w.scale, w.rowsum, planes=torch.zeros(16, 32, dtype=torch.int8, device=DEVICE))
     with pytest.raises(ops.KernelInputError, match="planes"):
         ops.w4a4_linear(act, bad)
+
+
+def test_autotune_skips_a_failing_candidate():
+    """A non-default candidate that raises (an untested tensor-descriptor tile, say) is skipped and recorded; the
+    default's own error propagates."""
+    last: dict = {}
+
+    def run(cfg):
+        last.clear()
+        last.update(cfg)
+        if cfg["BM"] == 2:
+            raise RuntimeError("descriptor encode failed")
+
+    def timer(fn):
+        fn()
+        return {1: 2.0, 3: 1.0}[last["BM"]]
+
+    key = ("test_autotune_skips_a_failing_candidate",)
+    ops._TUNED.pop(key, None)
+    assert ops._autotune(key, run, [{"BM": 1}, {"BM": 2, "TMA": 1}, {"BM": 3}], timer) == {"BM": 3}
+    assert "descriptor encode failed" in ops.TUNE_ERRORS[(key, (("BM", 2), ("TMA", 1)))]
+    with pytest.raises(RuntimeError, match="descriptor"):
+        ops._autotune(("test_autotune_default_error",), run, [{"BM": 2}, {"BM": 1}], timer)
