@@ -559,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                                     [(1, 16)] if smoke else [(1, 2048), (4, 512)],
                                     [(1, 16)] if smoke else [(1, 2048), (16, 2048)])
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["autotune_errors"] = {str(k): v for k, v in ops.TUNE_ERRORS.items()}  # candidates skipped as failing
     text = json.dumps(result, indent=1, default=lambda o: o if not isinstance(o, float) else round(o, 4))
     print(text)
     if args.out:
