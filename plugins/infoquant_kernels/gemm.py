@@ -172,7 +172,7 @@ def w4a4_gemm_tma_kernel(
     Memory Accelerator copies each operand tile ``[rows, BK2]`` to shared memory (``cp.async.bulk.tensor``,
     pipelined over ``num_stages``) and the residual / output tiles in and out, so the kernel holds no per-element
     pointer tensors (the register pressure that makes the pointer kernels spill at M = 2048; see
-    ``kernels.aot.ptxas_resources``). Rows past M / N read as zeros and are not written (the descriptors' bounds).
+    ``kernels.resources``). Rows past M / N read as zeros and are not written (the descriptors' bounds).
     A plane operand is one int8 row per token or channel, ``[even-k codes (K/2) | odd-k codes (K/2)]``: its low
     plane at column ``k``, its high plane at ``K/2 + k``. sm_80-89 have no TMA (Triton lowers descriptor loads to
     plain loads there): ``ops`` offers this kernel on sm_90.
