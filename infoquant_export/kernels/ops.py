@@ -589,9 +589,10 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         if use_wp and weight.planes is None:
             raise KernelInputError("config W_PLANES=1 but the weight has no planes", "use weight.with_planes()")
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
-        # WORDS: word-parallel nibble unpacking (inline PTX, compiled code only; same bits as the interpreter's form)
+        # WORDS: word-parallel nibble unpacking (inline PTX: compiled code on NVIDIA GPUs only; same bits as the
+        # interpreter's byte form, which ROCm builds of torch / Triton also get)
         common = dict(HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, enable_fp_fusion=False,
-                      WORDS=not interpreted())
+                      WORDS=not interpreted() and torch.version.hip is None)
         bias = weight.bias if weight.bias is not None else weight.scale
         res = residual if residual is not None else y
         res_stride = residual.stride(0) if residual is not None else 0
