@@ -37,12 +37,14 @@ def _fwht_stages(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
 
 @triton.jit
 def _fwht(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
-    """``_fwht_stages`` as two passes for P >= 64 (same stages in the same order, so the same float32 bits): the
-    row as a [P1, P2] matrix (index = i1 * P2 + i2), the stages on the low bits (h = 1 .. P2/2) along the last axis,
-    a transpose, the stages on the high bits (h = P2 .. P/2) along the last axis again, a transpose back. Compiled
-    for sm_90 at P = 4096 / 4 warps this needs 7 barriers and 8 shared-memory stores per row instead of 27 and 24
-    (each butterfly stage whose pairs sit in different threads is a shared-memory round trip)."""
-    if LOG2P < 6:
+    """``_fwht_stages``, for one block of P >= 64 as two passes (same stages in the same order, so the same float32
+    bits): the row as a [P1, P2] matrix (index = i1 * P2 + i2), the stages on the low bits (h = 1 .. P2/2) along
+    the last axis, a transpose, the stages on the high bits (h = P2 .. P/2) along the last axis again, a transpose
+    back. Compiled for sm_90 at P = 4096 / 4 warps the fused quantize kernel needs 13 barriers per row instead of
+    31 (each butterfly stage whose pairs sit in different threads is a shared-memory round trip). With several
+    blocks per tile (R > 1) the one-pass form compiles better (43 blocks of 256: 109 barriers / 164 registers
+    against 133 / 236), so it stays there."""
+    if LOG2P < 6 or R > 1:
         return _fwht_stages(x, R, P, LOG2P)
     L2: tl.constexpr = (LOG2P + 1) // 2
     L1: tl.constexpr = LOG2P - L2
