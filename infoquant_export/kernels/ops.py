@@ -538,10 +538,11 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     """``((acc - z_a * rowsum) * s_a) * s_w + bias (+ residual)`` with ``acc = q_a @ codes_w^T`` in int32.
 
     Returns ``[M, N]`` in ``out_dtype``; bit-identical to ``integer_linear`` (+ residual) in float32. On a GPU the
-    tile config is autotuned once per (M bucket, N, K, dtypes) among ``gemm_tables(cc)`` (``INFOQUANT_GEMM_AUTOTUNE=0``
-    keeps the default); ``config`` forces one. Planar operands (``act.planes``; ``weight.planes`` when
-    M >= ``W_PLANES_MIN_M``) run ``w4a4_gemm_v2_kernel`` with ``GEMM_PLANE_TILES`` (same bits); a ``config`` may
-    also set ``"W_PLANES"`` (0/1: use the weight's planes) and ``"SWAP"`` (0/1).
+    tile config is autotuned once per (M bucket, N, K, dtypes, GPU) among the tiles of ``gemm_tables(cc)`` and, on
+    sm_90, ``GEMM_TMA_TILES`` (``INFOQUANT_GEMM_AUTOTUNE=0`` keeps the default); ``config`` forces one. Planar
+    operands (``act.planes``; ``weight.planes`` when M >= ``W_PLANES_MIN_M``) run ``w4a4_gemm_v2_kernel`` with the
+    plane tiles (same bits); a ``config`` may also set ``"W_PLANES"`` (0/1: use the weight's planes), ``"SWAP"``
+    (0/1) and ``"TMA"`` (1: ``w4a4_gemm_tma_kernel``).
     """
     if act.bits != 4:
         raise KernelInputError(f"the W4A4 GEMM takes 4-bit activations, got {act.bits}-bit",
@@ -656,7 +657,7 @@ def decode_tile(group: int) -> tuple[int, int]:
 
 # (tokens per step, warps) of the CUDA-core decode kernel. Static choice (no GPU yet): at D = 128 on sm_90 it needs
 # 64 registers per thread (32 resident warps per SM; 32 x 4 warps: 128, 64 x 8: 128, 128 x 8: 190 registers), where
-# the tensor-core kernel needs 255 (8 resident warps). tools/bench_kernels.py --sections variants times the others.
+# the tensor-core kernel needs 221 (8 resident warps). tools/bench_kernels.py --sections variants times the others.
 DECODE_CC_TILE = (32, 8)
 
 
