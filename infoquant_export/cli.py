@@ -104,6 +104,9 @@ def _add_kernels(p: argparse.ArgumentParser) -> None:
                         "Triton's interpreter, slowly); off: the fake-quant reference model")
     p.add_argument("--kernel-dtype", choices=("float16", "float32"), default="float16",
                    help="activation dtype of the kernel model (float32 matches the fake-quant model more closely)")
+    p.add_argument("--decode-attention", choices=("tc", "cc"), default=None,
+                   help="decode attention kernel of the kernel model: tc (tensor cores, the default) or cc (CUDA "
+                        "cores, float32; $INFOQUANT_DECODE_KERNEL sets the default)")
 
 
 def _add_eval(sub: Any) -> None:
@@ -267,7 +270,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     _positive("--seq-len", args.seq_len)
     target = _target(args)
-    model, tokenizer, label = load_for_eval(target, resolve_device(args.device), args.kernels, args.kernel_dtype)
+    model, tokenizer, label = load_for_eval(target, resolve_device(args.device), args.kernels, args.kernel_dtype,
+                                          args.decode_attention)
     result = evaluate(model, tokenizer, args.corpus, args.seq_len, args.max_windows, args.batch_size)
     return {"model": target, "config": label, **result}
 
@@ -304,7 +308,8 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     if str(target).endswith(".onnx"):
         raise UserError(f"{target} is an ONNX file; --backend torch runs an artifact directory",
                         "pass --backend ort, or the artifact directory")
-    model, tokenizer, label = load_for_eval(target, resolve_device(args.device), args.kernels, args.kernel_dtype)
+    model, tokenizer, label = load_for_eval(target, resolve_device(args.device), args.kernels, args.kernel_dtype,
+                                          args.decode_attention)
     return {"backend": "torch", "config": label, **chat(model, tokenizer, args.prompt, args.max_new_tokens)}
 
 

@@ -220,12 +220,13 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def load_for_eval(target: str, device: str, kernels: str = "off",
-                  kernel_dtype: str = "float16") -> tuple[CausalLM, Any, str]:
+def load_for_eval(target: str, device: str, kernels: str = "off", kernel_dtype: str = "float16",
+                  decode_attention: str | None = None) -> tuple[CausalLM, Any, str]:
     """A runnable model from an artifact directory or a model spec (full precision); with its tokenizer and label.
 
     ``kernels``: ``auto`` runs a W4A4KV4 artifact through the GPU kernels (:class:`KernelCausalLM`) on a CUDA device
     and keeps the fake-quant model otherwise; ``on`` requires the kernels; ``off`` is the fake-quant model.
+    ``decode_attention``: the kernel model's decode attention kernel, ``tc`` / ``cc`` (None: the default).
     """
     if not is_artifact(target):
         loaded = load_model(target)
@@ -243,12 +244,13 @@ def load_for_eval(target: str, device: str, kernels: str = "off",
     from infoquant_export.kernels.model import KernelCausalLM
 
     try:
-        model = KernelCausalLM(art.model, getattr(torch, kernel_dtype))
+        model = KernelCausalLM(art.model, getattr(torch, kernel_dtype), decode_attention=decode_attention)
     except UserError:
         if kernels == "on":
             raise
         return art.model, art.tokenizer, label  # auto: e.g. not W4A4KV4, the fake-quant model runs it
-    return model, art.tokenizer, f"{label} [kernels, {kernel_dtype}]"
+    extra = f", decode attention {decode_attention}" if decode_attention else ""
+    return model, art.tokenizer, f"{label} [kernels, {kernel_dtype}{extra}]"
 
 
 def evaluate(model: CausalLM, tokenizer: Any, source: str = "default", seq_len: int = 512,

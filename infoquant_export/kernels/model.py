@@ -123,8 +123,10 @@ class KernelCache:
 class KernelCausalLM:
     """The artifact's W4A4KV4 model on a GPU through the kernels (see the module docstring)."""
 
-    def __init__(self, model: CausalLM, dtype: torch.dtype = torch.float16, block: int = 256) -> None:
+    def __init__(self, model: CausalLM, dtype: torch.dtype = torch.float16, block: int = 256,
+                 decode_attention: str | None = None) -> None:
         self.model, self.cfg, self.dtype, self.block = model, model.cfg, dtype, block
+        self.decode_attention = decode_attention  # "tc" / "cc" (ops.kv4_decode_attention's kernel); None: default
         dev = model.device
         self.layers = [KernelLayer(layer, i, dev) for i, layer in enumerate(model.layers)]
         self.lm_head = model.lm_head.weight.to(dtype)
@@ -166,7 +168,7 @@ class KernelCausalLM:
         if s == 1 and not cfg.sliding_window:
             lengths = torch.full((b,), length, dtype=torch.int32, device=q.device)
             return kv4_decode_attention(q[:, 0].contiguous(), k_cache, v_cache, lengths, length,
-                                        check_lengths=False)[:, None]
+                                        check_lengths=False, kernel=self.decode_attention)[:, None]
         k = dequantize_kv(k_cache, length, q.dtype)
         v = dequantize_kv(v_cache, length, q.dtype)
         q_pos = torch.arange(start, start + s, device=q.device)[:, None]

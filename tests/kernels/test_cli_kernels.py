@@ -27,6 +27,9 @@ def test_generate_with_kernels_matches_fake_quant(tiny_artifact, capsys):
     fast = run([*base, "--kernels", "on", "--kernel-dtype", "float32"], capsys)
     assert "[kernels, float32]" in fast["config"] and "kernels" not in ref["config"]
     assert fast["tokens"] == ref["tokens"]  # float32 kernel model: same greedy tokens (measured: all 6 equal)
+    cc = run([*base, "--kernels", "on", "--kernel-dtype", "float32", "--decode-attention", "cc"], capsys)
+    assert "decode attention cc" in cc["config"]
+    assert cc["tokens"] == ref["tokens"]  # the CUDA-core decode kernel too (measured: all 6 equal)
 
 
 def test_eval_with_kernels_matches_fake_quant(tiny_artifact, capsys):
