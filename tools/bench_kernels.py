@@ -173,45 +173,32 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
 # --sections variants: the exactness-preserving performance variants side by side with today's defaults (issue 6).
 # GEMM: (name, activation planes, weight planes, swap, tile (BM, BN, BK2, GROUP_M, warps, stages) or None = default);
 # "tma_*": the tensor-descriptor kernel (ops.GEMM_TMA_TILES, spill-free on sm_90)
-VARIANT_GEMM = {
+VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants-h200.json), the new kernels first
     "mid": [("default", False, False, False, None),
-            ("aplanes_swap", True, False, True, (128, 64, 64, 8, 4, 4)),
-            ("aplanes_swap", True, False, True, (64, 128, 128, 8, 4, 4)),
-            ("wplanes", False, True, False, (128, 64, 64, 8, 4, 4)),
-            ("planes", True, True, False, (128, 64, 64, 8, 4, 4)),
-            ("planes", True, True, False, (128, 128, 64, 8, 8, 4)),
-            ("planes", True, True, False, (64, 128, 128, 8, 4, 4)),
             ("tma_packed", False, False, False, (128, 64, 64, 8, 4, 4)),
             ("tma_packed", False, False, False, (128, 128, 64, 8, 8, 5)),
             ("tma_aplanes", True, False, False, (64, 128, 128, 8, 4, 4)),
             ("tma_planes", True, True, False, (64, 128, 128, 8, 4, 4)),
-            ("tma_planes", True, True, False, (128, 128, 64, 8, 8, 5))],
+            ("planes", True, True, False, (64, 128, 128, 8, 4, 4)),
+            ("aplanes_swap", True, False, True, (128, 64, 64, 8, 4, 4)),
+            ("wplanes", False, True, False, (128, 64, 64, 8, 4, 4))],
     "large": [("default", False, False, False, None),
-              ("aplanes_swap", True, False, True, (128, 256, 64, 8, 8, 4)),
-              ("aplanes_swap", True, False, True, (256, 128, 64, 8, 8, 4)),
-              ("aplanes_swap", True, False, True, (128, 128, 128, 8, 4, 4)),
-              ("aplanes", True, False, False, (128, 256, 64, 8, 8, 4)),
-              ("wplanes", False, True, False, (128, 256, 64, 8, 8, 4)),
-              ("wplanes", False, True, False, (256, 128, 64, 8, 8, 4)),
-              ("planes", True, True, False, (128, 256, 64, 8, 8, 4)),
-              ("planes", True, True, False, (256, 128, 64, 8, 8, 4)),
-              ("planes", True, True, False, (128, 256, 128, 8, 8, 3)),
-              ("planes", True, True, False, (128, 128, 128, 8, 4, 4)),
               ("tma_packed", False, False, False, (128, 256, 64, 8, 8, 4)),
               ("tma_packed", False, False, False, (256, 128, 64, 8, 8, 4)),
+              ("tma_packed", False, False, False, (128, 128, 64, 8, 8, 5)),
               ("tma_aplanes", True, False, False, (128, 256, 64, 8, 8, 4)),
               ("tma_planes", True, True, False, (128, 256, 64, 8, 8, 4)),
               ("tma_planes", True, True, False, (256, 128, 64, 8, 8, 4)),
-              ("tma_planes", True, True, False, (128, 128, 64, 8, 8, 5))],
+              ("planes", True, True, False, (128, 256, 64, 8, 8, 4)),
+              ("aplanes_swap", True, False, True, (256, 128, 64, 8, 8, 4)),
+              ("wplanes", False, True, False, (128, 256, 64, 8, 8, 4))],
 }
 # quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes)
 VARIANT_QUANT = [("default", None, None, False), ("warps1", 1, None, False), ("warps2", 2, None, False),
-                 ("warps4", 4, None, False), ("warps8", 8, None, False),
-                 ("warps16", 16, None, False), ("planes", None, None, True), ("chunk1024_w4", 4, 1024, False),
-                 ("chunk2048_w4", 4, 2048, False), ("chunk2048_w8", 8, 2048, False), ("chunk4096_w8", 8, 4096, False)]
+                 ("warps8", 8, None, False), ("planes", None, None, True), ("chunk1024_w4", 4, 1024, False),
+                 ("chunk2048_w8", 8, 2048, False)]
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
-VARIANT_ATTN = [(128, 4, 2, 1), (128, 4, 4, 1), (128, 4, 3, 2), (128, 4, 3, 4), (256, 4, 3, 1), (256, 8, 3, 2),
-                (64, 4, 3, 1), (64, 4, 3, 2)]  # 64 tokens: fewer registers than 128 (255 on sm_90, 8 warps per SM)
+VARIANT_ATTN = [(64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 3, 4)]  # 64 tokens: fewer registers than 128
 # the CUDA-core decode kernel: (block_t, num_warps, split multiplier)
 VARIANT_ATTN_CC = [(32, 8, 1), (32, 8, 2), (32, 4, 1), (64, 8, 1), (64, 4, 1), (128, 8, 1)]
 
@@ -355,12 +342,12 @@ def variants_attention(device: torch.device, cases: list[tuple[int, int]], heads
         ref = ops.kv4_decode_attention(q, k4, v4, lengths, ctx, kernel="tc").float()
         default_bt = ops.decode_tile(1)[1]
         configs = [("default", None, None, 4, 3, "tc")]
+        for block_t, warps, mult in VARIANT_ATTN_CC:  # first: the budget may stop the list
+            splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
+            configs.append((f"cc_bt{block_t}_w{warps}_x{mult}", splits, block_t, warps, 3, "cc"))
         for block_t, warps, stages, mult in VARIANT_ATTN:
             splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
             configs.append((f"bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages, "tc"))
-        for block_t, warps, mult in VARIANT_ATTN_CC:
-            splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
-            configs.append((f"cc_bt{block_t}_w{warps}_x{mult}", splits, block_t, warps, 3, "cc"))
         for name, splits, block_t, warps, stages, kernel in configs:
             if budget.over():
                 break
@@ -540,31 +527,42 @@ def main(argv: list[str] | None = None) -> int:
     gemm_shapes = [(128, 128)] if smoke else GEMM_SHAPES
     gemm_ms = [1, 32] if smoke else GEMM_MS
     started = time.perf_counter()
+    def save() -> str:
+        """The result so far as JSON, also written to --out (atomically): a timeout keeps the finished sections."""
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        result["autotune_errors"] = {str(k): v for k, v in ops.TUNE_ERRORS.items()}  # candidates skipped as failing
+        text = json.dumps(result, indent=1, default=lambda o: o if not isinstance(o, float) else round(o, 4))
+        if args.out:
+            tmp = f"{args.out}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, args.out)
+        return text
+
     if "gemm" in sections:
         result["gemm"] = gemm_section(device, gemm_shapes, gemm_ms)
+        save()
     if "sweep" in sections:
         result["sweep"] = sweep_section(device, gemm_shapes, [1, 16, 256, 2048] if not smoke else [1, 32])
+        save()
     if "quantize" in sections:
         sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43),
                                                       (11008, 1)]
         result["quantize"] = quantize_section(device, 4 if smoke else 4096, sizes, "sweep" in sections)
+        save()
     if "attention" in sections:
         cases = [(1, 64)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
         result["attention"] = attention_section(device, cases, 4 if smoke else 32, 64 if smoke else 128,
                                                 "sweep" in sections)
+        save()
     if "variants" in sections:
         result["variants"] = variants_section(device, smoke, args.variants_budget_s)
+        save()
     if "e2e" in sections:
         result["e2e"] = e2e_section(device, "smollm2-135m" if smoke else "llama2-7b", 1 if smoke else args.e2e_layers,
                                     [(1, 16)] if smoke else [(1, 2048), (4, 512)],
                                     [(1, 16)] if smoke else [(1, 2048), (16, 2048)])
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    result["autotune_errors"] = {str(k): v for k, v in ops.TUNE_ERRORS.items()}  # candidates skipped as failing
-    text = json.dumps(result, indent=1, default=lambda o: o if not isinstance(o, float) else round(o, 4))
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print(save())
     return 0
 
 

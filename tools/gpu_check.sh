@@ -2,9 +2,11 @@
 # The GPU checks of the kernels, as one script for a lent GPU machine (no network, no install of this package):
 #   bash tools/gpu_check.sh OUTDIR
 # 1. `pytest -m gpu` on TESTS (default: tests/gpu, i.e. the kernels and their performance variants) -> pytest.txt
-# 2. tools/bench_kernels.py --sections SECTIONS (default: variants, each variant next to the default and the
-#    FP16 / copy baselines; it starts no measurement after VARIANTS_BUDGET_S seconds) -> bench.json, bench.log
-# Time limits: TEST_TIMEOUT (default 300 s), BENCH_TIMEOUT (default 240 s), VARIANTS_BUDGET_S (default 170 s).
+# 2. tools/bench_kernels.py --sections SECTIONS (default: variants,e2e -- each variant next to the default and the
+#    FP16 / copy baselines, it starts no variant after VARIANTS_BUDGET_S seconds; then the LLaMA-2-7B-shaped
+#    end-to-end prefill / decode) -> bench.json (rewritten after each section), bench.log
+# Time limits: TEST_TIMEOUT (default 270 s), BENCH_TIMEOUT (default 300 s), VARIANTS_BUDGET_S (default 150 s):
+# at most ~10 min, one device call.
 # H100 expectation: ~2.5 min of tests (compiles included), ~2.5-3 min of variants.
 set -u
 OUT=${1:-/tmp/gpu-out}
@@ -21,12 +23,12 @@ if [ -d .gpu_cases ]; then  # plugin cases made on a CPU machine: python tools/p
 fi
 start=$(date +%s)
 # shellcheck disable=SC2086
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m gpu ${TESTS:-tests/gpu} -q -s -p no:cacheprovider --durations=8 2>&1 \
+timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -m gpu ${TESTS:-tests/gpu} -q -s -p no:cacheprovider --durations=8 2>&1 \
   | tail -60 > "$OUT/pytest.txt"
 tail -25 "$OUT/pytest.txt"
 echo "tests took $(( $(date +%s) - start )) s"
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-240}" python3 tools/bench_kernels.py --sections "${SECTIONS:-variants}" \
-  --variants-budget-s "${VARIANTS_BUDGET_S:-170}" --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-300}" python3 tools/bench_kernels.py --sections "${SECTIONS:-variants,e2e}" \
+  --variants-budget-s "${VARIANTS_BUDGET_S:-150}" --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? took $(( $(date +%s) - start )) s"
 tail -c 1500 "$OUT/bench.log"
