@@ -40,6 +40,7 @@ class PipelineOptions:
 
 
 def _stage(name: str, progress: bool) -> float:
+    _stop_if_terminated()
     if progress:
         print(f"[pipeline] {name} ...", file=sys.stderr, flush=True)
     return time.perf_counter()
@@ -79,11 +80,25 @@ def build_engine(onnx_path: Path, engine_dir: Path, sms: list[int]) -> dict[str,
     return {"status": "built", "plans": plans}
 
 
+_TERMINATED: list[bool] = []  # set by the SIGTERM handler
+
+
+def _stop_if_terminated() -> None:
+    """Re-raise a SIGTERM at a stage boundary: the handler's KeyboardInterrupt lands wherever Python was, and a
+    library that catches BaseException there would swallow it (seen once: the pipeline finished with exit 0)."""
+    if _TERMINATED:
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so the temporary output is removed (the run is long; batch systems stop jobs
-    with SIGTERM)."""
+    with SIGTERM); it is also remembered and re-raised at the next stage boundary and before the output is
+    committed."""
+    _TERMINATED.clear()
+
     def handler(signum: int, frame: Any) -> None:
+        _TERMINATED.append(True)
         raise KeyboardInterrupt
 
     try:
@@ -171,6 +186,7 @@ def _run(out: Path, opts: PipelineOptions) -> dict[str, Any]:
         }
         summary["seconds"]["total"] = round(time.perf_counter() - start_all, 1)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        _stop_if_terminated()  # before atomic_output_dir renames the result into place
     return summary
 
 
