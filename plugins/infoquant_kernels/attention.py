@@ -33,7 +33,7 @@ def _codes_minus_zero(codes, zero_magic, DOT: tl.constexpr):
     """``code - z`` (exact) in the dot dtype from 4-bit codes (uint8 in [0, 15]): the code's bits OR-ed into the
     magic constant's (no int -> float conversion; I2F runs at a quarter of the FP32 rate), minus ``M + z``."""
     if DOT == 0:
-        return (codes.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
+        return (codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
     elif DOT == 1:
         return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - zero_magic
     else:
@@ -118,13 +118,6 @@ def kv4_decode_partial_kernel(
 
 
 @triton.jit
-def _dequant_f32(codes, zero_magic):
-    """4-bit codes (int32, 0..15) minus the zero point, exact in float32 without an int -> float conversion:
-    ``bits(2^23 + code) - (2^23 + z)`` (a LOP3 and an FADD instead of a quarter-rate I2F)."""
-    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
-
-
-@triton.jit
 def kv4_decode_partial_cc_kernel(
     q_ptr, stride_qb, stride_qh,
     kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
@@ -166,8 +159,9 @@ def kv4_decode_partial_cc_kernel(
         c_ofs = c_base + t[:, None] * stride_ct + half[None, :]
         k_codes = tl.load(kc_ptr + c_ofs, mask=tmask[:, None], other=0).to(tl.int32)
         k_s = tl.load(ks_ptr + s_base + t, mask=tmask, other=0.0)
-        k_z = (tl.load(kz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32) + 8388608.0)[:, None]
-        dots = _dequant_f32(k_codes & 15, k_z) * q_even[None, :] + _dequant_f32(k_codes >> 4, k_z) * q_odd[None, :]
+        k_z = _magic_zero(tl.load(kz_ptr + s_base + t, mask=tmask, other=0), 0)[:, None]
+        dots = (_codes_minus_zero(k_codes & 15, k_z, 0) * q_even[None, :]
+                + _codes_minus_zero(k_codes >> 4, k_z, 0) * q_odd[None, :])
         scores = tl.where(tmask, tl.sum(dots, axis=1) * k_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         alpha = tl.exp2(m_i - m_new)
@@ -176,10 +170,10 @@ def kv4_decode_partial_cc_kernel(
 
         v_codes = tl.load(vc_ptr + c_ofs, mask=tmask[:, None], other=0).to(tl.int32)
         v_s = tl.load(vs_ptr + s_base + t, mask=tmask, other=0.0)
-        v_z = (tl.load(vz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32) + 8388608.0)[:, None]
+        v_z = _magic_zero(tl.load(vz_ptr + s_base + t, mask=tmask, other=0), 0)[:, None]
         pv = (p * v_s)[:, None]
-        acc_even = acc_even * alpha + pv * _dequant_f32(v_codes & 15, v_z)
-        acc_odd = acc_odd * alpha + pv * _dequant_f32(v_codes >> 4, v_z)
+        acc_even = acc_even * alpha + pv * _codes_minus_zero(v_codes & 15, v_z, 0)
+        acc_odd = acc_odd * alpha + pv * _codes_minus_zero(v_codes >> 4, v_z, 0)
         m_i = m_new
 
     ml_ofs = bhq.to(tl.int64) * SPLITS + split
