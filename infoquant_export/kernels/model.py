@@ -2,17 +2,20 @@
 
 :class:`KernelCausalLM` is built from the fake-quant :class:`CausalLM` of an artifact (``load_artifact``) and has
 its interface (``forward(input_ids, past) -> (logits, cache)``, ``device``, ``cfg``), so perplexity and greedy
-generation run on it unchanged. Per layer (numerics.md section 5):
+generation run on it unchanged. Per layer (numerics.md section 5), nine launches (the RMSNorm, SwiGLU and RoPE
+prologues are computed by the kernel that loads their input):
 
-    RMSNorm -> quantize (kernel) -> QKV GEMM (kernel, q/k/v fused) -> RoPE -> q Hadamard (kernel)
-      -> K: Hadamard + quantize into the 4-bit cache (kernel), V: quantize into the cache (kernel)
+    RMSNorm + quantize (kernel) -> QKV GEMM (kernel, q/k/v fused)
+      -> q: RoPE + Hadamard (kernel); K: RoPE + Hadamard + quantize into the 4-bit cache (kernel);
+         V: quantize into the cache (kernel); all three read the QKV output in place
       -> attention: decode = 4-bit split-K kernel; prefill = dequantize kernel + SDPA
-      -> quantize -> o GEMM + residual (kernel) -> RMSNorm -> quantize -> gate/up GEMM (kernel) -> SiLU * up
-      -> down Hadamard + quantize (one fused kernel) -> down GEMM + residual (kernel)
+      -> quantize -> o GEMM + residual (kernel) -> RMSNorm + quantize (kernel) -> gate/up GEMM (kernel)
+      -> SwiGLU + down Hadamard + quantize (one kernel) -> down GEMM + residual (kernel)
 
-Norms, RoPE, SiLU, the LM head and PSOT's residual basis changes run in PyTorch in ``dtype``. Differences from the
-fake-quant reference: the activation dtype (float16 by default, float32 on request), attention and norms in
-float32 instead of float64; quantization, GEMMs and the cache are the reference's integer arithmetic.
+The LM head, the final norm and PSOT's residual basis changes run in PyTorch. Differences from the fake-quant
+reference: the activation dtype (float16 by default, float32 on request; the norms, SwiGLU and RoPE outputs are
+rounded to it) and attention in float32 instead of float64; norms and sigmoid are float64 as in the reference;
+quantization, GEMMs and the cache are the reference's integer arithmetic.
 """
 
 from __future__ import annotations
@@ -24,22 +27,20 @@ import torch.nn.functional as F
 
 from infoquant_export.errors import UserError
 from infoquant_export.kernels.ops import (
+    SWIGLU,
     KVCache4,
     PackedWeight,
+    Prologue,
     dequantize_kv,
-    hadamard,
     kv4_decode_attention,
     quantize_kv,
     quantize_rows,
+    rmsnorm_prologue,
+    rope_rows,
     w4a4_linear,
 )
-from infoquant_export.models.model import ActQuantizer, CausalLM, DecoderLayer, OnlineRotation, rotate_half
+from infoquant_export.models.model import ActQuantizer, CausalLM, DecoderLayer, OnlineRotation, rms_norm
 from infoquant_export.numerics import DEFAULT
-
-
-def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
 def _require_w4a4(layer_index: int, name: str, quantizer: ActQuantizer) -> tuple[float, float]:
@@ -105,7 +106,9 @@ class KernelLayer:
                             f"heads into {self.qk_blocks} blocks", "use the fake-quant model (--kernels off)")
         self.attn_to_mlp = layer.residual_attn_to_mlp
         self.mlp_to_attn = layer.residual_mlp_to_attn
-        self.input_norm, self.post_norm = layer.input_norm, layer.post_norm
+        eps = layer.cfg.rms_norm_eps
+        self.input_norm = rmsnorm_prologue(layer.input_norm.to(device), eps)
+        self.post_norm = rmsnorm_prologue(layer.post_norm.to(device), eps)
 
 
 @dataclass
@@ -154,9 +157,9 @@ class KernelCausalLM:
                 new.zero[:, :, :n].copy_(old.zero[:, :, :n])
         cache.layers = bigger.layers
 
-    def _linear(self, x: torch.Tensor, quant: Quant, weight: PackedWeight,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        act = quantize_rows(x, 4, quant.clip, quant.clip_min, quant.hadamard_blocks)
+    def _linear(self, x: torch.Tensor, quant: Quant, weight: PackedWeight, residual: torch.Tensor | None = None,
+                prologue: Prologue | None = None) -> torch.Tensor:
+        act = quantize_rows(x, 4, quant.clip, quant.clip_min, quant.hadamard_blocks, prologue=prologue)
         return w4a4_linear(act, weight, residual, out_dtype=self.dtype)
 
     def _attention(self, q: torch.Tensor, layer_cache: tuple[KVCache4, KVCache4], start: int,
@@ -182,8 +185,9 @@ class KernelCausalLM:
         return out.transpose(1, 2)
 
     def rope(self, start: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos / sin tables ``[s, head_dim]`` of positions ``start ..`` (the model's, float64-rounded)."""
         cos, sin = self.model.rope(torch.arange(start, start + s, device=self.device), torch.float32)
-        return cos[None, :, None, :], sin[None, :, None, :]
+        return cos.contiguous(), sin.contiguous()
 
     @torch.no_grad()
     def layer_forward(self, index: int, x: torch.Tensor, cache: KernelCache, start: int,
@@ -191,29 +195,20 @@ class KernelCausalLM:
         """Decoder layer ``index`` on hidden states ``x [B, S, hidden]`` at positions ``start ..``; writes its K/V
         into ``cache`` (which must have room)."""
         cfg, layer, layer_cache = self.cfg, self.layers[index], cache.layers[index]
-        cos, sin = rope
         b, s = x.shape[:2]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x2 = x.reshape(b * s, -1).to(self.dtype)
-        h = _norm(x2, layer.input_norm, cfg.rms_norm_eps)
-        qkv = self._linear(h, layer.qkv_in, layer.qkv).float()
-        q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
-        q = q.reshape(b, s, hq, d)
-        k = k.reshape(b, s, hkv, d)
-        q = (q * cos + rotate_half(q) * sin).to(self.dtype)
-        k = (k * cos + rotate_half(k) * sin).contiguous()
-        if layer.qk_blocks is not None:
-            q = hadamard(q.contiguous(), layer.qk_blocks)
-        quantize_kv(k, layer_cache[0], start, layer.k_clip, layer.qk_blocks is not None)
-        quantize_kv(v.reshape(b, s, hkv, d).contiguous(), layer_cache[1], start, layer.v_clip, False)
+        qkv = self._linear(x2, layer.qkv_in, layer.qkv, prologue=layer.input_norm).view(b, s, -1)
+        q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split((hq * d, hkv * d, hkv * d), dim=-1))
+        q = rope_rows(q, *rope, rotate=layer.qk_blocks is not None)
+        quantize_kv(k, layer_cache[0], start, layer.k_clip, layer.qk_blocks is not None, rope=rope)
+        quantize_kv(v, layer_cache[1], start, layer.v_clip, False)
         attn = self._attention(q, layer_cache, start, start + s).reshape(b * s, hq * d).contiguous()
         resid = x2 if layer.attn_to_mlp is None else layer.attn_to_mlp(x2.float()).to(self.dtype)
         x2 = self._linear(attn, layer.o_in, layer.o, resid.contiguous())
-        h = _norm(x2, layer.post_norm, cfg.rms_norm_eps)
-        gate, up = self._linear(h, layer.gate_up_in, layer.gate_up).float().chunk(2, dim=-1)
-        m = (F.silu(gate) * up).to(self.dtype).contiguous()
+        gate_up = self._linear(x2, layer.gate_up_in, layer.gate_up, prologue=layer.post_norm)
         resid = x2 if layer.mlp_to_attn is None else layer.mlp_to_attn(x2.float()).to(self.dtype)
-        return self._linear(m, layer.down_in, layer.down, resid.contiguous()).reshape(b, s, -1)
+        return self._linear(gate_up, layer.down_in, layer.down, resid.contiguous(), prologue=SWIGLU).reshape(b, s, -1)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, past: KernelCache | None = None) -> tuple[torch.Tensor, KernelCache]:
@@ -227,7 +222,7 @@ class KernelCausalLM:
         for index in range(len(self.layers)):
             x = self.layer_forward(index, x, cache, start, rope)
         cache.length = start + s
-        logits = (_norm(x, model.norm, cfg.rms_norm_eps) @ self.lm_head.T).float()
+        logits = (rms_norm(x, model.norm, cfg.rms_norm_eps) @ self.lm_head.T).float()
         return logits, cache
 
     __call__ = forward

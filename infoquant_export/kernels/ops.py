@@ -11,7 +11,7 @@ import math
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -167,22 +167,59 @@ def _inv_sqrt(n: int) -> float:
     return _f32(1.0 / math.sqrt(n))
 
 
+PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE = 0, 1, 2, 3  # quantize.py's prologues
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """What the row kernels compute from the loaded row before rotating / quantizing it (quantize.py
+    ``_prologue``): ``kind`` PRE_*, its operands, and whether the result is rounded to the input dtype."""
+
+    kind: int = PRE_NONE
+    aux: torch.Tensor | None = None   # RMSNorm weight (float32 [n]) / RoPE cos (float32 [seq, head_dim])
+    aux2: torch.Tensor | None = None  # RMSNorm eps (float64 [1]) / RoPE sin (float32 [seq, head_dim])
+    up_offset: int = 0                # SwiGLU: elements from g to u within a row
+    round: bool = False
+
+    def operands(self, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dummy if self.aux is None else self.aux), (dummy if self.aux2 is None else self.aux2)
+
+
+def rmsnorm_prologue(weight: torch.Tensor, eps: float) -> Prologue:
+    """The RMSNorm ``x * (1 / sqrt(mean(x^2) + eps)) * weight`` in float64, rounded once to x's dtype
+    (``models.model.rms_norm``), as the prologue of ``quantize_rows``. Build it once per norm: it holds the weight
+    in float32 and eps as a float64 tensor on the weight's device (nothing is copied per call, so CUDA graphs can
+    capture the calls)."""
+    if weight.dim() != 1:
+        raise KernelInputError(f"the RMSNorm weight has shape {tuple(weight.shape)}", "pass a 1-D norm weight")
+    w = weight.detach().to(torch.float32).contiguous()
+    return Prologue(PRE_RMSNORM, w, torch.tensor([eps], dtype=torch.float64, device=w.device), round=True)
+
+
+SWIGLU = Prologue(PRE_SWIGLU, round=True)
+"""``quantize_rows`` prologue: rows ``[g | u]`` of a fused gate/up output -> ``(g * sigmoid64(g)) * u`` (float32,
+numerics.md section 5), rounded to the input dtype."""
+
+
 def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: bool, bits: int, clip: float,
                  clip_min: float, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, y: torch.Tensor,
                  seq_len: int, pos0: int, code_strides: tuple[int, int, int],
                  scale_strides: tuple[int, int, int], inv_sqrt: float | None = None,
-                 num_warps: int | None = None, planes: bool = False) -> None:
+                 num_warps: int | None = None, planes: bool = False, pre: Prologue | None = None,
+                 stride_xr: int | None = None) -> None:
     mod = kernel_module("quantize")
+    pre = pre or Prologue()
+    aux, aux2 = pre.operands(scale)
     k_step = tile.rotate and tile.k > 1
     hk = _hk_t(tile.k, _pow2(tile.nb), tile.kp, str(x2.device)) if k_step else scale
     scratch = torch.empty(x2.shape[0] * tile.elements if k_step else 1, dtype=torch.float32, device=x2.device)
     inv_sqrt = _inv_sqrt(tile.n_block) if inv_sqrt is None else inv_sqrt
     mod.hadamard_quantize_kernel[(x2.shape[0],)](
-        x2, x2.stride(0), hk, scratch, inv_sqrt, codes, scale, zero, y, y.stride(0) if y.dim() > 1 else 0,
-        seq_len, pos0, *code_strides, *scale_strides,
-        _f32(clip), _f32(clip_min),
-        **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes,
-        num_warps=num_warps or row_warps(tile.elements), enable_fp_fusion=False)
+        x2, x2.stride(0) if stride_xr is None else stride_xr, hk, scratch, inv_sqrt, codes, scale, zero, y,
+        y.stride(0) if y.dim() > 1 else 0, seq_len, pos0, *code_strides, *scale_strides,
+        _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset,
+        **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
+        ROUND=pre.round, num_warps=num_warps or row_warps(tile.elements), enable_fp_fusion=False)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -217,23 +254,61 @@ rotation, or None for the one-pass row-tile kernel. Either computes the same bit
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
-                  hadamard_blocks: int | None = None, num_warps: int | None = None) -> PackedRows:
+                  hadamard_blocks: int | None = None, num_warps: int | None = None, *,
+                  prologue: Prologue | None = None) -> PackedRows:
     """Per-row asymmetric quantization of ``x [..., n]``, optionally after the block Hadamard (fused, one pass).
 
     Bit-identical to ``apply_hadamard`` + ``activation_qparams`` / ``quantize_activation`` + ``pack_uint4``.
+    ``prologue``: ``rmsnorm_prologue(...)`` (the row is normed first) or ``SWIGLU`` (``x [..., 2n]`` holds the
+    gate and up halves; the rows quantized are ``(g * sigmoid64(g)) * u``), computed as the row is loaded.
     """
-    chunk = CHUNK if x.dim() and x.shape[-1] > CHUNKED_ABOVE and QUANT_CHUNK is None else None
-    return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps, chunk=chunk)
+    width = x.shape[-1] // (2 if prologue is not None and prologue.kind == PRE_SWIGLU else 1) if x.dim() else 0
+    chunk = CHUNK if width > CHUNKED_ABOVE and QUANT_CHUNK is None else None
+    return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps, chunk=chunk,
+                                 prologue=prologue)
+
+
+def _row_prologue(x2: torch.Tensor, prologue: Prologue | None) -> tuple[int, Prologue]:
+    """The quantized row length of rows ``x2`` under ``prologue`` (checked), and the prologue with its offsets."""
+    pre = prologue or Prologue()
+    n = x2.shape[1]
+    if pre.kind == PRE_SWIGLU:
+        if n % 2:
+            raise KernelInputError(f"a SwiGLU row [gate | up] has an even width, got {n}",
+                                   "pass the fused gate/up output")
+        n //= 2
+        pre = replace(pre, up_offset=n)
+    elif pre.kind == PRE_RMSNORM:
+        if pre.aux.shape[0] != n:
+            raise KernelInputError(f"the RMSNorm weight has {pre.aux.shape[0]} values, the rows {n}",
+                                   "pass the norm of this layer's hidden size")
+        _check_device(x2, pre.aux, pre.aux2)
+    elif pre.kind != PRE_NONE:
+        raise KernelInputError("quantize_rows takes the RMSNorm or SwiGLU prologue",
+                               "apply RoPE through rope_rows / quantize_kv(rope=...)")
+    return n, pre
+
+
+def _apply_prologue(x2: torch.Tensor, n: int, pre: Prologue, blocks: int = 1) -> torch.Tensor:
+    """The prologue's rows ``[m, n]`` (``blocks`` heads for RoPE) written out, in x2's dtype when the prologue
+    rounds, else float32 (for the unfused-rotation path)."""
+    y = torch.empty(x2.shape[0], n, dtype=x2.dtype if pre.round else torch.float32, device=x2.device)
+    _launch_rows(x2, row_tile(n, blocks, False, 8), quant=False, per_block=False, bits=4, clip=1.0, clip_min=1.0,
+                 codes=y, scale=y, zero=y, y=y, seq_len=x2.shape[0], pos0=0, code_strides=(0, 0, 0),
+                 scale_strides=(0, 0, 0), pre=pre)
+    return y
 
 
 def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
                           hadamard_blocks: int | None = None, *, num_warps: int | None = None,
-                          planes: bool = False, chunk: int | None = None) -> PackedRows:
+                          planes: bool = False, chunk: int | None = None,
+                          prologue: Prologue | None = None) -> PackedRows:
     """``quantize_rows`` with the kernel variants (same codes, scales and zero points):
 
     ``planes``: 4-bit codes written unpacked as int8 planes (``PackedRows.planes``; the prefill GEMM operand);
     ``chunk``: rows without rotation go through the two-pass chunked kernel with chunks of ``chunk`` values
-    (a power of two >= 64; default ``QUANT_CHUNK``), ``num_warps`` then applies to it (default 4).
+    (a power of two >= 64; default ``QUANT_CHUNK``), ``num_warps`` then applies to it (default 4). An RMSNorm
+    prologue needs the whole row: those rows always go through the row-tile kernel.
     """
     _check_bits(bits)
     if planes and bits != 4:
@@ -243,13 +318,16 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
         raise KernelInputError(f"chunk={chunk} is not a power of two >= 64", "pass a valid chunk or None")
     x2 = _rows(x, "x")
     _check_device(x2)
+    n, pre = _row_prologue(x2, prologue)
     if hadamard_blocks is not None and hadamard_blocks < 1:
         raise KernelInputError(f"hadamard_blocks={hadamard_blocks}", "pass None (no rotation) or a block count >= 1")
-    tile = row_tile(x2.shape[1], hadamard_blocks or 1, hadamard_blocks is not None, bits)
+    tile = row_tile(n, hadamard_blocks or 1, hadamard_blocks is not None, bits)
     if not tile.fused:
+        if pre.kind != PRE_NONE:
+            x2, pre = _apply_prologue(x2, n, pre), Prologue()
         x2 = _rotate_unfused(x2, tile)
         tile = row_tile(x2.shape[1], 1, False, bits)
-    m, n = x2.shape
+    m = x2.shape[0]
     if planes:
         codes = torch.empty(m, n, dtype=torch.int8, device=x2.device)
     else:
@@ -257,16 +335,17 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
     zero = torch.empty(m, dtype=torch.uint8, device=x2.device)
     clip_min = clip if clip_min is None else clip_min
-    if chunk is not None and not tile.rotate and bits == 4:
+    if chunk is not None and not tile.rotate and bits == 4 and pre.kind in (PRE_NONE, PRE_SWIGLU):
         kernel_module("quantize").quantize_rows_chunked_kernel[(m,)](
-            x2, x2.stride(0), codes, codes.stride(0), scale, zero, n, _f32(clip), _f32(clip_min),
-            CH=chunk, PLANES=planes, num_warps=num_warps or 4, enable_fp_fusion=False)
+            x2, x2.stride(0), codes, codes.stride(0), scale, zero, n, _f32(clip), _f32(clip_min), pre.up_offset,
+            CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, num_warps=num_warps or 4,
+            enable_fp_fusion=False)
         return PackedRows(codes, scale, zero, bits, planes)
     block_bytes = tile.n_block // 2 if bits == 4 else tile.n_block
     _launch_rows(x2, tile, quant=True, per_block=False, bits=bits, clip=clip,
                  clip_min=clip_min, codes=codes, scale=scale, zero=zero,
                  y=scale, seq_len=m, pos0=0, code_strides=(0, codes.stride(0), block_bytes),
-                 scale_strides=(0, 1, 0), num_warps=num_warps, planes=planes)
+                 scale_strides=(0, 1, 0), num_warps=num_warps, planes=planes, pre=pre)
     return PackedRows(codes, scale, zero, bits, planes)
 
 
@@ -317,14 +396,64 @@ def _check_cache(cache: KVCache4) -> None:
                                f"codes {tuple(cache.codes.shape)}", "allocate the cache with KVCache4.empty")
 
 
-def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate: bool) -> None:
-    """Quantize K or V ``x [B, S, H, D]`` per token and head (after the per-head Hadamard when ``rotate``) into
-    ``cache`` at token positions ``pos0 .. pos0 + S - 1`` (numerics.md section 3; KVQuantize)."""
-    _check_dtype("k/v", x, FLOAT_DTYPES)
-    _check_contiguous("k/v", x)
+def _head_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x [B, S, H, D]`` as rows ``[B*S, H*D]`` without a copy: each token's heads contiguous, tokens evenly
+    strided (a contiguous tensor, or the q / k / v columns of a fused QKV output)."""
+    _check_dtype(name, x, FLOAT_DTYPES)
     if x.dim() != 4:
-        raise KernelInputError(f"k/v must be [batch, seq, heads, head_dim], got shape {tuple(x.shape)}",
+        raise KernelInputError(f"{name} must be [batch, seq, heads, head_dim], got shape {tuple(x.shape)}",
                                "reshape to 4 dims")
+    b, s, h, d = x.shape
+    if x.numel() == 0:
+        raise KernelInputError(f"{name} is empty (shape {tuple(x.shape)})", f"pass at least one token in {name}")
+    # the stride between consecutive rows b * S + t (a size-1 dim's stride is arbitrary in torch)
+    row = x.stride(1) if s > 1 else (x.stride(0) if b > 1 else h * d)
+    if (x.stride(3) != 1 or (h > 1 and x.stride(2) != d) or row < h * d
+            or (b > 1 and s > 1 and x.stride(0) != s * row)):
+        raise KernelInputError(f"{name} (shape {tuple(x.shape)}, strides {x.stride()}) does not have contiguous "
+                               "heads in evenly strided tokens", f"pass {name}.contiguous()")
+    return x.as_strided((b * s, h * d), (row, 1))
+
+
+def _rope_prologue(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, round_x: bool) -> Prologue:
+    s, d = x.shape[1], x.shape[3]
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_dtype(name, t, (torch.float32,))
+        _check_contiguous(name, t)
+        if tuple(t.shape) != (s, d):
+            raise KernelInputError(f"RoPE {name} has shape {tuple(t.shape)}, expected [seq={s}, head_dim={d}]",
+                                   "pass the tables of these positions ([seq, head_dim], float32)")
+    if d % 2:
+        raise KernelInputError(f"RoPE rotates halves of the head; head_dim {d} is odd", "use an even head_dim")
+    return Prologue(PRE_ROPE, cos, sin, round=round_x)
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: bool) -> torch.Tensor:
+    """RoPE ``x * cos + rotate_half(x) * sin`` (float32) on ``x [B, S, H, D]``, rounded to x's dtype, then the
+    per-head Hadamard when ``rotate`` (``apply_hadamard(., 1)`` per head): the decoder's q, in one launch.
+    ``cos`` / ``sin``: float32 ``[S, D]`` of the tokens' positions. Returns a contiguous ``[B, S, H, D]``."""
+    x2 = _head_rows(x, "q")
+    b, s, h, d = x.shape
+    pre = _rope_prologue(x, cos, sin, round_x=True)
+    _check_device(x2, cos, sin)
+    tile = row_tile(h * d, h, rotate, 8)
+    if not tile.fused:
+        y = _apply_prologue(x2, h * d, pre, blocks=h).reshape(b, s, h, d)
+        return hadamard(y, 1) if rotate else y
+    y = torch.empty(b * s, h * d, dtype=x.dtype, device=x.device)
+    _launch_rows(x2, tile, quant=False, per_block=False, bits=4, clip=1.0, clip_min=1.0, codes=y, scale=y,
+                 zero=y, y=y, seq_len=s, pos0=0, code_strides=(0, 0, 0), scale_strides=(0, 0, 0), pre=pre)
+    return y.reshape(b, s, h, d)
+
+
+def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate: bool,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Quantize K or V ``x [B, S, H, D]`` per token and head (after the per-head Hadamard when ``rotate``) into
+    ``cache`` at token positions ``pos0 .. pos0 + S - 1`` (numerics.md section 3; KVQuantize).
+
+    ``x`` may be the K or V columns of a fused QKV output (heads contiguous, tokens evenly strided). ``rope``:
+    float32 ``(cos, sin)`` ``[S, D]``: K's RoPE, applied in float32 (not rounded) as the row is loaded."""
+    x2 = _head_rows(x, "k/v")
     b, s, h, d = x.shape
     if (cache.codes.shape[0], cache.codes.shape[1], cache.head_dim) != (b, h, d):
         raise KernelInputError(f"k/v [B={b}, H={h}, D={d}] does not fit the cache {tuple(cache.codes.shape)}",
@@ -334,15 +463,19 @@ def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate
                                "allocate a larger cache (max context)")
     _check_cache(cache)
     _check_device(x, cache.codes, cache.scale, cache.zero)
+    pre = Prologue() if rope is None else _rope_prologue(x, *rope, round_x=False)
+    if rope is not None:
+        _check_device(x, *rope)
     tile = row_tile(h * d, h, rotate)
-    x2 = x.reshape(b * s, h * d)
     if not tile.fused:
+        if rope is not None:
+            x2, pre = _apply_prologue(x2, h * d, pre, blocks=h), Prologue()
         x2 = _rotate_unfused(x2, tile)
         tile = row_tile(h * d, h, False)
     c, sc = cache.codes, cache.scale
     _launch_rows(x2, tile, quant=True, per_block=True, bits=4, clip=clip, clip_min=clip, codes=c, scale=sc,
                  zero=cache.zero, y=sc, seq_len=s, pos0=pos0, code_strides=(c.stride(0), c.stride(2), c.stride(1)),
-                 scale_strides=(sc.stride(0), sc.stride(2), sc.stride(1)))
+                 scale_strides=(sc.stride(0), sc.stride(2), sc.stride(1)), pre=pre)
 
 
 def dequantize_kv(cache: KVCache4, n_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -15,6 +15,11 @@ exactly as numerics.md sections 1 and 3:
 
 Where the codes, scales and zero points go is given by strides over (batch, token, block) so the same kernel
 writes GEMM operands ``[M, K/2]`` and the KV cache ``[B, H, T, D/2]`` in place.
+
+A prologue (``PRE``) computes the row from the layer's previous output as it is loaded, so the decoder needs no
+separate launches for it (numerics.md section 8): RMSNorm (float64 like section 5, rounded once), the SwiGLU
+product ``(g * sigmoid64(g)) * u`` of a fused gate/up output, or RoPE of one q/k head per block (float32, HF
+``rotate_half``). ``ROUND`` then rounds the row to the input's dtype, as the decoder's activations are.
 """
 
 import triton
@@ -81,6 +86,48 @@ def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr
     return tl.reshape(x, (NBP, KP, P)) * inv_sqrt
 
 
+PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE = 0, 1, 2, 3
+
+
+@triton.jit
+def _prologue(x_ptr, row, idx, mask, aux_ptr, aux2_ptr, up_offset, t_rel,
+              PRE: tl.constexpr, N: tl.constexpr, N_BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    """The float32 row values at element indices ``idx`` (masked to 0) of row pointer ``x_ptr + row``, after the
+    prologue ``PRE`` (module docstring):
+
+    - PRE_RMSNORM: ``x * (1 / sqrt(mean(x^2) + eps)) * w`` in float64 (``aux_ptr``: float32 weight [N],
+      ``aux2_ptr``: float64 eps [1]), rounded once to the input dtype (so ``ROUND`` is implied);
+    - PRE_SWIGLU: ``(g * sigmoid64(g)) * u``, ``g`` at ``idx``, ``u`` at ``idx + up_offset``; sigmoid64 in float64
+      rounded to float32, the two products in float32;
+    - PRE_ROPE: ``x * cos + rotate_half(x) * sin`` per block of ``N_BLOCK`` (one head) in float32, cos / sin rows
+      ``t_rel`` of ``aux_ptr`` / ``aux2_ptr`` (float32 [seq_len, N_BLOCK]).
+    """
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row + idx, mask=mask, other=0.0).to(tl.float32)
+    if PRE == 1:
+        x64 = x.to(tl.float64)
+        flat = tl.reshape(x64 * x64, (x64.numel,))
+        inv_rms = 1.0 / tl.sqrt(tl.sum(flat, axis=0) / N + tl.load(aux2_ptr))  # div.rn.f64, sqrt.rn.f64
+        w = tl.load(aux_ptr + idx, mask=mask, other=0.0).to(tl.float64)
+        x = ((x64 * inv_rms) * w).to(dtype).to(tl.float32)
+    elif PRE == 2:
+        u = tl.load(x_ptr + row + up_offset + idx, mask=mask, other=0.0).to(tl.float32)
+        sig = (1.0 / (1.0 + tl.exp(-x.to(tl.float64)))).to(tl.float32)
+        x = (x * sig) * u
+    elif PRE == 3:
+        half: tl.constexpr = N_BLOCK // 2
+        col = idx % N_BLOCK
+        partner = idx - col + (col + half) % N_BLOCK
+        rot = tl.load(x_ptr + row + partner, mask=mask, other=0.0).to(tl.float32)
+        rot = tl.where(col < half, -rot, rot)
+        cos = tl.load(aux_ptr + t_rel * N_BLOCK + col, mask=mask, other=0.0)
+        sin = tl.load(aux2_ptr + t_rel * N_BLOCK + col, mask=mask, other=0.0)
+        x = x * cos + rot * sin
+    if ROUND and PRE != 1:
+        x = x.to(dtype).to(tl.float32)
+    return x
+
+
 @triton.jit
 def hadamard_quantize_kernel(
     x_ptr, stride_xr,                    # input rows; element (r, j, col) at r*stride_xr + j*N_BLOCK + col
@@ -92,10 +139,12 @@ def hadamard_quantize_kernel(
     stride_cb, stride_ct, stride_cj,     # codes byte strides over batch, token, block
     stride_sb, stride_st, stride_sj,     # scale / zero element strides over batch, token, block
     clip, clip_min,
+    aux_ptr, aux2_ptr, up_offset,        # prologue operands (PRE, see _prologue); unused otherwise
     NB: tl.constexpr, NBP: tl.constexpr, N_BLOCK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     P: tl.constexpr, LOG2P: tl.constexpr,
     ROTATE: tl.constexpr, QUANT: tl.constexpr, PER_BLOCK: tl.constexpr, BITS: tl.constexpr,
     PLANES: tl.constexpr = False,        # 4-bit: write the codes unpacked as int8 planes (see below)
+    PRE: tl.constexpr = 0, ROUND: tl.constexpr = False,
 ):
     r = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NBP)[:, None, None]
@@ -103,7 +152,8 @@ def hadamard_quantize_kernel(
     c = tl.arange(0, P)[None, None, :]
     col = a * P + c
     mask = (j < NB) & (col < N_BLOCK)
-    x = tl.load(x_ptr + r * stride_xr + j * N_BLOCK + col, mask=mask, other=0.0).to(tl.float32)
+    x = _prologue(x_ptr, r * stride_xr, j * N_BLOCK + col, mask, aux_ptr, aux2_ptr, up_offset, r % seq_len,
+                  PRE, NB * N_BLOCK, N_BLOCK, ROUND)
     if ROTATE:
         x = _rotate(x, hk_ptr, scratch_ptr + r * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P)
     if not QUANT:
@@ -160,7 +210,8 @@ def quantize_rows_chunked_kernel(
     codes_ptr, stride_cr,                # 4-bit codes: packed [M, n/2] uint8, or int8 planes [M, n] (PLANES)
     scale_ptr, zero_ptr,                 # [M] float32, [M] uint8
     n, clip, clip_min,
-    CH: tl.constexpr, PLANES: tl.constexpr,
+    up_offset,                           # PRE == PRE_SWIGLU: u at x + up_offset (see _prologue)
+    CH: tl.constexpr, PLANES: tl.constexpr, PRE: tl.constexpr = 0, ROUND: tl.constexpr = False,
 ):
     """Per-row 4-bit quantization without rotation, in chunks of ``CH`` values (a variant of
     ``hadamard_quantize_kernel`` with ROTATE=False, PER_BLOCK=False, BITS=4; same bits).
@@ -168,15 +219,17 @@ def quantize_rows_chunked_kernel(
     Pass 1 keeps an element-wise running min / max over the chunks and reduces it once (min / max are exact in any
     order; masked elements are 0, which the range includes anyway); pass 2 re-reads the row (from L1 / L2) and
     quantizes it with the same float32 steps. No power-of-two padding of the row (11008 is not padded to 16384)
-    and a small register tile, so few warps per row and many rows per SM.
+    and a small register tile, so few warps per row and many rows per SM. ``PRE`` may be PRE_SWIGLU (recomputed
+    in pass 2, same bits); RMSNorm needs the whole row and goes through ``hadamard_quantize_kernel``.
     """
+    tl.static_assert(PRE == 0 or PRE == 2)
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, CH)
     x_row = x_ptr + r * stride_xr
     mn = tl.zeros((CH,), tl.float32)
     mx = tl.zeros((CH,), tl.float32)
     for c0 in range(0, n, CH):
-        x = tl.load(x_row + c0 + offs, mask=c0 + offs < n, other=0.0).to(tl.float32)
+        x = _prologue(x_row, c0, offs, c0 + offs < n, x_ptr, x_ptr, up_offset, 0, PRE, 0, CH, ROUND)
         mn = tl.minimum(mn, x)
         mx = tl.maximum(mx, x)
     qmax: tl.constexpr = 15
@@ -187,7 +240,7 @@ def quantize_rows_chunked_kernel(
     half = tl.arange(0, CH // 2)
     c_row = codes_ptr + r * stride_cr
     for c0 in range(0, n, CH):
-        x = tl.load(x_row + c0 + offs, mask=c0 + offs < n, other=0.0).to(tl.float32)
+        x = _prologue(x_row, c0, offs, c0 + offs < n, x_ptr, x_ptr, up_offset, 0, PRE, 0, CH, ROUND)
         q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, scale)) + zero, 0.0), qmax).to(tl.uint8)
         lo_c, hi_c = tl.split(tl.reshape(q, (CH // 2, 2)))
         byte = c0 // 2 + half
