@@ -15,6 +15,10 @@ from typing import Any
 from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.kernels.ops import (
     GEMM_TMA_TILES,
+    PRE_NONE,
+    PRE_RMSNORM,
+    PRE_ROPE,
+    PRE_SWIGLU,
     decode_tile,
     gemm_candidates,
     gemm_config,
@@ -92,15 +96,20 @@ def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_p
                       _RUNTIME_DIVISIBLE, opts)
 
 
-def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str) -> KernelSpec:
+def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str, pre: int = PRE_NONE,
+          quant: bool = True) -> KernelSpec:
+    """A ``hadamard_quantize_kernel`` specialisation; ``pre``: its prologue (RMSNorm: float64 eps operand)."""
     tile = row_tile(n, blocks, rotate)
     types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp64", "scratch_ptr": "*fp32", "inv_sqrt": "fp32",
              "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8", "y_ptr": f"*{x}", "stride_yr": "i32",
              "seq_len": "i32",
              "pos0": "i32", "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32",
-             "stride_st": "i32", "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32"}
+             "stride_st": "i32", "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32",
+             "aux_ptr": "*fp32", "aux2_ptr": "*fp64" if pre == PRE_RMSNORM else "*fp32", "up_offset": "i32"}
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
-                      {**tile.constexprs(), "QUANT": True, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False},
+                      {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
+                       "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
+                       "ROW_SCALE": 1.0},
                       ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
 
 
@@ -137,6 +146,12 @@ def default_specs(cc: int = 90) -> list[KernelSpec]:
         _rows("hadamard_quantize_4096", 4096, 1, True, False, "fp16"),
         _rows("hadamard_quantize_1536_k12", 1536, 1, True, False, "fp32"),
         _rows("kv_hadamard_quantize_32x128", 4096, 32, True, True, "fp16"),
+        # the decoder's fused prologues (kernels/model.py): norm + quantize, q RoPE + Hadamard, K RoPE + Hadamard +
+        # cache quantize, SwiGLU + Hadamard + quantize (the demo model's 1536 = 12 x 128)
+        _rows("rmsnorm_quantize_4096", 4096, 1, False, False, "fp16", PRE_RMSNORM),
+        _rows("rope_hadamard_q_32x128", 4096, 32, True, False, "fp16", PRE_ROPE, quant=False),
+        _rows("kv_rope_hadamard_quantize_32x128", 4096, 32, True, True, "fp16", PRE_ROPE),
+        _rows("swiglu_hadamard_quantize_1536_k12", 1536, 1, True, False, "fp16", PRE_SWIGLU),
         _decode("kv4_decode_g1_d128", 1, 128),
         _decode("kv4_decode_g3_d64", 3, 64),
     ]
@@ -174,7 +189,8 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
     the GEMM operand layouts, the planar and chunked activation quantization, the TMA GEMM (sm_90), the CUDA-core
     decode attention."""
     chunk_types = {"x_ptr": "*fp16", "stride_xr": "i32", "codes_ptr": "*u8", "stride_cr": "i32",
-                   "scale_ptr": "*fp32", "zero_ptr": "*u8", "n": "i32", "clip": "fp32", "clip_min": "fp32"}
+                   "scale_ptr": "*fp32", "zero_ptr": "*u8", "n": "i32", "clip": "fp32", "clip_min": "fp32",
+                   "up_offset": "i32", "aux_ptr": "*fp32"}
     planes = _rows("hadamard_quantize_4096_planes", 4096, 1, True, False, "fp16")
     return [
         _gemm_v2("w4a4_gemm_v2_aplanes_swap_m2048", 2048, 4096, "fp16", True, False, True, cc=cc),
@@ -184,7 +200,8 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         KernelSpec(planes.name, planes.module, planes.kernel, {**planes.types, "codes_ptr": "*i8"},
                    {**planes.constexprs, "PLANES": True}, planes.divisible, planes.options),
         KernelSpec("quantize_chunked_2048", "quantize", "quantize_rows_chunked_kernel", chunk_types,
-                   {"CH": 2048, "PLANES": False}, ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"),
+                   {"CH": 2048, "PLANES": False, "PRE": PRE_NONE, "ROUND": False, "ROW_SCALE": 1.0},
+                   ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"),
                    {"num_warps": 4}),
         *(gemm_tma_specs() if cc == 90 else []),
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}", 1, 128, bt, w) for bt in (32, 64, 128) for w in (4, 8)),

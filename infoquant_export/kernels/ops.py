@@ -167,7 +167,7 @@ def _inv_sqrt(n: int) -> float:
     return _f32(1.0 / math.sqrt(n))
 
 
-PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE = 0, 1, 2, 3  # quantize.py's prologues
+PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE, PRE_SCALE = 0, 1, 2, 3, 4  # quantize.py's prologues
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,7 @@ class Prologue:
     aux2: torch.Tensor | None = None  # RMSNorm eps (float64 [1]) / RoPE sin (float32 [seq, head_dim])
     up_offset: int = 0                # SwiGLU: elements from g to u within a row
     round: bool = False
+    row_scale: float = 1.0            # PRE_SCALE: the float32 multiplier
 
     def operands(self, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (dummy if self.aux is None else self.aux), (dummy if self.aux2 is None else self.aux2)
@@ -194,6 +195,15 @@ def rmsnorm_prologue(weight: torch.Tensor, eps: float) -> Prologue:
         raise KernelInputError(f"the RMSNorm weight has shape {tuple(weight.shape)}", "pass a 1-D norm weight")
     w = weight.detach().to(torch.float32).contiguous()
     return Prologue(PRE_RMSNORM, w, torch.tensor([eps], dtype=torch.float64, device=w.device), round=True)
+
+
+@cache
+def _sigmoid_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """sigmoid64 (rounded to float32) of every bit pattern of the 16-bit ``dtype``, indexed by the bits: the SwiGLU
+    prologue's sigmoid of a float16 / bfloat16 gate without a float64 exp per element (same values)."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).double()
+    table = (1.0 / (1.0 + torch.exp(-values))).float()
+    return table.roll(-32768).to(device)  # index = the unsigned bit pattern
 
 
 SWIGLU = Prologue(PRE_SWIGLU, round=True)
@@ -219,7 +229,8 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
         y.stride(0) if y.dim() > 1 else 0, seq_len, pos0, *code_strides, *scale_strides,
         _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset,
         **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
-        ROUND=pre.round, num_warps=num_warps or row_warps(tile.elements), enable_fp_fusion=False)
+        ROUND=pre.round, ROW_SCALE=pre.row_scale, num_warps=num_warps or row_warps(tile.elements),
+        enable_fp_fusion=False)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -230,18 +241,26 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
-    """The block Hadamard for large K: FWHT kernel over p (unnormalised; each of the K rows of a block is a
-    p-sized Hadamard block), H_K^T as a float64 matmul, then * 1/sqrt(n) -- the order of numerics.md section 1."""
-    m = x2.shape[0]
-    rows = x2.float().reshape(m * tile.nb, tile.k * tile.p).contiguous()
-    fwht = torch.empty_like(rows)
+def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None) -> torch.Tensor:
+    """The block Hadamard for large K up to the final scaling, as float64 ``[m, n]``: the FWHT kernel over p
+    (unnormalised; each of the K rows of a block is a p-sized Hadamard block; with ``pre`` computed as the row is
+    loaded when the row is one block), then H_K^T as a float64 matmul -- numerics.md section 1 steps 1-3."""
+    m, n = x2.shape[0], tile.nb * tile.n_block
+    if pre is not None and pre.kind != PRE_NONE and tile.nb > 1:
+        x2, pre = _apply_prologue(x2, n, pre), None
+    rows = x2 if tile.nb == 1 else x2.contiguous().reshape(m * tile.nb, tile.n_block)
+    fwht = torch.empty(rows.shape[0], tile.n_block, dtype=torch.float64, device=x2.device)
     _launch_rows(rows, RowTile(tile.k, tile.p, 1, tile.p, True), quant=False, per_block=False, bits=4, clip=1.0,
                  clip_min=1.0, codes=fwht, scale=fwht, zero=fwht, y=fwht, seq_len=rows.shape[0], pos0=0,
-                 code_strides=(0, 0, 0), scale_strides=(0, 0, 0), inv_sqrt=1.0)
+                 code_strides=(0, 0, 0), scale_strides=(0, 0, 0), inv_sqrt=1.0, pre=pre)
     hk_t = _hk_t(tile.k, 1, tile.k, str(x2.device))
-    y = torch.matmul(hk_t, fwht.reshape(m * tile.nb, tile.k, tile.p).double()).float()
-    return (y * torch.tensor(_inv_sqrt(tile.n_block), dtype=torch.float32)).reshape(m, -1)
+    return torch.matmul(hk_t, fwht.view(m * tile.nb, tile.k, tile.p)).reshape(m, n)
+
+
+def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
+    """The block Hadamard for large K in float32: ``_k_step_unfused`` rounded to float32, then * 1/sqrt(n)."""
+    y = _k_step_unfused(x2, tile).float()
+    return y * torch.tensor(_inv_sqrt(tile.n_block), dtype=torch.float32)
 
 
 CHUNKED_ABOVE, CHUNK = 8192, 1024
@@ -277,8 +296,11 @@ def _row_prologue(x2: torch.Tensor, prologue: Prologue | None) -> tuple[int, Pro
             raise KernelInputError(f"a SwiGLU row [gate | up] has an even width, got {n}",
                                    "pass the fused gate/up output")
         n //= 2
-        pre = replace(pre, up_offset=n)
+        pre = replace(pre, up_offset=n, aux=_sigmoid_table(x2.dtype, x2.device) if x2.element_size() == 2 else None)
     elif pre.kind == PRE_RMSNORM:
+        if x2.dtype == torch.bfloat16:  # float64 -> bfloat16 in one rounding has no kernel form here
+            raise KernelInputError("the RMSNorm prologue takes float16 or float32 rows, got bfloat16",
+                                   "norm bfloat16 rows with models.model.rms_norm, then quantize them")
         if pre.aux.shape[0] != n:
             raise KernelInputError(f"the RMSNorm weight has {pre.aux.shape[0]} values, the rows {n}",
                                    "pass the norm of this layer's hidden size")
@@ -322,11 +344,9 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     if hadamard_blocks is not None and hadamard_blocks < 1:
         raise KernelInputError(f"hadamard_blocks={hadamard_blocks}", "pass None (no rotation) or a block count >= 1")
     tile = row_tile(n, hadamard_blocks or 1, hadamard_blocks is not None, bits)
-    if not tile.fused:
-        if pre.kind != PRE_NONE:
-            x2, pre = _apply_prologue(x2, n, pre), Prologue()
-        x2 = _rotate_unfused(x2, tile)
-        tile = row_tile(x2.shape[1], 1, False, bits)
+    if not tile.fused:  # FWHT (+ prologue) kernel, float64 H_K^T matmul; the quantize kernel scales its rows
+        x2, pre = _k_step_unfused(x2, tile, pre), Prologue(PRE_SCALE, row_scale=_inv_sqrt(tile.n_block))
+        tile = row_tile(n, 1, False, bits)
     m = x2.shape[0]
     if planes:
         codes = torch.empty(m, n, dtype=torch.int8, device=x2.device)
@@ -335,11 +355,12 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
     zero = torch.empty(m, dtype=torch.uint8, device=x2.device)
     clip_min = clip if clip_min is None else clip_min
-    if chunk is not None and not tile.rotate and bits == 4 and pre.kind in (PRE_NONE, PRE_SWIGLU):
+    if chunk is not None and not tile.rotate and bits == 4 and pre.kind in (PRE_NONE, PRE_SWIGLU, PRE_SCALE):
         kernel_module("quantize").quantize_rows_chunked_kernel[(m,)](
             x2, x2.stride(0), codes, codes.stride(0), scale, zero, n, _f32(clip), _f32(clip_min), pre.up_offset,
-            CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, num_warps=num_warps or 4,
-            enable_fp_fusion=False)
+            pre.operands(scale)[0],
+            CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale,
+            num_warps=num_warps or 4, enable_fp_fusion=False)
         return PackedRows(codes, scale, zero, bits, planes)
     block_bytes = tile.n_block // 2 if bits == 4 else tile.n_block
     _launch_rows(x2, tile, quant=True, per_block=False, bits=bits, clip=clip,

@@ -86,24 +86,42 @@ def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr
     return tl.reshape(x, (NBP, KP, P)) * inv_sqrt
 
 
-PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE = 0, 1, 2, 3
+PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE, PRE_SCALE = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to ``dtype`` (nearest, ties to even) and returned as float32. bfloat16 is rounded with
+    integer operations on the bits (Triton's interpreter truncates float32 -> bfloat16; compiled code rounds)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
 def _prologue(x_ptr, row, idx, mask, aux_ptr, aux2_ptr, up_offset, t_rel,
-              PRE: tl.constexpr, N: tl.constexpr, N_BLOCK: tl.constexpr, ROUND: tl.constexpr):
+              PRE: tl.constexpr, N: tl.constexpr, N_BLOCK: tl.constexpr, ROUND: tl.constexpr,
+              ROW_SCALE: tl.constexpr):
     """The float32 row values at element indices ``idx`` (masked to 0) of row pointer ``x_ptr + row``, after the
     prologue ``PRE`` (module docstring):
 
     - PRE_RMSNORM: ``x * (1 / sqrt(mean(x^2) + eps)) * w`` in float64 (``aux_ptr``: float32 weight [N],
       ``aux2_ptr``: float64 eps [1]), rounded once to the input dtype (so ``ROUND`` is implied);
     - PRE_SWIGLU: ``(g * sigmoid64(g)) * u``, ``g`` at ``idx``, ``u`` at ``idx + up_offset``; sigmoid64 in float64
-      rounded to float32, the two products in float32;
+      rounded to float32, the two products in float32. A 16-bit input has only 65536 values: ``aux_ptr`` then
+      holds sigmoid64 of every bit pattern (float32 [65536], computed on the host) and is indexed by g's bits,
+      instead of a float64 exp per element (1/64 rate on sm_86/87/89);
     - PRE_ROPE: ``x * cos + rotate_half(x) * sin`` per block of ``N_BLOCK`` (one head) in float32, cos / sin rows
-      ``t_rel`` of ``aux_ptr`` / ``aux2_ptr`` (float32 [seq_len, N_BLOCK]).
+      ``t_rel`` of ``aux_ptr`` / ``aux2_ptr`` (float32 [seq_len, N_BLOCK]);
+    - PRE_SCALE: ``x * ROW_SCALE`` (a float32 constant): the last step of a Hadamard whose ``H_K^T`` step ran
+      outside the kernel (the input is then its float64 result, rounded to float32 here, numerics.md section 1).
     """
     dtype = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row + idx, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(x_ptr + row + idx, mask=mask, other=0.0)
+    x = raw.to(tl.float32)
     if PRE == 1:
         x64 = x.to(tl.float64)
         flat = tl.reshape(x64 * x64, (x64.numel,))
@@ -112,7 +130,10 @@ def _prologue(x_ptr, row, idx, mask, aux_ptr, aux2_ptr, up_offset, t_rel,
         x = ((x64 * inv_rms) * w).to(dtype).to(tl.float32)
     elif PRE == 2:
         u = tl.load(x_ptr + row + up_offset + idx, mask=mask, other=0.0).to(tl.float32)
-        sig = (1.0 / (1.0 + tl.exp(-x.to(tl.float64)))).to(tl.float32)
+        if dtype.primitive_bitwidth == 16:
+            sig = tl.load(aux_ptr + raw.to(tl.uint16, bitcast=True).to(tl.int32), mask=mask, other=0.0)
+        else:
+            sig = (1.0 / (1.0 + tl.exp(-x.to(tl.float64)))).to(tl.float32)
         x = (x * sig) * u
     elif PRE == 3:
         half: tl.constexpr = N_BLOCK // 2
@@ -123,8 +144,10 @@ def _prologue(x_ptr, row, idx, mask, aux_ptr, aux2_ptr, up_offset, t_rel,
         cos = tl.load(aux_ptr + t_rel * N_BLOCK + col, mask=mask, other=0.0)
         sin = tl.load(aux2_ptr + t_rel * N_BLOCK + col, mask=mask, other=0.0)
         x = x * cos + rot * sin
+    elif PRE == 4:
+        x = x * ROW_SCALE
     if ROUND and PRE != 1:
-        x = x.to(dtype).to(tl.float32)
+        x = _round_to(x, dtype)
     return x
 
 
@@ -144,7 +167,7 @@ def hadamard_quantize_kernel(
     P: tl.constexpr, LOG2P: tl.constexpr,
     ROTATE: tl.constexpr, QUANT: tl.constexpr, PER_BLOCK: tl.constexpr, BITS: tl.constexpr,
     PLANES: tl.constexpr = False,        # 4-bit: write the codes unpacked as int8 planes (see below)
-    PRE: tl.constexpr = 0, ROUND: tl.constexpr = False,
+    PRE: tl.constexpr = 0, ROUND: tl.constexpr = False, ROW_SCALE: tl.constexpr = 1.0,
 ):
     r = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NBP)[:, None, None]
@@ -153,11 +176,12 @@ def hadamard_quantize_kernel(
     col = a * P + c
     mask = (j < NB) & (col < N_BLOCK)
     x = _prologue(x_ptr, r * stride_xr, j * N_BLOCK + col, mask, aux_ptr, aux2_ptr, up_offset, r % seq_len,
-                  PRE, NB * N_BLOCK, N_BLOCK, ROUND)
+                  PRE, NB * N_BLOCK, N_BLOCK, ROUND, ROW_SCALE)
     if ROTATE:
         x = _rotate(x, hk_ptr, scratch_ptr + r * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P)
     if not QUANT:
-        tl.store(y_ptr + r * stride_yr + j * N_BLOCK + col, x.to(y_ptr.dtype.element_ty), mask=mask)
+        y_dtype = y_ptr.dtype.element_ty
+        tl.store(y_ptr + r * stride_yr + j * N_BLOCK + col, _round_to(x, y_dtype).to(y_dtype), mask=mask)
     else:
         qmax: tl.constexpr = (1 << BITS) - 1
         # padded elements are 0, and the range includes 0 anyway, so they never change min/max
@@ -210,8 +234,9 @@ def quantize_rows_chunked_kernel(
     codes_ptr, stride_cr,                # 4-bit codes: packed [M, n/2] uint8, or int8 planes [M, n] (PLANES)
     scale_ptr, zero_ptr,                 # [M] float32, [M] uint8
     n, clip, clip_min,
-    up_offset,                           # PRE == PRE_SWIGLU: u at x + up_offset (see _prologue)
+    up_offset, aux_ptr,                  # PRE == PRE_SWIGLU: u at x + up_offset, sigmoid table (see _prologue)
     CH: tl.constexpr, PLANES: tl.constexpr, PRE: tl.constexpr = 0, ROUND: tl.constexpr = False,
+    ROW_SCALE: tl.constexpr = 1.0,
 ):
     """Per-row 4-bit quantization without rotation, in chunks of ``CH`` values (a variant of
     ``hadamard_quantize_kernel`` with ROTATE=False, PER_BLOCK=False, BITS=4; same bits).
@@ -220,16 +245,16 @@ def quantize_rows_chunked_kernel(
     order; masked elements are 0, which the range includes anyway); pass 2 re-reads the row (from L1 / L2) and
     quantizes it with the same float32 steps. No power-of-two padding of the row (11008 is not padded to 16384)
     and a small register tile, so few warps per row and many rows per SM. ``PRE`` may be PRE_SWIGLU (recomputed
-    in pass 2, same bits); RMSNorm needs the whole row and goes through ``hadamard_quantize_kernel``.
+    in pass 2, same bits) or PRE_SCALE; RMSNorm needs the whole row and goes through ``hadamard_quantize_kernel``.
     """
-    tl.static_assert(PRE == 0 or PRE == 2)
+    tl.static_assert(PRE == 0 or PRE == 2 or PRE == 4)
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, CH)
     x_row = x_ptr + r * stride_xr
     mn = tl.zeros((CH,), tl.float32)
     mx = tl.zeros((CH,), tl.float32)
     for c0 in range(0, n, CH):
-        x = _prologue(x_row, c0, offs, c0 + offs < n, x_ptr, x_ptr, up_offset, 0, PRE, 0, CH, ROUND)
+        x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
         mn = tl.minimum(mn, x)
         mx = tl.maximum(mx, x)
     qmax: tl.constexpr = 15
@@ -240,7 +265,7 @@ def quantize_rows_chunked_kernel(
     half = tl.arange(0, CH // 2)
     c_row = codes_ptr + r * stride_cr
     for c0 in range(0, n, CH):
-        x = _prologue(x_row, c0, offs, c0 + offs < n, x_ptr, x_ptr, up_offset, 0, PRE, 0, CH, ROUND)
+        x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
         q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, scale)) + zero, 0.0), qmax).to(tl.uint8)
         lo_c, hi_c = tl.split(tl.reshape(q, (CH // 2, 2)))
         byte = c0 // 2 + half

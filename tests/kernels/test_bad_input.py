@@ -47,7 +47,8 @@ def test_non_contiguous_input():
     x = torch.randn(64, 4).to(DEVICE).t()
     with pytest.raises(KernelInputError, match=r"x must be contiguous \(shape \(4, 64\), strides \(1, 4\)\)"):
         ops.quantize_rows(x)
-    with pytest.raises(KernelInputError, match="k/v must be contiguous"):
+    with pytest.raises(KernelInputError, match=r"k/v \(shape \(1, 2, 2, 64\), strides \(256, 128, 1, 2\)\) does not "
+                                               "have contiguous heads"):
         ops.quantize_kv(torch.randn(1, 2, 64, 2).to(DEVICE).transpose(2, 3), caches()[0], 0, 0.95, False)
 
 
