@@ -453,6 +453,18 @@ def _decode_step(fast: Callable, step: torch.Tensor, cache: object, ctx: int) ->
     fast(step, cache)
 
 
+def gpu_ops(fn: Callable[[], object]) -> int:
+    """GPU operations (kernels, copies, memsets) one call of ``fn`` issues, counted by the PyTorch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tuple[int, int]],
                 decode: list[tuple[int, int]]) -> dict:
     from infoquant_export.kernels.model import KernelCausalLM
@@ -487,6 +499,11 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
             os.environ.pop("INFOQUANT_DECODE_KERNEL")
         row.update({"w4a4kv4_cc_ms": t4cc, "speedup_cc": t16 / t4cc})
         if device.type == "cuda":
+            try:  # launches per step (each layer's norms / RoPE / SwiGLU are prologues of the row kernels)
+                row.update({"fp16_gpu_ops": gpu_ops(partial(base.forward, step, cache16, ctx)),
+                            "w4a4kv4_gpu_ops": gpu_ops(partial(_decode_step, fast, step, cache4, ctx))})
+            except Exception as exc:
+                row["gpu_ops_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             try:  # both decoders as CUDA graphs: GPU time without Python and launch overhead
                 g16 = bench(graphed(partial(base.forward, step, cache16, ctx)), device)
                 g4 = bench(graphed(partial(_decode_step, fast, step, cache4, ctx)), device)

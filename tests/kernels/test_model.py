@@ -3,6 +3,8 @@ fake-quant model it is built from."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 
 pytest.importorskip("triton")
@@ -72,3 +74,53 @@ def test_not_w4a4_artifact_raises(tiny_artifact, quant, message):
     model = load_artifact(requantize(tiny_artifact, name, **quant), DEVICE, with_tokenizer=False).model
     with pytest.raises(UserError, match=message):
         KernelCausalLM(model, torch.float32)
+
+
+def count_decode_layer_ops(kernel_model: KernelCausalLM, cache, pos: int) -> tuple[int, collections.Counter]:
+    """(Triton launches, PyTorch compute ops) of one decode layer: every op between the kernels is a launch on a
+    GPU. Views and allocations are not counted, nor the interpreter's own tensor copies inside a launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    free = {"view", "_unsafe_view", "reshape", "split", "split_with_sizes", "unflatten", "as_strided", "slice",
+            "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach", "alias", "empty",
+            "empty_like", "empty_strided", "lift_fresh"}
+    launches, inside, torch_ops = [0], [False], collections.Counter()
+
+    class TorchOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in free and not inside[0]:
+                torch_ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    run = InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches[0] += 1
+        inside[0] = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    x = torch.randn(BATCH, 1, kernel_model.cfg.hidden_size, dtype=kernel_model.dtype)
+    rope = kernel_model.rope(pos, 1)
+    InterpretedFunction.run = counted
+    try:
+        with TorchOps():
+            kernel_model.layer_forward(0, x, cache, pos, rope)
+    finally:
+        InterpretedFunction.run = run
+    return launches[0], torch_ops
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's launches")
+def test_decode_layer_is_kernels_only(prefill):
+    """The norms, RoPE and SwiGLU run as prologues of the quantize kernels: a decode layer is 13 Triton launches
+    (7 row kernels, 4 GEMMs, 2 attention) and one torch op (the lengths tensor); it was 13 + 33 torch ops."""
+    ids, _, kernel_model, _ = prefill
+    _, cache = kernel_model(ids[:, :8])
+    launches, torch_ops = count_decode_layer_ops(kernel_model, cache, 8)
+    assert launches == 13, launches  # measured 13
+    assert sum(torch_ops.values()) <= 1, torch_ops  # measured 1 ({'full': 1}); 33 before the prologues
