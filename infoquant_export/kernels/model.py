@@ -174,14 +174,16 @@ class KernelCausalLM:
                                         check_lengths=False, kernel=self.decode_attention)[:, None]
         k = dequantize_kv(k_cache, length, q.dtype)
         v = dequantize_kv(v_cache, length, q.dtype)
+        gqa = cfg.num_heads != cfg.num_kv_heads
+        if start == 0 and not cfg.sliding_window:  # a prompt from an empty cache: the causal (flash) kernels
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=gqa)
+            return out.transpose(1, 2)
         q_pos = torch.arange(start, start + s, device=q.device)[:, None]
         k_pos = torch.arange(length, device=q.device)[None, :]
         allowed = k_pos <= q_pos
         if cfg.sliding_window:
             allowed &= k_pos > q_pos - cfg.sliding_window
-        groups = cfg.num_heads // cfg.num_kv_heads
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(groups, 1),
-                                             v.repeat_interleave(groups, 1), attn_mask=allowed)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed, enable_gqa=gqa)
         return out.transpose(1, 2)
 
     def rope(self, start: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
