@@ -18,8 +18,7 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("n", [4096, 576])
+@pytest.mark.parametrize("dtype,n", [(torch.float16, 4096), (torch.float32, 576)])
 def test_rmsnorm_quantize_gpu(dtype, n):
     x = (torch.randn(512, n) * 3).to(dtype)
     x[:3] *= 300.0
@@ -28,8 +27,13 @@ def test_rmsnorm_quantize_gpu(dtype, n):
     assert_packed_equal(got, reference(rms_norm(x, w, EPS), 4, 0.9))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,blocks", [(11008, 1), (11008, None), (1536, 1), (11008, 43)])
+@pytest.mark.parametrize("dtype,n,blocks", [
+    (torch.float16, 11008, 1),      # unfused K = 344: FWHT + prologue -> float64 H_K^T -> scaled quantize
+    (torch.float16, 11008, None),   # chunked kernel
+    (torch.float16, 11008, 43),     # 43 fused blocks of 256
+    (torch.float32, 1536, 1),       # fused Paley K = 12, float64 exp (no table)
+    (torch.bfloat16, 11008, 1),
+])
 def test_swiglu_quantize_gpu(dtype, n, blocks):
     gate_up = (torch.randn(512, 2 * n) * 2).to(dtype)
     gate_up[:3, : n // 4] *= 20.0
