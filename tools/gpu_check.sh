@@ -2,6 +2,7 @@
 # The GPU checks of the kernels, as one script for a lent GPU machine (no network, no install of this package):
 #   bash tools/gpu_check.sh OUTDIR
 # 1. `pytest -m gpu` on TESTS (default: tests/gpu, i.e. the kernels and their performance variants) -> pytest.txt
+#    (last 60 lines) and pytest-full.txt
 # 2. tools/bench_kernels.py --sections SECTIONS (default: variants,e2e -- each variant next to the default and the
 #    FP16 / copy baselines, it starts no variant after VARIANTS_BUDGET_S seconds; then the LLaMA-2-7B-shaped
 #    end-to-end prefill / decode) -> bench.json (rewritten after each section), bench.log
@@ -23,8 +24,9 @@ if [ -d .gpu_cases ]; then  # plugin cases made on a CPU machine: python tools/p
 fi
 start=$(date +%s)
 # shellcheck disable=SC2086
-timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -m gpu ${TESTS:-tests/gpu} -q -s -p no:cacheprovider --durations=8 2>&1 \
-  | tail -60 > "$OUT/pytest.txt"
+# -v: one line per test as it finishes, kept in pytest-full.txt even if the time limit stops pytest
+timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -m gpu ${TESTS:-tests/gpu} -v -s -p no:cacheprovider --durations=8 2>&1 \
+  | tee "$OUT/pytest-full.txt" | tail -60 > "$OUT/pytest.txt"
 tail -25 "$OUT/pytest.txt"
 echo "tests took $(( $(date +%s) - start )) s"
 start=$(date +%s)
