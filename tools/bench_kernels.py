@@ -295,9 +295,10 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
         row["copy_ms"] = _timed(partial(y.copy_, x), device)
         moved = x.numel() * 2 + x.numel() // 2 + m * 5
         ref = ops.quantize_rows(x, 4, 0.9, None, blocks)
+        tile = ops.row_tile(n, blocks or 1, blocks is not None)
         for name, warps, chunk, planes in VARIANT_QUANT:
-            if (chunk is not None and blocks is not None) or budget.over():
-                continue
+            if budget.over() or (chunk is not None and blocks is not None and (tile.k > 1 or chunk % tile.p)):
+                continue  # the chunked kernel rotates power-of-two blocks no larger than its chunk
             fn = partial(ops.quantize_rows_variant, x, 4, 0.9, None, blocks, num_warps=warps, chunk=chunk,
                          planes=planes)
             v: dict = {"name": name, "num_warps": warps, "chunk": chunk, "planes": planes}

@@ -270,6 +270,10 @@ CHUNK (H200, 4096 x 11008: 0.066 vs 0.146 ms, 44 % vs 20 % of copy bandwidth: no
 QUANT_CHUNK: int | None = None
 """Default chunk of the two-pass quantize-only kernel (``quantize_rows_chunked_kernel``) for rows without
 rotation, or None for the one-pass row-tile kernel. Either computes the same bits."""
+CHUNK_ROTATED = False
+"""Whether ``quantize_rows`` also sends long rows with a block-diagonal power-of-two Hadamard (e.g. 11008 = 43
+blocks of 256) through the chunked kernel (same bits, no padding of 43 blocks to 64). Off until timed on a GPU:
+``quantize_rows_variant(chunk=...)`` selects it explicitly."""
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
@@ -284,7 +288,7 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
     width = x.shape[-1] // (2 if prologue is not None and prologue.kind == PRE_SWIGLU else 1) if x.dim() else 0
     chunk = CHUNK if width > CHUNKED_ABOVE and QUANT_CHUNK is None else None
     return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps, chunk=chunk,
-                                 prologue=prologue)
+                                 prologue=prologue, chunk_rotated=CHUNK_ROTATED)
 
 
 def _row_prologue(x2: torch.Tensor, prologue: Prologue | None) -> tuple[int, Prologue]:
@@ -324,13 +328,14 @@ def _apply_prologue(x2: torch.Tensor, n: int, pre: Prologue, blocks: int = 1) ->
 def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
                           hadamard_blocks: int | None = None, *, num_warps: int | None = None,
                           planes: bool = False, chunk: int | None = None,
-                          prologue: Prologue | None = None) -> PackedRows:
+                          prologue: Prologue | None = None, chunk_rotated: bool = True) -> PackedRows:
     """``quantize_rows`` with the kernel variants (same codes, scales and zero points):
 
     ``planes``: 4-bit codes written unpacked as int8 planes (``PackedRows.planes``; the prefill GEMM operand);
     ``chunk``: rows without rotation go through the two-pass chunked kernel with chunks of ``chunk`` values
-    (a power of two >= 64; default ``QUANT_CHUNK``), ``num_warps`` then applies to it (default 4). An RMSNorm
-    prologue needs the whole row: those rows always go through the row-tile kernel.
+    (a power of two >= 64; default ``QUANT_CHUNK``), ``num_warps`` then applies to it (default 4); so do rows
+    with a Hadamard of power-of-two blocks no larger than ``chunk`` when ``chunk_rotated``. An RMSNorm prologue
+    needs the whole row: those rows always go through the row-tile kernel.
     """
     _check_bits(bits)
     if planes and bits != 4:
@@ -355,11 +360,14 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
     zero = torch.empty(m, dtype=torch.uint8, device=x2.device)
     clip_min = clip if clip_min is None else clip_min
-    if chunk is not None and not tile.rotate and bits == 4 and pre.kind in (PRE_NONE, PRE_SWIGLU, PRE_SCALE):
+    rot_p = tile.p if tile.rotate else 0
+    chunkable = not tile.rotate or (chunk_rotated and chunk is not None and tile.k == 1 and chunk % tile.p == 0)
+    if chunk is not None and chunkable and bits == 4 and pre.kind in (PRE_NONE, PRE_SWIGLU, PRE_SCALE):
         kernel_module("quantize").quantize_rows_chunked_kernel[(m,)](
             x2, x2.stride(0), codes, codes.stride(0), scale, zero, n, _f32(clip), _f32(clip_min), pre.up_offset,
             pre.operands(scale)[0],
             CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale,
+            ROT_P=rot_p, LOG2P=max(rot_p, 1).bit_length() - 1, ROT_SCALE=_inv_sqrt(rot_p) if rot_p else 1.0,
             num_warps=num_warps or 4, enable_fp_fusion=False)
         return PackedRows(codes, scale, zero, bits, planes)
     block_bytes = tile.n_block // 2 if bits == 4 else tile.n_block

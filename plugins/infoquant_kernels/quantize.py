@@ -237,9 +237,12 @@ def quantize_rows_chunked_kernel(
     up_offset, aux_ptr,                  # PRE == PRE_SWIGLU: u at x + up_offset, sigmoid table (see _prologue)
     CH: tl.constexpr, PLANES: tl.constexpr, PRE: tl.constexpr = 0, ROUND: tl.constexpr = False,
     ROW_SCALE: tl.constexpr = 1.0,
+    ROT_P: tl.constexpr = 0, LOG2P: tl.constexpr = 0, ROT_SCALE: tl.constexpr = 1.0,
 ):
-    """Per-row 4-bit quantization without rotation, in chunks of ``CH`` values (a variant of
-    ``hadamard_quantize_kernel`` with ROTATE=False, PER_BLOCK=False, BITS=4; same bits).
+    """Per-row 4-bit quantization in chunks of ``CH`` values (a variant of ``hadamard_quantize_kernel`` with
+    PER_BLOCK=False, BITS=4; same bits). ``ROT_P`` > 0: a block-diagonal Hadamard of power-of-two blocks of ROT_P
+    values (K = 1; CH a multiple of ROT_P), each chunk's blocks rotated as loaded (FWHT, ``* ROT_SCALE`` =
+    1/sqrt(ROT_P)), again in pass 2 (the same float32 operations, so the same bits).
 
     Pass 1 keeps an element-wise running min / max over the chunks and reduces it once (min / max are exact in any
     order; masked elements are 0, which the range includes anyway); pass 2 re-reads the row (from L1 / L2) and
@@ -255,6 +258,8 @@ def quantize_rows_chunked_kernel(
     mx = tl.zeros((CH,), tl.float32)
     for c0 in range(0, n, CH):
         x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
+        if ROT_P > 0:  # masked blocks are all 0 (n is a multiple of ROT_P) and rotate to 0
+            x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,)) * ROT_SCALE
         mn = tl.minimum(mn, x)
         mx = tl.maximum(mx, x)
     qmax: tl.constexpr = 15
@@ -266,6 +271,8 @@ def quantize_rows_chunked_kernel(
     c_row = codes_ptr + r * stride_cr
     for c0 in range(0, n, CH):
         x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
+        if ROT_P > 0:  # masked blocks are all 0 (n is a multiple of ROT_P) and rotate to 0
+            x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,)) * ROT_SCALE
         q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, scale)) + zero, 0.0), qmax).to(tl.uint8)
         lo_c, hi_c = tl.split(tl.reshape(q, (CH // 2, 2)))
         byte = c0 // 2 + half

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from infoquant_export.kernels import ops  # noqa: E402
+from infoquant_export.kernels import kernel_module, ops  # noqa: E402
 from tests.kernels.conftest import DEVICE, INTERPRETER_WARNING  # noqa: E402
 from tests.kernels.test_gemm import make_layer, reference  # noqa: E402
 
@@ -25,15 +25,16 @@ def _planes(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([packed & 15, packed >> 4], dim=1).to(torch.int8)
 
 
-@pytest.mark.parametrize("n,blocks", [(256, None), (200, None), (256, 1), (192, 3)])
+@pytest.mark.parametrize("n,blocks", [(256, None), (200, None), (256, 1), (192, 3), (512, 8), (448, 7)])
 def test_quantize_variants_same_bits(n, blocks):
+    """Every variant gives the row kernel's bits; the chunked kernel also with power-of-two Hadamard blocks
+    (8 / 7 blocks of 64 in chunks of 64 or 128: the chunks rotate their blocks as loaded; 7 blocks leave the last
+    chunk half masked). Other rotations fall back to the row kernel."""
     x = torch.randn(5, n) * 3
     x[1] *= 30
     x[2, :3] = torch.tensor([7.5, -7.5, 0.5])  # a tie-prone row
     ref = ops.quantize_rows(x.to(DEVICE), 4, 0.9, None, blocks)
     for chunk, planes in itertools.product((None, 64, 128), (False, True)):
-        if chunk is not None and blocks is not None:
-            continue  # chunked: rows without rotation only (a rotation falls back to the row kernel)
         got = ops.quantize_rows_variant(x.to(DEVICE), 4, 0.9, None, blocks, chunk=chunk, planes=planes)
         assert got.planes == planes
         assert torch.equal(got.codes, _planes(ref.codes) if planes else ref.codes), (chunk, planes)
@@ -111,3 +112,30 @@ def test_autotune_skips_a_failing_candidate():
     assert "descriptor encode failed" in ops.TUNE_ERRORS[(key, (("BM", 2), ("TMA", 1)))]
     with pytest.raises(RuntimeError, match="descriptor"):
         ops._autotune(("test_autotune_default_error",), run, [{"BM": 2}, {"BM": 1}], timer)
+
+
+def test_chunked_kernel_rotates_power_of_two_blocks(monkeypatch):
+    """The chunked kernel takes rows with a block-diagonal Hadamard of power-of-two blocks no larger than the
+    chunk (43 blocks of 256 at 11008 in chunks of 1024, with the SwiGLU prologue); larger blocks or a Paley K fall
+    back to the row kernel. ``quantize_rows`` keeps the row kernel for them until the chunked form is timed."""
+    module = kernel_module("quantize")
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(module, "quantize_rows_chunked_kernel", Recorder(module.quantize_rows_chunked_kernel))
+    gate_up = (torch.randn(2, 2 * 11008) * 2).half().to(DEVICE)
+    ref = ops.quantize_rows(gate_up, 4, 0.9, None, 43, prologue=ops.SWIGLU)
+    assert not launches and not ops.CHUNK_ROTATED
+    got = ops.quantize_rows_variant(gate_up, 4, 0.9, None, 43, chunk=1024, prologue=ops.SWIGLU)
+    assert len(launches) == 1
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+    for n, blocks, chunk in ((512, 2, 128), (192, 1, 1024)):  # a 256 block in 128 chunks; Paley K = 12
+        ops.quantize_rows_variant(torch.randn(2, n).to(DEVICE), 4, 0.9, None, blocks, chunk=chunk)
+    assert len(launches) == 1
