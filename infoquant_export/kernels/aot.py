@@ -124,15 +124,16 @@ def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
                       {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8, "DOT": 1},
                       # what the JIT sees at run time: every pointer and cache stride a multiple of 16 (capacity % 16)
                       ("q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr", "stride_qb", "stride_qh",
-                       "stride_cb", "stride_ch", "stride_ct", "stride_sb", "stride_sh"), {"num_warps": 4})
+                       "stride_cb", "stride_ch", "stride_ct", "stride_sb", "stride_sh"),
+                      {"num_warps": 4, "enable_fp_fusion": True})  # as ops launches it (float attention, FMAs)
 
 
 def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps: int) -> KernelSpec:
     """A ``kv4_decode_partial_cc_kernel`` specialisation (float16 q, 8 splits)."""
     base = _decode(name, group, head_dim)
-    return KernelSpec(name, "attention", "kv4_decode_partial_cc_kernel", base.types,
+    return KernelSpec(name, "attention", "kv4_decode_partial_cc_kernel", {**base.types, "magic_bits": "i32"},
                       {"G": group, "D": head_dim, "BT": block_t, "SPLITS": 8}, base.divisible,
-                      {"num_warps": num_warps})
+                      {"num_warps": num_warps, "enable_fp_fusion": True})
 
 
 def default_specs(cc: int = 90) -> list[KernelSpec]:

@@ -821,6 +821,7 @@ def decode_tile(group: int) -> tuple[int, int]:
 # 64 registers per thread (32 resident warps per SM; 32 x 4 warps: 128, 64 x 8: 128, 128 x 8: 190 registers), where
 # the tensor-core kernel needs 221 (8 resident warps). tools/bench_kernels.py --sections variants times the others.
 DECODE_CC_TILE = (32, 8)
+FLOAT_2_23_BITS = 0x4B000000  # the CUDA-core decode kernel's magic_bits argument (the float 2^23)
 
 
 def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs: int) -> int:
@@ -875,6 +876,9 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
                                "pass max_len >= every length (and every length >= 1)")
     if kernel not in ("tc", "cc"):
         raise KernelInputError(f"kernel={kernel!r} is not 'tc' or 'cc'", "pass kernel='tc' (tensor cores) or 'cc'")
+    if kernel == "cc" and (k.codes.data_ptr() % 4 or v.codes.data_ptr() % 4):
+        raise KernelInputError("kernel='cc' reads the cache codes as 32-bit words; these start at an offset that "
+                               "is not a multiple of 4 bytes", "allocate the caches with KVCache4.empty")
     g = hq // hkv
     gp, default_block_t = decode_tile(g)
     block_t = block_t or (DECODE_CC_TILE[0] if kernel == "cc" else default_block_t)
@@ -892,7 +896,7 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
             lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)))
     if kernel == "cc":
         mod.kv4_decode_partial_cc_kernel[(programs, splits)](
-            *args, G=g, D=d, BT=block_t, SPLITS=splits, num_warps=num_warps, num_stages=num_stages)
+            *args, FLOAT_2_23_BITS, G=g, D=d, BT=block_t, SPLITS=splits, num_warps=num_warps, num_stages=num_stages)
     else:
         mod.kv4_decode_partial_kernel[(programs, splits)](
             *args, G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT=_DOT[q.dtype], num_warps=num_warps,

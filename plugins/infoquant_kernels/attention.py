@@ -118,21 +118,46 @@ def kv4_decode_partial_kernel(
 
 
 @triton.jit
+def _nibble(words, i: tl.constexpr, zero_magic, magic_bits):
+    """``(code - z) * 2^e`` (float32, exact) of nibble ``i`` of each 32-bit word of codes (element ``8 * word + i``),
+    ``e`` = 0, 4, 8, 12, 16, 8, 12, 16: the nibble is left where it sits in the word (``words`` is the word for
+    i < 5, the word shifted right by 12 for i = 5, 6, 7, so that the nibble stays within the 23 mantissa bits) and
+    one LOP3 ORs it into the float 2^23 (``w & (15 << e) |
+    magic_bits`` with ``magic_bits`` = 0x4B000000 is 2^23 + code * 2^e), so the FADD of ``zero_magic`` =
+    2^23 + z * 2^e leaves (code - z) * 2^e. ``magic_bits`` comes in a register (a kernel argument): with two
+    immediates the mask and the OR compile to two LOP3s."""
+    e: tl.constexpr = 4 * i if i < 5 else 4 * i - 12
+    return ((words & (15 << e)) | magic_bits).to(tl.float32, bitcast=True) - zero_magic
+
+
+@triton.jit
+def _zero_magic(z, i: tl.constexpr):
+    """2^23 + z * 2^e for nibble ``i`` (``_nibble``); exact in float32 (z <= 15, e <= 16)."""
+    e: tl.constexpr = 4 * i if i < 5 else 4 * i - 12
+    return z * (1 << e) + 8388608.0
+
+
+@triton.jit
 def kv4_decode_partial_cc_kernel(
     q_ptr, stride_qb, stride_qh,
     kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
     stride_cb, stride_ch, stride_ct, stride_sb, stride_sh,
     len_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
-    num_kv_heads, chunk, max_len, qk_scale,
+    num_kv_heads, chunk, max_len, qk_scale, magic_bits,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """``kv4_decode_partial_kernel`` on the CUDA cores, one query head per program (grid ``(B * Hq, splits)``; a GQA
     group's KV head is read by each of its G query heads): no padding of the query to 16 tensor-core rows (15 of
-    16 rows wasted at G = 1), no shared-memory transposes of the dequantized tiles. Everything in float32: scores
-    ``(q_even . (k_lo - z) + q_odd . (k_hi - z)) * s_k``; the value sums stay a ``[BT, D/2]`` tile per parity
-    (one FFMA per element per step, rescaled by the online-softmax factor) reduced over tokens once at the end.
-    Same partial outputs (and combine kernel) as the tensor-core kernel; float32 rounding only, where the
+    16 rows wasted at G = 1), no shared-memory transposes of the dequantized tiles. Everything in float32.
+
+    The codes are read as 32-bit words (``D / 8`` per token, 8 nibbles each; D % 8 == 0, code strides multiples of
+    4 bytes), nibble ``i`` of word ``w`` being element ``8w + i``, so q is split into 8 vectors ``q_i[w] = q[8w + i]``
+    and each nibble costs a shift, a LOP3, an FADD (``code - z``, exact) and an FFMA. Scores
+    ``sum_i q_i . (nibble_i - z) * s_k``; the value sums stay 8 ``[BT, D/8]`` tiles reduced over tokens once at the
+    end, rescaled by the online-softmax factor only when the running max grows (otherwise the factor is exactly
+    1). Same partial outputs (and combine kernel) as the tensor-core kernel; float32 rounding only, where the
     tensor-core kernel rounds q and p * s_v to a 16-bit q's type."""
+    W: tl.constexpr = D // 8
     bhq = tl.program_id(0)
     split = tl.program_id(1)
     hq_per_b = num_kv_heads * G
@@ -142,46 +167,91 @@ def kv4_decode_partial_cc_kernel(
     t_start = split * chunk
     t_end = tl.minimum(t_start + chunk, length)
 
-    half = tl.arange(0, D // 2)
+    w8 = 8 * tl.arange(0, W)
     q_row = q_ptr + b.to(tl.int64) * stride_qb + (bhq % hq_per_b) * stride_qh
-    q_even = tl.load(q_row + 2 * half).to(tl.float32) * qk_scale
-    q_odd = tl.load(q_row + 2 * half + 1).to(tl.float32) * qk_scale
+    # q_i = q[8w + i] * 2^-e_i (exact): the nibble products then equal q[8w + i] * (code - z) exactly
+    q0 = tl.load(q_row + w8).to(tl.float32) * qk_scale
+    q1 = tl.load(q_row + w8 + 1).to(tl.float32) * qk_scale * 0.0625
+    q2 = tl.load(q_row + w8 + 2).to(tl.float32) * qk_scale * 0.00390625
+    q3 = tl.load(q_row + w8 + 3).to(tl.float32) * qk_scale * 0.000244140625
+    q4 = tl.load(q_row + w8 + 4).to(tl.float32) * qk_scale * 1.52587890625e-05
+    q5 = tl.load(q_row + w8 + 5).to(tl.float32) * qk_scale * 0.00390625
+    q6 = tl.load(q_row + w8 + 6).to(tl.float32) * qk_scale * 0.000244140625
+    q7 = tl.load(q_row + w8 + 7).to(tl.float32) * qk_scale * 1.52587890625e-05
 
-    c_base = b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+    kw_ptr = kc_ptr.to(tl.pointer_type(tl.uint32))
+    vw_ptr = vc_ptr.to(tl.pointer_type(tl.uint32))
+    c_base = (b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch) // 4
+    stride_tw = stride_ct // 4
     s_base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
     m_i = tl.max(tl.full((1,), float("-inf"), tl.float32), axis=0)
     l_i = tl.sum(tl.zeros((1,), tl.float32), axis=0)
-    acc_even = tl.zeros((BT, D // 2), tl.float32)
-    acc_odd = tl.zeros((BT, D // 2), tl.float32)
+    a0 = tl.zeros((BT, W), tl.float32)
+    a1 = tl.zeros((BT, W), tl.float32)
+    a2 = tl.zeros((BT, W), tl.float32)
+    a3 = tl.zeros((BT, W), tl.float32)
+    a4 = tl.zeros((BT, W), tl.float32)
+    a5 = tl.zeros((BT, W), tl.float32)
+    a6 = tl.zeros((BT, W), tl.float32)
+    a7 = tl.zeros((BT, W), tl.float32)
     for t0 in range(t_start, t_end, BT):
         t = t0 + tl.arange(0, BT)
         tmask = t < t_end
-        c_ofs = c_base + t[:, None] * stride_ct + half[None, :]
-        k_codes = tl.load(kc_ptr + c_ofs, mask=tmask[:, None], other=0).to(tl.int32)
+        w_ofs = c_base + t[:, None] * stride_tw + tl.arange(0, W)[None, :]
+        kw = tl.load(kw_ptr + w_ofs, mask=tmask[:, None], other=0)
+        kh = kw >> 12
         k_s = tl.load(ks_ptr + s_base + t, mask=tmask, other=0.0)
-        k_z = _magic_zero(tl.load(kz_ptr + s_base + t, mask=tmask, other=0), 0)[:, None]
-        dots = (_codes_minus_zero(k_codes & 15, k_z, 0) * q_even[None, :]
-                + _codes_minus_zero(k_codes >> 4, k_z, 0) * q_odd[None, :])
+        kz = tl.load(kz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32)[:, None]
+        dots = _nibble(kw, 0, _zero_magic(kz, 0), magic_bits) * q0[None, :]
+        dots += _nibble(kw, 1, _zero_magic(kz, 1), magic_bits) * q1[None, :]
+        dots += _nibble(kw, 2, _zero_magic(kz, 2), magic_bits) * q2[None, :]
+        dots += _nibble(kw, 3, _zero_magic(kz, 3), magic_bits) * q3[None, :]
+        dots += _nibble(kw, 4, _zero_magic(kz, 4), magic_bits) * q4[None, :]
+        dots += _nibble(kh, 5, _zero_magic(kz, 5), magic_bits) * q5[None, :]
+        dots += _nibble(kh, 6, _zero_magic(kz, 6), magic_bits) * q6[None, :]
+        dots += _nibble(kh, 7, _zero_magic(kz, 7), magic_bits) * q7[None, :]
         scores = tl.where(tmask, tl.sum(dots, axis=1) * k_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=0)
 
-        v_codes = tl.load(vc_ptr + c_ofs, mask=tmask[:, None], other=0).to(tl.int32)
+        vw = tl.load(vw_ptr + w_ofs, mask=tmask[:, None], other=0)
+        vh = vw >> 12
         v_s = tl.load(vs_ptr + s_base + t, mask=tmask, other=0.0)
-        v_z = _magic_zero(tl.load(vz_ptr + s_base + t, mask=tmask, other=0), 0)[:, None]
+        vz = tl.load(vz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32)[:, None]
         pv = (p * v_s)[:, None]
-        acc_even = acc_even * alpha + pv * _codes_minus_zero(v_codes & 15, v_z, 0)
-        acc_odd = acc_odd * alpha + pv * _codes_minus_zero(v_codes >> 4, v_z, 0)
+        if m_new > m_i:  # else alpha == 1 exactly: the rescale would change nothing
+            a0 = a0 * alpha
+            a1 = a1 * alpha
+            a2 = a2 * alpha
+            a3 = a3 * alpha
+            a4 = a4 * alpha
+            a5 = a5 * alpha
+            a6 = a6 * alpha
+            a7 = a7 * alpha
+        a0 = a0 + pv * _nibble(vw, 0, _zero_magic(vz, 0), magic_bits)
+        a1 = a1 + pv * _nibble(vw, 1, _zero_magic(vz, 1), magic_bits)
+        a2 = a2 + pv * _nibble(vw, 2, _zero_magic(vz, 2), magic_bits)
+        a3 = a3 + pv * _nibble(vw, 3, _zero_magic(vz, 3), magic_bits)
+        a4 = a4 + pv * _nibble(vw, 4, _zero_magic(vz, 4), magic_bits)
+        a5 = a5 + pv * _nibble(vh, 5, _zero_magic(vz, 5), magic_bits)
+        a6 = a6 + pv * _nibble(vh, 6, _zero_magic(vz, 6), magic_bits)
+        a7 = a7 + pv * _nibble(vh, 7, _zero_magic(vz, 7), magic_bits)
         m_i = m_new
 
     ml_ofs = bhq.to(tl.int64) * SPLITS + split
     tl.store(part_m_ptr + ml_ofs, m_i)
     tl.store(part_l_ptr + ml_ofs, l_i)
-    o_ofs = ml_ofs * D + 2 * half
-    tl.store(part_o_ptr + o_ofs, tl.sum(acc_even, axis=0))
-    tl.store(part_o_ptr + o_ofs + 1, tl.sum(acc_odd, axis=0))
+    o_row = part_o_ptr + ml_ofs * D + w8  # the sums of nibble i carry the factor 2^e_i: undone exactly
+    tl.store(o_row, tl.sum(a0, axis=0))
+    tl.store(o_row + 1, tl.sum(a1, axis=0) * 0.0625)
+    tl.store(o_row + 2, tl.sum(a2, axis=0) * 0.00390625)
+    tl.store(o_row + 3, tl.sum(a3, axis=0) * 0.000244140625)
+    tl.store(o_row + 4, tl.sum(a4, axis=0) * 1.52587890625e-05)
+    tl.store(o_row + 5, tl.sum(a5, axis=0) * 0.00390625)
+    tl.store(o_row + 6, tl.sum(a6, axis=0) * 0.000244140625)
+    tl.store(o_row + 7, tl.sum(a7, axis=0) * 1.52587890625e-05)
 
 
 @triton.jit

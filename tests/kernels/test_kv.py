@@ -8,6 +8,9 @@ import pytest
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+import triton  # noqa: E402  (conftest imported infoquant_export.kernels: TRITON_INTERPRET is set without a GPU)
+import triton.language as tl  # noqa: E402
+from infoquant_kernels.attention import _nibble, _zero_magic  # noqa: E402
 
 from infoquant_export.kernels import ops  # noqa: E402
 from infoquant_export.quant.primitives import (  # noqa: E402
@@ -137,7 +140,7 @@ def random_cache(b: int, h: int, t: int, cap: int, d: int, spread: float = 2.0) 
 
 
 # Measured (interpreter, float32 q): max |out - ref| / max |ref| = 2.3e-7 (G=1, D=128) and 2.5e-7 (G=3, D=64) for
-# every split count here (other seeds: up to 4.2e-7; the CUDA-core kernel "cc" 2.9e-7 - 4.5e-7); the kernel runs
+# every split count here (other seeds: up to 4.2e-7; the CUDA-core kernel "cc" 2.2e-7 - 3.1e-7); the kernel runs
 # in float32 (scores as (q . (code - z)) * s, exp2, partial results merged across splits). 1e-5 leaves a margin of
 # > 20x while an indexing / masking / GQA / split-merge mistake gives errors of order 1e-1.
 REL_TOL = 1e-5
@@ -181,9 +184,43 @@ def test_kv4_decode_attention_float16_query():
     # the shapes of test_kv4_decode_attention with a float16 q
     assert rel < 4e-3, rel
     # the CUDA-core kernel computes in float32 from the float16 q: only the output's float16 rounding (2^-11 of
-    # max |ref| at most); measured 3.0e-4 here and 2.9e-4 - 3.2e-4 in the shapes of test_kv4_decode_attention
+    # max |ref| at most); measured 2.4e-4 here (3.0e-4 before the word-wise nibble decode)
     out_cc = ops.kv4_decode_attention(q.to(DEVICE), kc, vc, torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
                                       t, splits=2, kernel="cc").cpu()
     assert out_cc.dtype == torch.float16
     rel_cc = float((out_cc.double() - ref).abs().max() / ref.abs().max())
     assert rel_cc < 6e-4, rel_cc
+
+
+@triton.jit
+def _decode_nibbles(words_ptr, z_ptr, out_ptr, magic_bits, N: tl.constexpr):
+    """Each word's 8 nibbles through the CUDA-core decode kernel's ``_nibble`` (as its loop calls it)."""
+    i = tl.arange(0, N)
+    w = tl.load(words_ptr + i)
+    z = tl.load(z_ptr + i).to(tl.float32)
+    h = w >> 12
+    tl.store(out_ptr + 8 * i, _nibble(w, 0, _zero_magic(z, 0), magic_bits))
+    tl.store(out_ptr + 8 * i + 1, _nibble(w, 1, _zero_magic(z, 1), magic_bits))
+    tl.store(out_ptr + 8 * i + 2, _nibble(w, 2, _zero_magic(z, 2), magic_bits))
+    tl.store(out_ptr + 8 * i + 3, _nibble(w, 3, _zero_magic(z, 3), magic_bits))
+    tl.store(out_ptr + 8 * i + 4, _nibble(w, 4, _zero_magic(z, 4), magic_bits))
+    tl.store(out_ptr + 8 * i + 5, _nibble(h, 5, _zero_magic(z, 5), magic_bits))
+    tl.store(out_ptr + 8 * i + 6, _nibble(h, 6, _zero_magic(z, 6), magic_bits))
+    tl.store(out_ptr + 8 * i + 7, _nibble(h, 7, _zero_magic(z, 7), magic_bits))
+
+
+def test_cc_nibble_decode_exhaustive():
+    """The CUDA-core decode kernel's ``_nibble``: every code (0..15) at each of the 8 nibble positions of a word,
+    with every zero point, gives ``(code - z) * 2^e`` exactly (the nibble ORed into the mantissa of 2^23; a
+    position reaching bit 23, the exponent, would fail here)."""
+    code, zero = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    code, zero = code.reshape(-1), zero.reshape(-1)  # 256 (code, z) pairs
+    codes = code[:, None].expand(-1, 8)  # the same code in every nibble of a word
+    packed = pack_uint4(codes.to(torch.uint8)).contiguous()  # [256, 4] bytes = one word per pair
+    words = packed.view(torch.int32).reshape(-1).to(DEVICE)
+    out = torch.empty(256 * 8, device=DEVICE)
+    _decode_nibbles[(1,)](words.view(torch.uint32), zero.to(torch.uint8).to(DEVICE), out, ops.FLOAT_2_23_BITS,
+                          N=256)
+    e = torch.tensor([0, 4, 8, 12, 16, 8, 12, 16], dtype=torch.float32)
+    expected = (code - zero).float()[:, None] * 2.0 ** e
+    assert torch.equal(out.cpu().reshape(256, 8), expected)
