@@ -117,10 +117,18 @@ class KernelCache:
 
     layers: list[tuple[KVCache4, KVCache4]]
     length: int = 0
+    decode_lengths: tuple[int, torch.Tensor] | None = None  # (length, [B] int32): one tensor for all layers
 
     @property
     def capacity(self) -> int:
         return self.layers[0][0].capacity
+
+    def lengths(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """The decode kernel's per-sequence lengths ``[batch]`` (all ``length``), made once per step."""
+        if self.decode_lengths is None or self.decode_lengths[0] != length \
+                or self.decode_lengths[1].shape[0] != batch:
+            self.decode_lengths = (length, torch.full((batch,), length, dtype=torch.int32, device=device))
+        return self.decode_lengths[1]
 
 
 class KernelCausalLM:
@@ -162,14 +170,14 @@ class KernelCausalLM:
         act = quantize_rows(x, 4, quant.clip, quant.clip_min, quant.hadamard_blocks, prologue=prologue)
         return w4a4_linear(act, weight, residual, out_dtype=self.dtype)
 
-    def _attention(self, q: torch.Tensor, layer_cache: tuple[KVCache4, KVCache4], start: int,
-                   length: int) -> torch.Tensor:
-        """q [B, S, Hq, D] (rotated) over cache positions [0, length); query i sits at position start + i."""
+    def _attention(self, q: torch.Tensor, cache: KernelCache, index: int, start: int, length: int) -> torch.Tensor:
+        """q [B, S, Hq, D] (rotated) over layer ``index``'s cache positions [0, length); query i sits at position
+        start + i."""
         cfg = self.cfg
         b, s = q.shape[:2]
-        k_cache, v_cache = layer_cache
+        k_cache, v_cache = cache.layers[index]
         if s == 1 and not cfg.sliding_window:
-            lengths = torch.full((b,), length, dtype=torch.int32, device=q.device)
+            lengths = cache.lengths(b, length, q.device)
             return kv4_decode_attention(q[:, 0].contiguous(), k_cache, v_cache, lengths, length,
                                         check_lengths=False, kernel=self.decode_attention)[:, None]
         k = dequantize_kv(k_cache, length, q.dtype)
@@ -205,7 +213,7 @@ class KernelCausalLM:
         q = rope_rows(q, *rope, rotate=layer.qk_blocks is not None)
         quantize_kv(k, layer_cache[0], start, layer.k_clip, layer.qk_blocks is not None, rope=rope)
         quantize_kv(v, layer_cache[1], start, layer.v_clip, False)
-        attn = self._attention(q, layer_cache, start, start + s).reshape(b * s, hq * d).contiguous()
+        attn = self._attention(q, cache, index, start, start + s).reshape(b * s, hq * d).contiguous()
         resid = x2 if layer.attn_to_mlp is None else layer.attn_to_mlp(x2.float()).to(self.dtype)
         x2 = self._linear(attn, layer.o_in, layer.o, resid.contiguous())
         gate_up = self._linear(x2, layer.gate_up_in, layer.gate_up, prologue=layer.post_norm)
