@@ -25,7 +25,7 @@ product ``(g * sigmoid64(g)) * u`` of a fused gate/up output, or RoPE of one q/k
 import triton
 import triton.language as tl
 
-from .common import round_half_even
+from .common import quantize_code, round_half_even
 
 
 @triton.jit
@@ -195,13 +195,14 @@ def hadamard_quantize_kernel(
         hi = tl.maximum(hi, 0.0) * clip
         scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, qmax, tl.float32)), 1e-8)
         zero = tl.minimum(tl.maximum(round_half_even(tl.div_rn(-lo, scale)), 0.0), qmax)
+        zero_int = zero.to(tl.int32)
         if PER_BLOCK:
             s3 = scale[:, None, None]
-            z3 = zero[:, None, None]
+            z3 = zero_int[:, None, None]
         else:
             s3 = scale
-            z3 = zero
-        q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, s3)) + z3, 0.0), qmax).to(tl.uint8)
+            z3 = zero_int
+        q = quantize_code(tl.div_rn(x, s3), z3, qmax)
 
         b = r // seq_len
         t = pos0 + r % seq_len
@@ -267,13 +268,14 @@ def quantize_rows_chunked_kernel(
     hi = tl.maximum(tl.max(mx, axis=0), 0.0) * clip
     scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, qmax, tl.float32)), 1e-8)
     zero = tl.minimum(tl.maximum(round_half_even(tl.div_rn(-lo, scale)), 0.0), qmax)
+    zero_int = zero.to(tl.int32)
     half = tl.arange(0, CH // 2)
     c_row = codes_ptr + r * stride_cr
     for c0 in range(0, n, CH):
         x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
         if ROT_P > 0:  # masked blocks are all 0 (n is a multiple of ROT_P) and rotate to 0
             x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,)) * ROT_SCALE
-        q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, scale)) + zero, 0.0), qmax).to(tl.uint8)
+        q = quantize_code(tl.div_rn(x, scale), zero_int, qmax)
         lo_c, hi_c = tl.split(tl.reshape(q, (CH // 2, 2)))
         byte = c0 // 2 + half
         bmask = byte < n // 2
