@@ -174,6 +174,13 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
 # GEMM: (name, activation planes, weight planes, swap, tile (BM, BN, BK2, GROUP_M, warps, stages) or None = default);
 # "tma_*": the tensor-descriptor kernel (ops.GEMM_TMA_TILES, spill-free on sm_90)
 VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants-h200.json), the new kernels first
+    # M <= 16 (decode): split-K over 2 / 4 / 8 programs per column tile (w4a4_gemm_splitk_kernel + epilogue)
+    "small": [("default", False, False, False, None),
+              ("splitk2", False, False, False, (16, 32, 128, 1, 4, 4)),
+              ("splitk4", False, False, False, (16, 32, 128, 1, 4, 4)),
+              ("splitk8", False, False, False, (16, 32, 128, 1, 4, 4)),
+              ("splitk4", False, False, False, (16, 64, 128, 1, 4, 4)),
+              ("splitk8", False, False, False, (16, 64, 128, 1, 4, 4))],
     "mid": [("default", False, False, False, None),
             ("tma_packed", False, False, False, (128, 64, 64, 8, 4, 4)),
             ("tma_packed", False, False, False, (128, 128, 64, 8, 8, 5)),
@@ -259,6 +266,8 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
                 cfg = {**cfg, "W_PLANES": int(w_planes), "SWAP": int(swap)}
                 if name.startswith("tma"):  # w4a4_gemm_tma_kernel (tensor descriptors; TMA on sm_90)
                     cfg["TMA"] = 1
+                if name.startswith("splitk"):
+                    cfg["SPLITS"] = int(name.removeprefix("splitk"))
                 a = act_p if a_planes else act
                 fn = partial(ops.w4a4_linear, a, weight, out_dtype=torch.float16, config=cfg)
                 v: dict = {"name": name, "config": cfg}
@@ -380,7 +389,7 @@ def variants_section(device: torch.device, smoke: bool, budget_s: float) -> dict
     the default's on the GPU (GEMM, quantize: must be true). Stops starting measurements after ``budget_s``."""
     budget = _Budget(budget_s)
     shapes = [(128, 256)] if smoke else GEMM_SHAPES
-    out = {"gemm": variants_gemm(device, shapes, [32] if smoke else [256, 2048], budget)}
+    out = {"gemm": variants_gemm(device, shapes, [1, 32] if smoke else [1, 16, 256, 2048], budget)}
     sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43)]
     out["quantize"] = variants_quantize(device, 4 if smoke else 4096, sizes, budget)
     cases = [(1, 256)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]

@@ -210,6 +210,12 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
                     "LOG2P": 8, "ROT_SCALE": 0.0625},
                    ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"), {"num_warps": 4}),
         *(gemm_tma_specs() if cc == 90 else []),
+        KernelSpec("w4a4_gemm_splitk_m1_k4096", "gemm", "w4a4_gemm_splitk_kernel",
+                   {"a_ptr": "*u8", "w_ptr": "*u8", "part_ptr": "*i32", "M": "i32", "N": "i32", "K2": "i32",
+                    "k_chunk": "i32", "stride_am": "i32", "stride_wn": "i32"},
+                   {"BM": 16, "BN": 32, "BK2": 128, "GROUP_M": 1, "WORDS": True},
+                   (*_RUNTIME_DIVISIBLE, "part_ptr", "k_chunk"),  # k_chunk: a multiple of BK2
+                   {"num_warps": 4, "num_stages": 4}),
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}", 1, 128, bt, w) for bt in (32, 64, 128) for w in (4, 8)),
     ]
 

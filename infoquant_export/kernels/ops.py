@@ -609,6 +609,11 @@ GEMM_TMA_TILES = {
     "large": [(128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 5)],
 }
 W_PLANES_MIN_M = 17  # below, a weight's packed codes are read even when it has planes (half the bytes)
+GEMM_SPLITK = {"tiles": [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4)], "splits": (2, 4, 8)}
+"""Split-K autotune candidates for M <= 16 (packed operands): each tile with each split count
+(``w4a4_gemm_splitk_kernel`` + ``w4a4_splitk_epilogue_kernel``; same bits). Not timed yet: only the autotuner
+picks them, when faster."""
+SPLITK_EPILOGUE_BN = 128
 
 # sm_80-89 (A100, RTX 30/40, Orin): mma.sync keeps both operand fragments and the accumulator in registers, and
 # sm_86/89 give a block 99 KB of shared memory. Compiled for sm_80 and sm_89 (ptxas -v, no GPU), the sm_90 tables
@@ -704,7 +709,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     sm_90, ``GEMM_TMA_TILES`` (``INFOQUANT_GEMM_AUTOTUNE=0`` keeps the default); ``config`` forces one. Planar
     operands (``act.planes``; ``weight.planes`` when M >= ``W_PLANES_MIN_M``) run ``w4a4_gemm_v2_kernel`` with the
     plane tiles (same bits); a ``config`` may also set ``"W_PLANES"`` (0/1: use the weight's planes), ``"SWAP"``
-    (0/1) and ``"TMA"`` (1: ``w4a4_gemm_tma_kernel``).
+    (0/1), ``"TMA"`` (1: ``w4a4_gemm_tma_kernel``) and ``"SPLITS"`` (2, 4, ...: split-K, ``GEMM_SPLITK``).
     """
     if act.bits != 4:
         raise KernelInputError(f"the W4A4 GEMM takes 4-bit activations, got {act.bits}-bit",
@@ -749,6 +754,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         use_wp = bool(cfg.pop("W_PLANES", w_planes_default))
         swap = bool(cfg.pop("SWAP", act.planes and not use_wp))
         tma = bool(cfg.pop("TMA", 0))
+        splits = int(cfg.pop("SPLITS", 1))
         if use_wp and weight.planes is None:
             raise KernelInputError("config W_PLANES=1 but the weight has no planes", "use weight.with_planes()")
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
@@ -773,6 +779,22 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
                 TensorDescriptor.from_tensor(res, tiles[2]), TensorDescriptor.from_tensor(y, tiles[2]), m, n, k2,
                 A_PLANES=act.planes, W_PLANES=use_wp, **common, **cfg)
             return
+        if splits > 1:
+            if act.planes or use_wp or swap or splits & (splits - 1):
+                raise KernelInputError(f"config SPLITS={splits} takes packed operands and a power-of-two split "
+                                       "count", "drop SPLITS from the config")
+            mod = kernel_module("gemm")
+            chunk = triton_cdiv(triton_cdiv(k2, splits), cfg["BK2"]) * cfg["BK2"]
+            part = torch.empty(splits, m, n, dtype=torch.int32, device=y.device)
+            mod.w4a4_gemm_splitk_kernel[(grid[0], splits)](
+                act.codes, weight.codes, part, m, n, k2, chunk, act.codes.stride(0), weight.codes.stride(0),
+                WORDS=common["WORDS"], **cfg)
+            bm, bn = cfg["BM"], SPLITK_EPILOGUE_BN
+            mod.w4a4_splitk_epilogue_kernel[(triton_cdiv(m, bm) * triton_cdiv(n, bn),)](
+                part, act.scale, act.zero, weight.scale, weight.rowsum, bias, res, y, m, n, res_stride, y.stride(0),
+                SPLITS=splits, HAS_BIAS=common["HAS_BIAS"], HAS_RES=common["HAS_RES"], BM=bm, BN=bn, num_warps=4,
+                enable_fp_fusion=False)
+            return
         if not (act.planes or use_wp or swap):  # the packed operands of the default kernel
             kernel_module("gemm").w4a4_gemm_kernel[grid](
                 act.codes, act.scale, act.zero, weight.codes, weight.scale, weight.rowsum, bias, res, y,
@@ -787,10 +809,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     if config is None:
         planar = act.planes or w_planes_default
         cc = device_cc(y.device)
-        packed_tiles, plane_tiles = gemm_tables(cc)
-        candidates = gemm_candidates(m, k2, plane_tiles if planar else packed_tiles)
-        if cc is not None and 90 <= cc < 100 and tma_eligible(act, weight, y, residual):
-            candidates += [{**c, "TMA": 1, "SWAP": 0} for c in gemm_candidates(m, k2, GEMM_TMA_TILES)]
+        candidates = linear_candidates(m, k2, planar, cc, tma_eligible(act, weight, y, residual))
         config = candidates[0]
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
             key = (_bucket(m), n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
@@ -798,6 +817,20 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
             config = _autotune(key, run, candidates)
     run(config)
     return y
+
+
+def linear_candidates(m: int, k2: int, planar: bool, cc: int | None, tma_ok: bool) -> list[dict[str, int]]:
+    """``w4a4_linear``'s autotune candidates, the default first: the tiles of ``gemm_tables(cc)`` (plane tiles
+    for planar operands), on sm_90 the TMA tiles (``tma_ok``), for M <= 16 with packed operands the split-K
+    configs of ``GEMM_SPLITK``."""
+    packed_tiles, plane_tiles = gemm_tables(cc)
+    candidates = gemm_candidates(m, k2, plane_tiles if planar else packed_tiles)
+    if cc is not None and 90 <= cc < 100 and tma_ok:
+        candidates += [{**c, "TMA": 1, "SWAP": 0} for c in gemm_candidates(m, k2, GEMM_TMA_TILES)]
+    if m <= 16 and not planar:
+        candidates += [{**c, "SPLITS": sp} for sp in GEMM_SPLITK["splits"]
+                       for c in gemm_candidates(m, k2, {"small": GEMM_SPLITK["tiles"]})]
+    return candidates
 
 
 def tma_eligible(act: PackedRows, weight: PackedWeight, y: torch.Tensor, residual: torch.Tensor | None) -> bool:

@@ -62,6 +62,22 @@ def gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_pt
 
 
 @triton.jit
+def packed_k_loop(a_ptrs, w_ptrs, acc, k_start, k_end, BK2: tl.constexpr, WORDS: tl.constexpr):
+    """``acc += lo_a @ lo_w^T + hi_a @ hi_w^T`` over the packed bytes [k_start, k_end) (BK2 per step) of both
+    operands' tiles (pointer tiles at byte 0 of the rows)."""
+    a_ptrs += k_start
+    w_ptrs += k_start
+    for _ in range(k_start, k_end, BK2):
+        a_lo, a_hi = unpack_a(tl.load(a_ptrs), WORDS)
+        w_lo, w_hi = unpack_w(tl.load(w_ptrs), WORDS)
+        acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+        acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        a_ptrs += BK2
+        w_ptrs += BK2
+    return acc
+
+
+@triton.jit
 def w4a4_gemm_kernel(
     a_ptr, a_scale_ptr, a_zero_ptr,      # activation codes [M, K/2] uint8, scale [M] f32, zero point [M] uint8
     w_ptr, w_scale_ptr, w_rowsum_ptr,    # weight codes [N, K/2] uint8, scale [N] f32, row sums [N] int32
@@ -82,15 +98,55 @@ def w4a4_gemm_kernel(
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
 
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for _ in range(0, K2, BK2):
-        a_lo, a_hi = unpack_a(tl.load(a_ptrs), WORDS)
-        w_lo, w_hi = unpack_w(tl.load(w_ptrs), WORDS)
-        acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
-        acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
-        a_ptrs += BK2
-        w_ptrs += BK2
+    acc = packed_k_loop(a_ptrs, w_ptrs, tl.zeros((BM, BN), dtype=tl.int32), 0, K2, BK2, WORDS)
+    gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_ptr,
+                  y_ptr, stride_rm, stride_ym, HAS_BIAS, HAS_RES)
 
+
+@triton.jit
+def w4a4_gemm_splitk_kernel(
+    a_ptr, w_ptr, part_ptr,              # packed codes as in w4a4_gemm_kernel; int32 partial sums [SPLITS, M, N]
+    M, N, K2, k_chunk,                   # k_chunk: packed bytes per split (a multiple of BK2)
+    stride_am, stride_wn,
+    BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
+    WORDS: tl.constexpr = False,
+):
+    """Split-K for few rows (decode): program (tile, split) accumulates the int32 product over its K range
+    ``[split * k_chunk, (split + 1) * k_chunk)``; ``w4a4_splitk_epilogue_kernel`` adds the partial sums (integer
+    addition: exact in any order, so the same ``acc`` as one pass) and applies the epilogue. With M <= 16 a 4096-wide
+    weight has only 128 column tiles of 32, one per SM: splitting K puts several programs on each SM, so the
+    weight stream has loads in flight (the one-pass kernel reached 0.44 TB/s on an H100)."""
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
+    split = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK2)
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    k_start = split * k_chunk
+    acc = packed_k_loop(a_ptrs, w_ptrs, tl.zeros((BM, BN), dtype=tl.int32), k_start,
+                        tl.minimum(k_start + k_chunk, K2), BK2, WORDS)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(part_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def w4a4_splitk_epilogue_kernel(
+    part_ptr, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_ptr, y_ptr,
+    M, N, stride_rm, stride_ym,
+    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """``acc = sum over splits`` of ``w4a4_gemm_splitk_kernel``'s partial sums, then ``gemm_epilogue``."""
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, 1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for split in tl.static_range(SPLITS):
+        acc += tl.load(ptrs + split * M * N, mask=mask, other=0)
     gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_ptr,
                   y_ptr, stride_rm, stride_ym, HAS_BIAS, HAS_RES)
 

@@ -58,6 +58,26 @@ def test_gemm_variants_same_bits(n, k):
             assert torch.equal(got, ref), (m, cfg, a.planes)
 
 
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_gemm_decode_candidates_same_bits(n, k):
+    """M = 1 and 16: every autotune candidate of ``linear_candidates`` on this GPU (the tile table, TMA on sm_90,
+    split-K 2 / 4 / 8) gives the default's bits, with a residual."""
+    g = torch.Generator(device=CUDA).manual_seed(n + 2 * k)
+    w = ops.PackedWeight.from_codes(torch.randint(-8, 8, (n, k), device=CUDA, generator=g),
+                                    torch.rand(n, device=CUDA, generator=g) * 0.02)
+    cc = ops.device_cc(torch.device(CUDA))
+    for m in (1, 16):
+        x = torch.randn(m, k, dtype=torch.float16, device=CUDA, generator=g)
+        res = torch.randn(m, n, dtype=torch.float16, device=CUDA, generator=g)
+        act = ops.quantize_rows(x, 4, 0.9)
+        ref = ops.w4a4_linear(act, w, res, out_dtype=torch.float16, config=ops.gemm_config(m, k // 2, cc))
+        y = torch.empty(m, n, dtype=torch.float16, device=CUDA)
+        configs = ops.linear_candidates(m, k // 2, False, cc, ops.tma_eligible(act, w, y, res))
+        assert any("SPLITS" in c for c in configs)
+        for cfg in configs:
+            assert torch.equal(ops.w4a4_linear(act, w, res, out_dtype=torch.float16, config=cfg), ref), (m, cfg)
+
+
 def test_gemm_variants_bias_residual_against_primitives():
     m, n, k = 300, 1024, 4096
     x, wf = torch.randn(m, k), torch.randn(n, k)

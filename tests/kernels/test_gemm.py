@@ -97,6 +97,35 @@ def test_w4a4_linear_every_tile_config(bucket, index):
     assert torch.equal(got, residual + reference(x, wc, ws, bias))
 
 
+@pytest.mark.parametrize("splits", [2, 4, 8])
+@pytest.mark.parametrize("m,k", [(1, 512), (16, 576), (3, 1024)])
+def test_w4a4_linear_split_k(m, k, splits):
+    """Split-K (the M <= 16 autotune candidates ``GEMM_SPLITK``): int32 partial sums over K ranges added in the
+    epilogue kernel give the one-pass bits, with bias, residual and float16 output; K/2 = 288 with BK2 = 32 leaves
+    uneven ranges, 8 splits of K/2 = 256 at BK2 = 128 leave empty ones."""
+    x, wc, ws, bias = make_layer(m, k, seed=3)
+    residual = torch.randn(m, N_OUT)
+    bk2 = 32 if k == 576 else 128
+    config = {**dict(zip(TILE_KEYS, (16, 32, bk2, 1, 4, 4), strict=True)), "SPLITS": splits}
+    got = run(x, wc, ws, bias, residual, config=config)
+    assert torch.equal(got, residual + reference(x, wc, ws, bias))
+    half = run(x, wc, ws, bias, residual.half(), out_dtype=torch.float16, config=config)
+    assert torch.equal(half, run(x, wc, ws, bias, residual.half(), out_dtype=torch.float16))
+
+
+def test_split_k_candidates():
+    """M <= 16 with packed operands gets the split-K candidates after the tile table (the default stays one pass);
+    larger M does not."""
+    one = ops.linear_candidates(1, 2048, False, 90, True)
+    assert "SPLITS" not in one[0] and {c.get("SPLITS") for c in one} == {None, 2, 4, 8}
+    assert all("SPLITS" not in c for c in ops.linear_candidates(17, 2048, False, 90, True))
+    assert all("SPLITS" not in c for c in ops.linear_candidates(1, 2048, True, 90, True))  # planar operands
+    act = ops.quantize_rows(torch.randn(1, 64).to(DEVICE), 4)
+    weight = ops.PackedWeight.from_codes(torch.randint(-8, 8, (16, 64)), torch.ones(16)).to(DEVICE)
+    with pytest.raises(ops.KernelInputError, match="SPLITS=3 takes packed operands and a power-of-two"):
+        ops.w4a4_linear(act, weight, config={**ops.gemm_config(1, 32), "SPLITS": 3})
+
+
 def test_w4a4_linear_grouped_tile_order():
     """M = 600 with BM 64 and GROUP_M 8: ten row tiles in two groups, the last of 2 tiles (the grouped program
     order must still visit every (row tile, column tile) once)."""
