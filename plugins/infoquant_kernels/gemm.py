@@ -62,6 +62,21 @@ def gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_pt
 
 
 @triton.jit
+def tile_pointers(a_ptr, w_ptr, pid_m, pid_n, M, N, stride_am, stride_wn, BM: tl.constexpr, BN: tl.constexpr,
+                  BK2: tl.constexpr):
+    """(offs_m, offs_n, a_ptrs, w_ptrs): the output tile's rows / columns and the operands' first [., BK2] byte
+    tiles; rows and columns past the matrix wrap (their loads stay in bounds, their outputs are masked)."""
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK2)
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    return offs_m, offs_n, a_ptrs, w_ptrs
+
+
+@triton.jit
 def packed_k_loop(a_ptrs, w_ptrs, acc, k_start, k_end, BK2: tl.constexpr, WORDS: tl.constexpr):
     """``acc += lo_a @ lo_w^T + hi_a @ hi_w^T`` over the packed bytes [k_start, k_end) (BK2 per step) of both
     operands' tiles (pointer tiles at byte 0 of the rows)."""
@@ -90,13 +105,7 @@ def w4a4_gemm_kernel(
 ):
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK2)
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)   # wrap rows instead of masking loads
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    offs_m, offs_n, a_ptrs, w_ptrs = tile_pointers(a_ptr, w_ptr, pid_m, pid_n, M, N, stride_am, stride_wn, BM, BN, BK2)
 
     acc = packed_k_loop(a_ptrs, w_ptrs, tl.zeros((BM, BN), dtype=tl.int32), 0, K2, BK2, WORDS)
     gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_ptr,
@@ -118,13 +127,7 @@ def w4a4_gemm_splitk_kernel(
     weight stream has loads in flight (the one-pass kernel reached 0.44 TB/s on an H100)."""
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     split = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK2)
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    offs_m, offs_n, a_ptrs, w_ptrs = tile_pointers(a_ptr, w_ptr, pid_m, pid_n, M, N, stride_am, stride_wn, BM, BN, BK2)
     k_start = split * k_chunk
     acc = packed_k_loop(a_ptrs, w_ptrs, tl.zeros((BM, BN), dtype=tl.int32), k_start,
                         tl.minimum(k_start + k_chunk, K2), BK2, WORDS)
@@ -175,13 +178,7 @@ def w4a4_gemm_v2_kernel(
     """
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK2)
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    offs_m, offs_n, a_ptrs, w_ptrs = tile_pointers(a_ptr, w_ptr, pid_m, pid_n, M, N, stride_am, stride_wn, BM, BN, BK2)
 
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.int32)
