@@ -2,8 +2,8 @@
 
 :class:`KernelCausalLM` is built from the fake-quant :class:`CausalLM` of an artifact (``load_artifact``) and has
 its interface (``forward(input_ids, past) -> (logits, cache)``, ``device``, ``cfg``), so perplexity and greedy
-generation run on it unchanged. Per layer (numerics.md section 5), nine launches (the RMSNorm, SwiGLU and RoPE
-prologues are computed by the kernel that loads their input):
+generation run on it unchanged. Per layer (numerics.md section 5) only kernels, 13 launches in a decode step
+(the RMSNorm, SwiGLU and RoPE prologues are computed by the kernel that loads their input):
 
     RMSNorm + quantize (kernel) -> QKV GEMM (kernel, q/k/v fused)
       -> q: RoPE + Hadamard (kernel); K: RoPE + Hadamard + quantize into the 4-bit cache (kernel);
