@@ -167,7 +167,7 @@ def _inv_sqrt(n: int) -> float:
     return _f32(1.0 / math.sqrt(n))
 
 
-PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE, PRE_SCALE = 0, 1, 2, 3, 4  # quantize.py's prologues
+PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE, PRE_SCALE = 0, 1, 2, 3, 4  # quantize.py's PRE_* prologue numbers
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,12 @@ def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr
     return tl.reshape(x, (NBP, KP, P)) * inv_sqrt
 
 
-PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_ROPE, PRE_SCALE = 0, 1, 2, 3, 4
+# the prologues (``PRE``; ``infoquant_export.kernels.ops`` passes the same numbers)
+PRE_NONE = tl.constexpr(0)
+PRE_RMSNORM = tl.constexpr(1)
+PRE_SWIGLU = tl.constexpr(2)
+PRE_ROPE = tl.constexpr(3)
+PRE_SCALE = tl.constexpr(4)
 
 
 @triton.jit
@@ -122,20 +127,20 @@ def _prologue(x_ptr, row, idx, mask, aux_ptr, aux2_ptr, up_offset, t_rel,
     dtype = x_ptr.dtype.element_ty
     raw = tl.load(x_ptr + row + idx, mask=mask, other=0.0)
     x = raw.to(tl.float32)
-    if PRE == 1:
+    if PRE == PRE_RMSNORM:
         x64 = x.to(tl.float64)
         flat = tl.reshape(x64 * x64, (x64.numel,))
         inv_rms = 1.0 / tl.sqrt(tl.sum(flat, axis=0) / N + tl.load(aux2_ptr))  # div.rn.f64, sqrt.rn.f64
         w = tl.load(aux_ptr + idx, mask=mask, other=0.0).to(tl.float64)
         x = ((x64 * inv_rms) * w).to(dtype).to(tl.float32)
-    elif PRE == 2:
+    elif PRE == PRE_SWIGLU:
         u = tl.load(x_ptr + row + up_offset + idx, mask=mask, other=0.0).to(tl.float32)
         if dtype.primitive_bitwidth == 16:
             sig = tl.load(aux_ptr + raw.to(tl.uint16, bitcast=True).to(tl.int32), mask=mask, other=0.0)
         else:
             sig = (1.0 / (1.0 + tl.exp(-x.to(tl.float64)))).to(tl.float32)
         x = (x * sig) * u
-    elif PRE == 3:
+    elif PRE == PRE_ROPE:
         half: tl.constexpr = N_BLOCK // 2
         col = idx % N_BLOCK
         partner = idx - col + (col + half) % N_BLOCK
@@ -144,9 +149,9 @@ def _prologue(x_ptr, row, idx, mask, aux_ptr, aux2_ptr, up_offset, t_rel,
         cos = tl.load(aux_ptr + t_rel * N_BLOCK + col, mask=mask, other=0.0)
         sin = tl.load(aux2_ptr + t_rel * N_BLOCK + col, mask=mask, other=0.0)
         x = x * cos + rot * sin
-    elif PRE == 4:
+    elif PRE == PRE_SCALE:
         x = x * ROW_SCALE
-    if ROUND and PRE != 1:
+    if ROUND and PRE != PRE_RMSNORM:
         x = _round_to(x, dtype)
     return x
 
@@ -251,7 +256,7 @@ def quantize_rows_chunked_kernel(
     and a small register tile, so few warps per row and many rows per SM. ``PRE`` may be PRE_SWIGLU (recomputed
     in pass 2, same bits) or PRE_SCALE; RMSNorm needs the whole row and goes through ``hadamard_quantize_kernel``.
     """
-    tl.static_assert(PRE == 0 or PRE == 2 or PRE == 4)
+    tl.static_assert(PRE == PRE_NONE or PRE == PRE_SWIGLU or PRE == PRE_SCALE)
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, CH)
     x_row = x_ptr + r * stride_xr
