@@ -107,6 +107,13 @@ def _add_kernels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-attention", choices=("tc", "cc"), default=None,
                    help="decode attention kernel of the kernel model: tc (tensor cores, the default) or cc (CUDA "
                         "cores, float32; $INFOQUANT_DECODE_KERNEL sets the default)")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
+                   help="kernel model on a CUDA device: replay each decode step as a CUDA graph (on, the default; "
+                        "$INFOQUANT_CUDA_GRAPHS=0 sets off) or launch its kernels one by one from Python (off)")
+
+
+def _cuda_graphs(args: argparse.Namespace) -> bool | None:
+    return None if args.cuda_graphs is None else args.cuda_graphs == "on"
 
 
 def _add_eval(sub: Any) -> None:
@@ -271,7 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     _positive("--seq-len", args.seq_len)
     target = _target(args)
     model, tokenizer, label = load_for_eval(target, resolve_device(args.device), args.kernels, args.kernel_dtype,
-                                          args.decode_attention)
+                                          args.decode_attention, _cuda_graphs(args))
     result = evaluate(model, tokenizer, args.corpus, args.seq_len, args.max_windows, args.batch_size)
     return {"model": target, "config": label, **result}
 
@@ -309,7 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"{target} is an ONNX file; --backend torch runs an artifact directory",
                         "pass --backend ort, or the artifact directory")
     model, tokenizer, label = load_for_eval(target, resolve_device(args.device), args.kernels, args.kernel_dtype,
-                                          args.decode_attention)
+                                          args.decode_attention, _cuda_graphs(args))
     return {"backend": "torch", "config": label, **chat(model, tokenizer, args.prompt, args.max_new_tokens)}
 
 

@@ -221,12 +221,14 @@ def peak_rss_mb() -> float:
 
 
 def load_for_eval(target: str, device: str, kernels: str = "off", kernel_dtype: str = "float16",
-                  decode_attention: str | None = None) -> tuple[CausalLM, Any, str]:
+                  decode_attention: str | None = None,
+                  cuda_graphs: bool | None = None) -> tuple[CausalLM, Any, str]:
     """A runnable model from an artifact directory or a model spec (full precision); with its tokenizer and label.
 
     ``kernels``: ``auto`` runs a W4A4KV4 artifact through the GPU kernels (:class:`KernelCausalLM`) on a CUDA device
     and keeps the fake-quant model otherwise; ``on`` requires the kernels; ``off`` is the fake-quant model.
     ``decode_attention``: the kernel model's decode attention kernel, ``tc`` / ``cc`` (None: the default).
+    ``cuda_graphs``: whether its decode steps replay CUDA graphs on a GPU (None: ``$INFOQUANT_CUDA_GRAPHS`` or on).
     """
     if not is_artifact(target):
         loaded = load_model(target)
@@ -244,12 +246,15 @@ def load_for_eval(target: str, device: str, kernels: str = "off", kernel_dtype: 
     from infoquant_export.kernels.model import KernelCausalLM
 
     try:
-        model = KernelCausalLM(art.model, getattr(torch, kernel_dtype), decode_attention=decode_attention)
+        model = KernelCausalLM(art.model, getattr(torch, kernel_dtype), decode_attention=decode_attention,
+                               cuda_graphs=cuda_graphs)
     except UserError:
         if kernels == "on":
             raise
         return art.model, art.tokenizer, label  # auto: e.g. not W4A4KV4, the fake-quant model runs it
     extra = f", decode attention {decode_attention}" if decode_attention else ""
+    if model.device.type == "cuda" and not model.cuda_graphs:
+        extra += ", no CUDA graphs"
     return model, art.tokenizer, f"{label} [kernels, {kernel_dtype}{extra}]"
 
 

@@ -481,7 +481,8 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
     from infoquant_export.kernels.random_model import random_w4a4kv4_model
 
     model = random_w4a4kv4_model(shape, layers, str(device))
-    fast = KernelCausalLM(model, torch.float16)
+    fast = KernelCausalLM(model, torch.float16, cuda_graphs=False)  # eager steps (and captured by `graphed`)
+    served = KernelCausalLM(model, torch.float16)  # what generate runs: a decode step replays the cache's graph
     base = FP16Decoder(model)
     out: dict = {"shape": shape, "layers": layers, "prefill": [], "decode": []}
     vocab = model.cfg.vocab_size
@@ -520,6 +521,13 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
                 row.update({"graph_fp16_ms": g16, "graph_w4a4kv4_ms": g4, "graph_speedup": g16 / g4})
             except Exception as exc:  # record why capture failed, keep the eager numbers
                 row["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            try:  # the step as `generate` runs it: KernelCausalLM.forward replaying the cache's graph
+                served_ms = bench(partial(_decode_step, served, step, cache4, ctx), device)
+                row.update({"w4a4kv4_served_ms": served_ms, "served_speedup_vs_fp16_eager": t16 / served_ms})
+                if "graph_fp16_ms" in row:
+                    row["served_speedup_vs_fp16_graph"] = row["graph_fp16_ms"] / served_ms
+            except Exception as exc:
+                row["served_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         out["decode"].append(row)
         del cache4, cache16
         if device.type == "cuda":

@@ -102,14 +102,14 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
     tile = row_tile(n, blocks, rotate)
     types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp64", "scratch_ptr": "*fp32", "inv_sqrt": "fp32",
              "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8", "y_ptr": f"*{x}", "stride_yr": "i32",
-             "seq_len": "i32",
-             "pos0": "i32", "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32",
-             "stride_st": "i32", "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32",
+             "seq_len": "i32", "pos0": "i32", "pos_ptr": "*i32", "t_cap": "i32",
+             "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32", "stride_st": "i32",
+             "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32",
              "aux_ptr": "*fp32", "aux2_ptr": "*fp64" if pre == PRE_RMSNORM else "*fp32", "up_offset": "i32"}
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
                       {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
                        "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
-                       "ROW_SCALE": 1.0},
+                       "ROW_SCALE": 1.0, "POS_PTR": False},
                       ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
 
 

@@ -20,6 +20,7 @@ quantization, GEMMs and the cache are the reference's integer arithmetic.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -112,12 +113,25 @@ class KernelLayer:
 
 
 @dataclass
+class DecodeGraph:
+    """A decode step captured as a CUDA graph: its static inputs (token ids, position) and output (logits), for one
+    batch size and one set of cache tensors (``key``)."""
+
+    key: tuple
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # [B, 1] int64
+    pos: torch.Tensor     # [1] int32
+    logits: torch.Tensor  # [B, 1, vocab] float32
+
+
+@dataclass
 class KernelCache:
     """Per layer 4-bit K and V caches of one capacity, and how many positions are filled."""
 
     layers: list[tuple[KVCache4, KVCache4]]
     length: int = 0
     decode_lengths: tuple[int, torch.Tensor] | None = None  # (length, [B] int32): one tensor for all layers
+    graph: DecodeGraph | None = None  # the decode step replayed on these cache tensors (CUDA)
 
     @property
     def capacity(self) -> int:
@@ -135,9 +149,12 @@ class KernelCausalLM:
     """The artifact's W4A4KV4 model on a GPU through the kernels (see the module docstring)."""
 
     def __init__(self, model: CausalLM, dtype: torch.dtype = torch.float16, block: int = 256,
-                 decode_attention: str | None = None) -> None:
+                 decode_attention: str | None = None, cuda_graphs: bool | None = None) -> None:
         self.model, self.cfg, self.dtype, self.block = model, model.cfg, dtype, block
         self.decode_attention = decode_attention  # "tc" / "cc" (ops.kv4_decode_attention's kernel); None: default
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("INFOQUANT_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = cuda_graphs  # decode steps on a CUDA device as graph replays (see decode_step)
         dev = model.device
         self.layers = [KernelLayer(layer, i, dev) for i, layer in enumerate(model.layers)]
         self.lm_head = model.lm_head.weight.to(dtype)
@@ -170,12 +187,17 @@ class KernelCausalLM:
         act = quantize_rows(x, 4, quant.clip, quant.clip_min, quant.hadamard_blocks, prologue=prologue)
         return w4a4_linear(act, weight, residual, out_dtype=self.dtype)
 
-    def _attention(self, q: torch.Tensor, cache: KernelCache, index: int, start: int, length: int) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, cache: KernelCache, index: int, start: int, length: int,
+                   lengths: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, S, Hq, D] (rotated) over layer ``index``'s cache positions [0, length); query i sits at position
-        start + i."""
+        start + i. ``lengths``: a decode step's ``[B]`` int32 lengths on the device (``decode_step``), read by the
+        kernel up to the cache capacity (``start`` / ``length`` unused)."""
         cfg = self.cfg
         b, s = q.shape[:2]
         k_cache, v_cache = cache.layers[index]
+        if lengths is not None:
+            return kv4_decode_attention(q[:, 0].contiguous(), k_cache, v_cache, lengths, k_cache.capacity,
+                                        check_lengths=False, kernel=self.decode_attention)[:, None]
         if s == 1 and not cfg.sliding_window:
             lengths = cache.lengths(b, length, q.device)
             return kv4_decode_attention(q[:, 0].contiguous(), k_cache, v_cache, lengths, length,
@@ -200,10 +222,11 @@ class KernelCausalLM:
         return cos.contiguous(), sin.contiguous()
 
     @torch.no_grad()
-    def layer_forward(self, index: int, x: torch.Tensor, cache: KernelCache, start: int,
-                      rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def layer_forward(self, index: int, x: torch.Tensor, cache: KernelCache, start: int | torch.Tensor,
+                      rope: tuple[torch.Tensor, torch.Tensor], lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder layer ``index`` on hidden states ``x [B, S, hidden]`` at positions ``start ..``; writes its K/V
-        into ``cache`` (which must have room)."""
+        into ``cache`` (which must have room). ``start`` an int32 ``[1]`` device tensor: a decode step whose position
+        the kernels read (``decode_step``; ``lengths`` = its ``[B]`` attention lengths)."""
         cfg, layer, layer_cache = self.cfg, self.layers[index], cache.layers[index]
         b, s = x.shape[:2]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -213,26 +236,80 @@ class KernelCausalLM:
         q = rope_rows(q, *rope, rotate=layer.qk_blocks is not None)
         quantize_kv(k, layer_cache[0], start, layer.k_clip, layer.qk_blocks is not None, rope=rope)
         quantize_kv(v, layer_cache[1], start, layer.v_clip, False)
-        attn = self._attention(q, cache, index, start, start + s).reshape(b * s, hq * d).contiguous()
+        end = start + s if lengths is None else 0
+        attn = self._attention(q, cache, index, start, end, lengths).reshape(b * s, hq * d).contiguous()
         resid = x2 if layer.attn_to_mlp is None else layer.attn_to_mlp(x2.float()).to(self.dtype)
         x2 = self._linear(attn, layer.o_in, layer.o, resid.contiguous())
         gate_up = self._linear(x2, layer.gate_up_in, layer.gate_up, prologue=layer.post_norm)
         resid = x2 if layer.mlp_to_attn is None else layer.mlp_to_attn(x2.float()).to(self.dtype)
         return self._linear(gate_up, layer.down_in, layer.down, resid.contiguous(), prologue=SWIGLU).reshape(b, s, -1)
 
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return (rms_norm(x, self.model.norm, self.cfg.rms_norm_eps) @ self.lm_head.T).float()
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, past: KernelCache | None = None) -> tuple[torch.Tensor, KernelCache]:
-        cfg, model = self.cfg, self.model
+        """Logits ``[B, S, vocab]`` (float32) of ``input_ids`` after the ``past`` cache's tokens, and the cache with
+        them appended. A one-token step on a CUDA device replays the cache's decode graph (``cuda_graphs``)."""
+        model = self.model
         b, s = input_ids.shape
         cache = past if past is not None else self.new_cache(b, s)
         start = cache.length
         self._grow(cache, start + s)
+        if s == 1 and start > 0 and self.cuda_graphs and self.device.type == "cuda" and not self.cfg.sliding_window:
+            return self._graphed_step(input_ids, cache), cache
         x = model.embed(input_ids).to(self.dtype)
         rope = self.rope(start, s)
         for index in range(len(self.layers)):
             x = self.layer_forward(index, x, cache, start, rope)
         cache.length = start + s
-        logits = (rms_norm(x, model.norm, cfg.rms_norm_eps) @ self.lm_head.T).float()
-        return logits, cache
+        return self._head(x), cache
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KernelCache) -> torch.Tensor:
+        """Logits ``[B, 1, vocab]`` of one new token per sequence at the position held by ``pos`` (int32 ``[1]`` on
+        the device), written into ``cache`` (which must have room; ``cache.length`` is not changed). No host sync
+        and nothing that depends on the position's value on the host: the kernels read ``pos`` and the attention
+        lengths ``pos + 1`` from device memory (the decode kernel up to the cache capacity), so a CUDA graph of this
+        call replays at any position. Same numbers as ``forward`` but for the decode kernel's split of the context
+        (sized for the capacity here), i.e. float32 summation order."""
+        if self.cfg.sliding_window:
+            raise UserError("decode_step reads the whole cache; this model has a sliding window",
+                            "use forward() for sliding-window models")
+        b = tokens.shape[0]
+        x = self.model.embed(tokens).to(self.dtype)
+        cos, sin = self.model.rope(pos, torch.float32)
+        rope = (cos.contiguous(), sin.contiguous())
+        lengths = (pos + 1).expand(b).contiguous()
+        for index in range(len(self.layers)):
+            x = self.layer_forward(index, x, cache, pos, rope, lengths)
+        return self._head(x)
+
+    def _graphed_step(self, tokens: torch.Tensor, cache: KernelCache) -> torch.Tensor:
+        """``decode_step`` at position ``cache.length`` as a replay of the cache's CUDA graph, captured on first use
+        for this batch size and these cache tensors (again after the cache grows). The first call runs the step
+        eagerly (it also autotunes the GEMMs) and then captures it. Returns the logits (a copy)."""
+        key = (tokens.shape[0], cache.capacity, cache.layers[0][0].codes.data_ptr())
+        g = cache.graph
+        if g is None or g.key != key:
+            cache.graph = None  # free the old graph's memory pool before capturing a new one
+            static_tokens = tokens.clone()
+            pos = torch.tensor([cache.length], dtype=torch.int32, device=tokens.device)
+            side = torch.cuda.Stream(tokens.device)
+            side.wait_stream(torch.cuda.current_stream(tokens.device))
+            with torch.cuda.stream(side):  # the warm-up: the real step at this position
+                logits = self.decode_step(static_tokens, pos, cache)
+            torch.cuda.current_stream(tokens.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.decode_step(static_tokens, pos, cache)
+            cache.graph = DecodeGraph(key, graph, static_tokens, pos, out)
+        else:
+            g.tokens.copy_(tokens)
+            g.pos.fill_(cache.length)
+            g.graph.replay()
+            logits = g.logits.clone()
+        cache.length += 1
+        return logits
 
     __call__ = forward

@@ -211,12 +211,21 @@ SWIGLU = Prologue(PRE_SWIGLU, round=True)
 numerics.md section 5), rounded to the input dtype."""
 
 
+@cache
+def _no_pos(device: torch.device) -> torch.Tensor:
+    """The int32 placeholder passed as the row kernel's ``pos_ptr`` when the position is an argument."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: bool, bits: int, clip: float,
                  clip_min: float, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, y: torch.Tensor,
                  seq_len: int, pos0: int, code_strides: tuple[int, int, int],
                  scale_strides: tuple[int, int, int], inv_sqrt: float | None = None,
                  num_warps: int | None = None, planes: bool = False, pre: Prologue | None = None,
-                 stride_xr: int | None = None) -> None:
+                 stride_xr: int | None = None, pos: torch.Tensor | None = None, t_cap: int = 2**31 - 1) -> None:
+    """``hadamard_quantize_kernel`` over the rows ``x2``; ``pos``: the first token position as an int32 ``[1]``
+    device tensor instead of ``pos0`` (read by the kernel: CUDA graphs replay it at any position); tokens at
+    positions outside ``[0, t_cap)`` are not written."""
     mod = kernel_module("quantize")
     pre = pre or Prologue()
     aux, aux2 = pre.operands(scale)
@@ -226,10 +235,12 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
     inv_sqrt = _inv_sqrt(tile.n_block) if inv_sqrt is None else inv_sqrt
     mod.hadamard_quantize_kernel[(x2.shape[0],)](
         x2, x2.stride(0) if stride_xr is None else stride_xr, hk, scratch, inv_sqrt, codes, scale, zero, y,
-        y.stride(0) if y.dim() > 1 else 0, seq_len, pos0, *code_strides, *scale_strides,
-        _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset,
+        y.stride(0) if y.dim() > 1 else 0, seq_len, pos0, _no_pos(x2.device) if pos is None else pos, t_cap,
+        *code_strides,
+        *scale_strides, _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset,
         **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
-        ROUND=pre.round, ROW_SCALE=pre.row_scale, num_warps=num_warps or row_warps(tile.elements),
+        ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None,
+        num_warps=num_warps or row_warps(tile.elements),
         enable_fp_fusion=False)
 
 
@@ -475,19 +486,30 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: boo
     return y.reshape(b, s, h, d)
 
 
-def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate: bool,
+def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int | torch.Tensor, clip: float, rotate: bool,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Quantize K or V ``x [B, S, H, D]`` per token and head (after the per-head Hadamard when ``rotate``) into
     ``cache`` at token positions ``pos0 .. pos0 + S - 1`` (numerics.md section 3; KVQuantize).
 
     ``x`` may be the K or V columns of a fused QKV output (heads contiguous, tokens evenly strided). ``rope``:
-    float32 ``(cos, sin)`` ``[S, D]``: K's RoPE, applied in float32 (not rounded) as the row is loaded."""
+    float32 ``(cos, sin)`` ``[S, D]``: K's RoPE, applied in float32 (not rounded) as the row is loaded.
+    ``pos0`` may be an int32 ``[1]`` tensor on x's device, read by the kernel (so a CUDA graph can replay the call
+    at any position); it cannot be checked without a host sync, so tokens it puts outside the cache are not
+    written (never out of bounds)."""
     x2 = _head_rows(x, "k/v")
     b, s, h, d = x.shape
     if (cache.codes.shape[0], cache.codes.shape[1], cache.head_dim) != (b, h, d):
         raise KernelInputError(f"k/v [B={b}, H={h}, D={d}] does not fit the cache {tuple(cache.codes.shape)}",
                                "allocate the cache for this batch, head count and head_dim")
-    if pos0 < 0 or pos0 + s > cache.capacity:
+    pos = pos0 if isinstance(pos0, torch.Tensor) else None
+    if pos is not None:
+        _check_dtype("pos0", pos, (torch.int32,))
+        if pos.shape != (1,):
+            raise KernelInputError(f"a tensor pos0 must have shape [1], got {tuple(pos.shape)}",
+                                   "pass the first position as an int32 tensor of one element")
+        _check_device(x, pos)
+        pos0 = 0
+    elif pos0 < 0 or pos0 + s > cache.capacity:
         raise KernelInputError(f"tokens {pos0}..{pos0 + s - 1} do not fit a cache of {cache.capacity} positions",
                                "allocate a larger cache (max context)")
     _check_cache(cache)
@@ -504,7 +526,7 @@ def quantize_kv(x: torch.Tensor, cache: KVCache4, pos0: int, clip: float, rotate
     c, sc = cache.codes, cache.scale
     _launch_rows(x2, tile, quant=True, per_block=True, bits=4, clip=clip, clip_min=clip, codes=c, scale=sc,
                  zero=cache.zero, y=sc, seq_len=s, pos0=pos0, code_strides=(c.stride(0), c.stride(2), c.stride(1)),
-                 scale_strides=(sc.stride(0), sc.stride(2), sc.stride(1)), pre=pre)
+                 scale_strides=(sc.stride(0), sc.stride(2), sc.stride(1)), pre=pre, pos=pos, t_cap=cache.capacity)
 
 
 def dequantize_kv(cache: KVCache4, n_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -164,6 +164,7 @@ def hadamard_quantize_kernel(
     codes_ptr, scale_ptr, zero_ptr,      # outputs (QUANT)
     y_ptr, stride_yr,                    # float output (not QUANT): the rotated row
     seq_len, pos0,                       # row r = b * seq_len + s is written at token position pos0 + s
+    pos_ptr, t_cap,                      # POS_PTR: pos0 read from pos_ptr [1] int32; tokens >= t_cap not written
     stride_cb, stride_ct, stride_cj,     # codes byte strides over batch, token, block
     stride_sb, stride_st, stride_sj,     # scale / zero element strides over batch, token, block
     clip, clip_min,
@@ -173,6 +174,7 @@ def hadamard_quantize_kernel(
     ROTATE: tl.constexpr, QUANT: tl.constexpr, PER_BLOCK: tl.constexpr, BITS: tl.constexpr,
     PLANES: tl.constexpr = False,        # 4-bit: write the codes unpacked as int8 planes (see below)
     PRE: tl.constexpr = 0, ROUND: tl.constexpr = False, ROW_SCALE: tl.constexpr = 1.0,
+    POS_PTR: tl.constexpr = False,       # the position from device memory (a CUDA-graph decode step)
 ):
     r = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NBP)[:, None, None]
@@ -210,12 +212,16 @@ def hadamard_quantize_kernel(
         q = quantize_code(tl.div_rn(x, s3), z3, qmax)
 
         b = r // seq_len
-        t = pos0 + r % seq_len
+        if POS_PTR:
+            t = tl.load(pos_ptr).to(tl.int64) + r % seq_len
+        else:
+            t = pos0 + r % seq_len
+        in_cache = (t >= 0) & (t < t_cap)  # a position outside the cache writes nothing
         if BITS == 4:
             lo_c, hi_c = tl.split(tl.reshape(q, (NBP, KP, P // 2, 2)))
             jj = tl.arange(0, NBP)[:, None, None]
             byte = a * (P // 2) + tl.arange(0, P // 2)[None, None, :]
-            bmask = (jj < NB) & (byte < N_BLOCK // 2)
+            bmask = (jj < NB) & (byte < N_BLOCK // 2) & in_cache
             c_ofs = codes_ptr + b * stride_cb + t * stride_ct + jj * stride_cj + byte
             if PLANES:  # int8 row [even elements (n/2) | odd elements (n/2)]: the GEMM's A_PLANES operand
                 tl.store(c_ofs, lo_c.to(codes_ptr.dtype.element_ty), mask=bmask)
@@ -223,15 +229,15 @@ def hadamard_quantize_kernel(
             else:
                 tl.store(c_ofs, lo_c | (hi_c << 4), mask=bmask)
         else:
-            tl.store(codes_ptr + b * stride_cb + t * stride_ct + j * stride_cj + col, q, mask=mask)
+            tl.store(codes_ptr + b * stride_cb + t * stride_ct + j * stride_cj + col, q, mask=mask & in_cache)
         sofs = b * stride_sb + t * stride_st
         if PER_BLOCK:
             jb = tl.arange(0, NBP)
-            tl.store(scale_ptr + sofs + jb * stride_sj, scale, mask=jb < NB)
-            tl.store(zero_ptr + sofs + jb * stride_sj, zero.to(tl.uint8), mask=jb < NB)
+            tl.store(scale_ptr + sofs + jb * stride_sj, scale, mask=(jb < NB) & in_cache)
+            tl.store(zero_ptr + sofs + jb * stride_sj, zero.to(tl.uint8), mask=(jb < NB) & in_cache)
         else:
-            tl.store(scale_ptr + sofs, scale)
-            tl.store(zero_ptr + sofs, zero.to(tl.uint8))
+            tl.store(scale_ptr + sofs, scale, mask=in_cache)
+            tl.store(zero_ptr + sofs, zero.to(tl.uint8), mask=in_cache)
 
 
 @triton.jit

@@ -197,6 +197,35 @@ def test_kernel_model_decode_equals_prefill():
     assert sqnr_db(full, inc) >= 30
 
 
+def test_kernel_model_cuda_graph_decode():
+    """Decode steps through ``forward`` replay the cache's CUDA graph: each replay gives the bits of the same step
+    run eagerly (``decode_step`` on a copy of the cache at the same position), the graph is captured again when the
+    cache grows (capacity 32 -> 64 with block=16), and the logits match one prefill like the eager steps do."""
+    from infoquant_export.kernels.model import KernelCache, KernelCausalLM
+    from infoquant_export.kernels.random_model import random_w4a4kv4_model
+
+    km = KernelCausalLM(random_w4a4kv4_model("smollm2-135m", 2, "cuda"), torch.float32, block=16)
+    assert km.cuda_graphs
+    ids = torch.randint(0, 1000, (1, 40), device=CUDA)
+    full, _ = km(ids)
+    logits, cache = km(ids[:, :28])
+    assert cache.capacity == 32
+    steps, graphs = [logits], set()
+    for i in range(28, 40):
+        twin = KernelCache([tuple(ops.KVCache4(c.codes.clone(), c.scale.clone(), c.zero.clone()) for c in pair)
+                            for pair in cache.layers], cache.length)
+        km._grow(twin, i + 1)
+        expected = km.decode_step(ids[:, i:i + 1], torch.tensor([i], dtype=torch.int32, device=CUDA), twin)
+        logits, cache = km(ids[:, i:i + 1], cache)
+        graphs.add(cache.graph.key)
+        assert torch.equal(logits, expected), i
+        steps.append(logits)
+    assert cache.capacity == 64 and cache.length == 40 and len(graphs) == 2
+    inc = torch.cat(steps, 1)
+    assert float((full.argmax(-1) == inc.argmax(-1)).float().mean()) >= 0.95
+    assert sqnr_db(full, inc) >= 30
+
+
 def test_cpu_tensor_refused_by_compiled_kernels():
     with pytest.raises(ops.KernelInputError, match="CUDA tensors"):
         ops.quantize_rows(torch.randn(4, 256), 4, 0.9)

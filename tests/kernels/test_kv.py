@@ -74,6 +74,37 @@ def test_quantize_kv_at_offset(rotate, dtype):
     assert cache.scale[0, 2, 4] > 1.5 * cache.scale[0, 1, 4]  # the outlier head has its own scale
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_quantize_kv_position_from_device(rotate):
+    """The position as an int32 [1] tensor that the kernel reads (a CUDA-graph decode step): the same bits at the
+    same place as the int form, with K's RoPE; a position at or past the capacity (or negative) writes nothing."""
+    b, h, d = 2, 3, 64
+    x = torch.randn(b, 1, h, d)
+    cos, sin = torch.randn(1, d), torch.randn(1, d)
+    by_int, by_tensor = ops.KVCache4.empty(b, h, 8, d, DEVICE), ops.KVCache4.empty(b, h, 8, d, DEVICE)
+    rope = (cos.to(DEVICE), sin.to(DEVICE))
+    ops.quantize_kv(x.to(DEVICE), by_int, 5, CLIP, rotate, rope=rope)
+    ops.quantize_kv(x.to(DEVICE), by_tensor, torch.tensor([5], dtype=torch.int32, device=DEVICE), CLIP, rotate,
+                    rope=rope)
+    for a, c in ((by_int.codes, by_tensor.codes), (by_int.scale, by_tensor.scale), (by_int.zero, by_tensor.zero)):
+        assert torch.equal(a.cpu(), c.cpu())
+    assert_untouched(by_tensor, [slice(5, 6)])
+    for outside in (8, 1000, -1):
+        ops.quantize_kv(x.to(DEVICE), by_tensor, torch.tensor([outside], dtype=torch.int32, device=DEVICE), CLIP,
+                        rotate)
+        assert_untouched(by_tensor, [slice(5, 6)])
+
+
+@pytest.mark.parametrize("pos,message", [
+    (torch.tensor([1], dtype=torch.int64), "pos0 has dtype torch.int64"),
+    (torch.tensor([1, 2], dtype=torch.int32), r"shape \[1\]"),
+])
+def test_quantize_kv_bad_position_tensor(pos, message):
+    cache = ops.KVCache4.empty(1, 2, 8, 64, DEVICE)
+    with pytest.raises(ops.KernelInputError, match=message):
+        ops.quantize_kv(torch.randn(1, 1, 2, 64, device=DEVICE), cache, pos.to(DEVICE), CLIP, False)
+
+
 @pytest.mark.parametrize("heads", [2, 5])
 def test_quantize_kv_paley_head_dim(heads):
     """head_dim 192 = 12 x 16 (Paley K = 12): fused for 2 heads ([2, 16, 16] tile), for 5 heads the K step runs
