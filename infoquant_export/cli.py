@@ -284,7 +284,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from infoquant_export.eval.generate import chat, chat_prompt_ids
+    from infoquant_export.eval.generate import chat, chat_prompt_ids, timing_summary
 
     target = _target(args)
     suffix = Path(str(target)).suffix
@@ -307,9 +307,10 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
             decoder = OrtDecoder(target)
         tokenizer = decoder.tokenizer()
         ids = chat_prompt_ids(tokenizer, args.prompt).numpy()
-        tokens = ort_greedy_generate(decoder, ids, args.max_new_tokens, decoder.stop_ids(tokenizer))
+        timing: dict[str, Any] = {}
+        tokens = ort_greedy_generate(decoder, ids, args.max_new_tokens, decoder.stop_ids(tokenizer), timing)
         return {"backend": backend, "prompt": args.prompt, "tokens": tokens,
-                "text": tokenizer.decode(tokens, skip_special_tokens=True)}
+                "text": tokenizer.decode(tokens, skip_special_tokens=True), "timing": timing_summary(timing)}
     from infoquant_export.pipeline import load_for_eval, resolve_device
 
     if str(target).endswith(".onnx"):
@@ -418,6 +419,12 @@ def _report(command: str, result: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(result))
     elif command in ("generate", "run"):
         print(result["text"])
+        if "timing" in result:  # on stderr: stdout stays the reply
+            t = result["timing"]
+            decode = (f", decode {t['decode_tokens_per_s']} tokens/s ({t['decode_step_ms']} ms per token)"
+                      if "decode_step_ms" in t else "")
+            print(f"[{result.get('config', result.get('backend', ''))}: prefill {t['prefill_tokens']} tokens in "
+                  f"{t['prefill_ms']} ms{decode}]", file=sys.stderr)
     elif command == "verify":
         verdict = "PASSED" if result["passed"] else "FAILED"
         where = (f"; first divergent layer {result['first_divergent_layer']}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,22 @@ class OrtDecoder:
         return stop_ids(self.meta["model_config"].get("eos_token_id"), tokenizer)
 
 
-def ort_greedy_generate(decoder: Any, input_ids: np.ndarray, max_new_tokens: int, stop: set[int]) -> list[int]:
+def ort_greedy_generate(decoder: Any, input_ids: np.ndarray, max_new_tokens: int, stop: set[int],
+                        timing: dict[str, Any] | None = None) -> list[int]:
     """Prefill once, then one token per step from the 4-bit KV cache (the loop of ``eval.generate``); any decoder
-    with OrtDecoder's call interface (``trt.runtime.TrtDecoder`` too)."""
+    with OrtDecoder's call interface (``trt.runtime.TrtDecoder`` too). ``timing``: as ``greedy_generate``'s (the
+    calls return host arrays, so they are synchronous)."""
+    start = time.perf_counter()
     logits, cache, _ = decoder(input_ids)
-    return greedy_loop(logits, cache, lambda t, c: decoder(np.array([[t]], np.int64), c)[:2], max_new_tokens, stop)
+    steps: list[float] = []
+    if timing is not None:
+        timing.update(prefill_tokens=int(input_ids.shape[1]), prefill_ms=(time.perf_counter() - start) * 1e3,
+                      step_ms=steps)
+
+    def decode(token: int, past: Any) -> tuple[Any, Any]:
+        t0 = time.perf_counter()
+        out = decoder(np.array([[token]], np.int64), past)[:2]
+        steps.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    return greedy_loop(logits, cache, decode, max_new_tokens, stop)

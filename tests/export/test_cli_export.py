@@ -36,7 +36,15 @@ def test_export_verify_generate(tiny_artifact, tmp_path, capsys):
     ort_reply = json.loads(out)
     code2, out, _ = run(["generate", tiny_artifact, "--backend", "torch", "--prompt", "Hello",
                          "--max-new-tokens", "8", "--json"], capsys)
-    assert code == code2 == 0 and ort_reply["tokens"] == json.loads(out)["tokens"]
+    torch_reply = json.loads(out)
+    assert code == code2 == 0 and ort_reply["tokens"] == torch_reply["tokens"]
+    for reply in (ort_reply, torch_reply):  # timings: a decode step per new token after the first
+        t = reply["timing"]
+        assert t["prefill_tokens"] > 1 and t["prefill_ms"] > 0 and t["decode_steps"] == len(reply["tokens"]) - 1
+        assert t["decode_step_ms"] > 0 and t["decode_tokens_per_s"] > 0
+    code, out, err = run(["generate", tmp_path / "m.onnx", "--prompt", "Hello", "--max-new-tokens", "8"], capsys)
+    assert code == 0 and out.strip() == ort_reply["text"].strip()  # stdout: the reply only
+    assert "prefill" in err and "tokens/s" in err  # the timings go to stderr
 
 
 def _one_line_exit_2(args, capsys, message):
