@@ -4,6 +4,7 @@ fake-quant model it is built from."""
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 
@@ -86,6 +87,66 @@ def test_decode_step_reads_position_from_device(prefill):
         for e, g in zip(pair_e, pair_g, strict=True):
             for name in ("codes", "scale", "zero"):
                 assert torch.equal(getattr(e, name).cpu(), getattr(g, name).cpu()), name
+
+
+def launch_trace(fn, cache) -> tuple[list, collections.Counter]:
+    """(Triton launches, host reads) of ``fn()``: each launch as (kernel, grid, arguments), a tensor argument as
+    (dtype, shape, strides, whether it is one of ``cache``'s tensors); host reads: the torch ops outside the
+    launches that bring a tensor's value to the host (``_local_scalar_dense``: ``.item()``, ``int(t)``, ...)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    cache_ptrs = {t.data_ptr() for pair in cache.layers for c in pair for t in (c.codes, c.scale, c.zero)}
+    launches, inside, reads = [], [False], collections.Counter()
+
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return (value.dtype, tuple(value.shape), value.stride(), value.data_ptr() in cache_ptrs)
+        return value
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_local_scalar_dense" and not inside[0]:
+                reads[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    run = InterpretedFunction.run
+
+    def traced(self, *args, grid, warmup, **kwargs):
+        launches.append((self.__name__, tuple(grid), tuple(describe(a) for a in args),
+                         tuple(sorted((k, describe(v)) for k, v in kwargs.items()))))
+        inside[0] = True
+        try:
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            inside[0] = False
+
+    InterpretedFunction.run = traced
+    try:
+        with HostReads():
+            fn()
+    finally:
+        InterpretedFunction.run = run
+    return launches, reads
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="traces the interpreter's launches")
+def test_decode_step_is_graph_replayable(prefill):
+    """What a CUDA graph of ``decode_step`` needs, checked in the interpreter: at positions 9 and 10 of one cache it
+    launches the same kernels with the same grids, scalars and tensor layouts, writing the same cache tensors (the
+    position reaches the kernels only through device memory), and reads no value back to the host."""
+    ids, _, kernel_model, _ = prefill
+    _, cache = kernel_model(ids[:, :9])
+    traces = []
+    for i in (9, 10):
+        pos = torch.tensor([i], dtype=torch.int32)
+        step = functools.partial(kernel_model.decode_step, ids[:, i : i + 1], pos, cache)
+        traces.append(launch_trace(step, cache))
+    (first, reads_first), (second, reads_second) = traces
+    n_layers = len(kernel_model.layers)
+    assert len(first) == 13 * n_layers, len(first)  # measured 13 per layer (as forward's decode layer)
+    assert first == second
+    assert not reads_first and not reads_second, (reads_first, reads_second)  # measured: none
 
 
 @pytest.mark.parametrize("quant,message", [
