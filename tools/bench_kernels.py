@@ -182,6 +182,7 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
               ("splitk4", False, False, False, (16, 64, 128, 1, 4, 4)),
               ("splitk8", False, False, False, (16, 64, 128, 1, 4, 4))],
     "mid": [("default", False, False, False, None),
+            ("int_mm", True, True, False, (32, 128, 32, 1, 4, 1)),  # torch._int_mm + epilogue (BM, BN used)
             ("tma_packed", False, False, False, (128, 64, 64, 8, 4, 4)),
             ("tma_packed", False, False, False, (128, 128, 64, 8, 8, 5)),
             ("tma_aplanes", True, False, False, (64, 128, 128, 8, 4, 4)),
@@ -190,6 +191,7 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
             ("aplanes_swap", True, False, True, (128, 64, 64, 8, 4, 4)),
             ("wplanes", False, True, False, (128, 64, 64, 8, 4, 4))],
     "large": [("default", False, False, False, None),
+              ("int_mm", True, True, False, (32, 128, 32, 1, 4, 1)),
               ("tma_packed", False, False, False, (128, 256, 64, 8, 8, 4)),
               ("tma_packed", False, False, False, (256, 128, 64, 8, 8, 4)),
               ("tma_packed", False, False, False, (128, 128, 64, 8, 8, 5)),
@@ -268,6 +270,8 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
                     cfg["TMA"] = 1
                 if name.startswith("splitk"):
                     cfg["SPLITS"] = int(name.removeprefix("splitk"))
+                if name == "int_mm":
+                    cfg["INT_MM"] = 1
                 a = act_p if a_planes else act
                 fn = partial(ops.w4a4_linear, a, weight, out_dtype=torch.float16, config=cfg)
                 v: dict = {"name": name, "config": cfg}
@@ -483,6 +487,7 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
     model = random_w4a4kv4_model(shape, layers, str(device))
     fast = KernelCausalLM(model, torch.float16, cuda_graphs=False)  # eager steps (and captured by `graphed`)
     served = KernelCausalLM(model, torch.float16)  # what generate runs: a decode step replays the cache's graph
+    planar = KernelCausalLM(model, torch.float16, cuda_graphs=False, prefill_planes=True)  # opt-in plane prefill
     base = FP16Decoder(model)
     out: dict = {"shape": shape, "layers": layers, "prefill": [], "decode": []}
     vocab = model.cfg.vocab_size
@@ -491,8 +496,12 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
         cache16 = base.new_cache(batch, seq)
         t16 = bench(partial(base.forward, ids, cache16, 0), device)
         t4 = bench(partial(fast, ids), device)
-        out["prefill"].append({"batch": batch, "seq": seq, "fp16_ms": t16, "w4a4kv4_ms": t4, "speedup": t16 / t4,
-                               "w4a4kv4_tokens_per_s": batch * seq / t4 * 1e3})
+        row = {"batch": batch, "seq": seq, "fp16_ms": t16, "w4a4kv4_ms": t4, "speedup": t16 / t4,
+               "w4a4kv4_tokens_per_s": batch * seq / t4 * 1e3}
+        _try(row, "w4a4kv4_planes_ms", lambda ids=ids: bench(partial(planar, ids), device))
+        if "w4a4kv4_planes_ms" in row:
+            row["speedup_planes"] = t16 / row["w4a4kv4_planes_ms"]
+        out["prefill"].append(row)
     for batch, ctx in decode:
         ids = torch.randint(0, vocab, (batch, ctx), device=device)
         cache16 = base.new_cache(batch, ctx + 1)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from infoquant_export.errors import UserError
 from infoquant_export.kernels.ops import (
     SWIGLU,
+    W_PLANES_MIN_M,
     KVCache4,
     PackedWeight,
     Prologue,
@@ -72,7 +73,7 @@ def _hadamard_blocks(rotation: OnlineRotation | None, what: str, i: int) -> int 
 class KernelLayer:
     """One decoder layer's packed weights, quantizer settings and online ops."""
 
-    def __init__(self, layer: DecoderLayer, index: int, device: torch.device) -> None:
+    def __init__(self, layer: DecoderLayer, index: int, device: torch.device, planes: bool = False) -> None:
         if layer.numerics.name != DEFAULT:
             raise UserError(f"the kernels implement the {DEFAULT} numerics, this artifact uses {layer.numerics.name}",
                             "use the fake-quant model (--kernels off)")
@@ -87,7 +88,8 @@ class KernelLayer:
             scale = torch.cat([getattr(layer, f"wscale_{r}") for r in roles])
             biases = [layer.linear(r).bias for r in roles]
             bias = torch.cat(biases) if all(b is not None for b in biases) else None
-            return PackedWeight.from_codes(codes, scale, bias).to(device)
+            weight = PackedWeight.from_codes(codes, scale, bias).to(device)
+            return weight.with_planes() if planes else weight
 
         self.qkv, self.o, self.gate_up, self.down = packed("q", "k", "v"), packed("o"), packed("gate", "up"), \
             packed("down")
@@ -149,14 +151,19 @@ class KernelCausalLM:
     """The artifact's W4A4KV4 model on a GPU through the kernels (see the module docstring)."""
 
     def __init__(self, model: CausalLM, dtype: torch.dtype = torch.float16, block: int = 256,
-                 decode_attention: str | None = None, cuda_graphs: bool | None = None) -> None:
+                 decode_attention: str | None = None, cuda_graphs: bool | None = None,
+                 prefill_planes: bool = False) -> None:
         self.model, self.cfg, self.dtype, self.block = model, model.cfg, dtype, block
+        # prefill_planes: keep an int8 copy of every weight (2x the packed bytes) and quantize activations of
+        # W_PLANES_MIN_M rows or more to int8 planes, so prefill GEMMs run on plane operands (the plane tiles and,
+        # on a GPU, the library int8 GEMM among the autotune candidates); same bits. Opt-in: not timed yet.
+        self.prefill_planes = prefill_planes
         self.decode_attention = decode_attention  # "tc" / "cc" (ops.kv4_decode_attention's kernel); None: default
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("INFOQUANT_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = cuda_graphs  # decode steps on a CUDA device as graph replays (see decode_step)
         dev = model.device
-        self.layers = [KernelLayer(layer, i, dev) for i, layer in enumerate(model.layers)]
+        self.layers = [KernelLayer(layer, i, dev, prefill_planes) for i, layer in enumerate(model.layers)]
         self.lm_head = model.lm_head.weight.to(dtype)
 
     @property
@@ -184,7 +191,8 @@ class KernelCausalLM:
 
     def _linear(self, x: torch.Tensor, quant: Quant, weight: PackedWeight, residual: torch.Tensor | None = None,
                 prologue: Prologue | None = None) -> torch.Tensor:
-        act = quantize_rows(x, 4, quant.clip, quant.clip_min, quant.hadamard_blocks, prologue=prologue)
+        planes = self.prefill_planes and x.shape[0] >= W_PLANES_MIN_M
+        act = quantize_rows(x, 4, quant.clip, quant.clip_min, quant.hadamard_blocks, prologue=prologue, planes=planes)
         return w4a4_linear(act, weight, residual, out_dtype=self.dtype)
 
     def _attention(self, q: torch.Tensor, cache: KernelCache, index: int, start: int, length: int,

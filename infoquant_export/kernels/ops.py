@@ -289,17 +289,18 @@ blocks of 256) through the chunked kernel (same bits, no padding of 43 blocks to
 
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
                   hadamard_blocks: int | None = None, num_warps: int | None = None, *,
-                  prologue: Prologue | None = None) -> PackedRows:
+                  prologue: Prologue | None = None, planes: bool = False) -> PackedRows:
     """Per-row asymmetric quantization of ``x [..., n]``, optionally after the block Hadamard (fused, one pass).
 
     Bit-identical to ``apply_hadamard`` + ``activation_qparams`` / ``quantize_activation`` + ``pack_uint4``.
     ``prologue``: ``rmsnorm_prologue(...)`` (the row is normed first) or ``SWIGLU`` (``x [..., 2n]`` holds the
     gate and up halves; the rows quantized are ``(g * sigmoid64(g)) * u``), computed as the row is loaded.
+    ``planes``: the codes as int8 planes (``PackedRows.planes``), the operand of the plane GEMMs.
     """
     width = x.shape[-1] // (2 if prologue is not None and prologue.kind == PRE_SWIGLU else 1) if x.dim() else 0
     chunk = CHUNK if width > CHUNKED_ABOVE and QUANT_CHUNK is None else None
     return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps, chunk=chunk,
-                                 prologue=prologue, chunk_rotated=CHUNK_ROTATED)
+                                 prologue=prologue, chunk_rotated=CHUNK_ROTATED, planes=planes)
 
 
 def _row_prologue(x2: torch.Tensor, prologue: Prologue | None) -> tuple[int, Prologue]:
@@ -636,6 +637,12 @@ GEMM_SPLITK = {"tiles": [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4)], "split
 (``w4a4_gemm_splitk_kernel`` + ``w4a4_splitk_epilogue_kernel``; same bits). Not timed yet: only the autotuner
 picks them, when faster."""
 SPLITK_EPILOGUE_BN = 128
+GEMM_INT_MM_EPILOGUE = {"BM": 32, "BN": SPLITK_EPILOGUE_BN}
+"""Epilogue tile of the ``INT_MM`` config: ``torch._int_mm`` (cuBLASLt's int8 GEMM with int32 accumulation on a
+GPU: exact, so the same accumulator) on the int8 planes of both operands -- each row ``[even | odd]`` elements, so
+one int8 GEMM of depth K gives ``acc`` -- then ``w4a4_splitk_epilogue_kernel`` (one split) applies the epilogue.
+The H200 measured Triton's plane GEMM at 1.10-1.30x FP16 at M = 2048; a library IMMA kernel may do better, at
+the cost of an int32 [M, N] round trip through memory. An autotune candidate (same bits); not timed yet."""
 
 # sm_80-89 (A100, RTX 30/40, Orin): mma.sync keeps both operand fragments and the accumulator in registers, and
 # sm_86/89 give a block 99 KB of shared memory. Compiled for sm_80 and sm_89 (ptxas -v, no GPU), the sm_90 tables
@@ -731,7 +738,8 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     sm_90, ``GEMM_TMA_TILES`` (``INFOQUANT_GEMM_AUTOTUNE=0`` keeps the default); ``config`` forces one. Planar
     operands (``act.planes``; ``weight.planes`` when M >= ``W_PLANES_MIN_M``) run ``w4a4_gemm_v2_kernel`` with the
     plane tiles (same bits); a ``config`` may also set ``"W_PLANES"`` (0/1: use the weight's planes), ``"SWAP"``
-    (0/1), ``"TMA"`` (1: ``w4a4_gemm_tma_kernel``) and ``"SPLITS"`` (2, 4, ...: split-K, ``GEMM_SPLITK``).
+    (0/1), ``"TMA"`` (1: ``w4a4_gemm_tma_kernel``), ``"SPLITS"`` (2, 4, ...: split-K, ``GEMM_SPLITK``) and
+    ``"INT_MM"`` (1: ``torch._int_mm`` on both operands' planes + the epilogue kernel, ``GEMM_INT_MM_EPILOGUE``).
     """
     if act.bits != 4:
         raise KernelInputError(f"the W4A4 GEMM takes 4-bit activations, got {act.bits}-bit",
@@ -777,6 +785,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         swap = bool(cfg.pop("SWAP", act.planes and not use_wp))
         tma = bool(cfg.pop("TMA", 0))
         splits = int(cfg.pop("SPLITS", 1))
+        int_mm = bool(cfg.pop("INT_MM", 0))
         if use_wp and weight.planes is None:
             raise KernelInputError("config W_PLANES=1 but the weight has no planes", "use weight.with_planes()")
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
@@ -800,6 +809,17 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
                 TensorDescriptor.from_tensor(w_codes, tiles[1]), weight.scale, weight.rowsum, bias,
                 TensorDescriptor.from_tensor(res, tiles[2]), TensorDescriptor.from_tensor(y, tiles[2]), m, n, k2,
                 A_PLANES=act.planes, W_PLANES=use_wp, **common, **cfg)
+            return
+        if int_mm:  # the library's int8 GEMM (cuBLASLt IMMA on a GPU) on the planes, then the epilogue kernel
+            if not (act.planes and weight.planes is not None) or (y.is_cuda and m <= 16):
+                raise KernelInputError("config INT_MM=1 takes int8 planes of both operands and, on a GPU, M > 16",
+                                       "quantize with planes=True, use weight.with_planes(), or drop INT_MM")
+            acc = torch._int_mm(act.codes, weight.planes.t())  # [even | odd] . [even | odd] = acc, exact int32
+            bm, bn = cfg["BM"], SPLITK_EPILOGUE_BN
+            kernel_module("gemm").w4a4_splitk_epilogue_kernel[(triton_cdiv(m, bm) * triton_cdiv(n, bn),)](
+                acc, act.scale, act.zero, weight.scale, weight.rowsum, bias, res, y, m, n, res_stride, y.stride(0),
+                SPLITS=1, HAS_BIAS=common["HAS_BIAS"], HAS_RES=common["HAS_RES"], BM=bm, BN=bn, num_warps=4,
+                enable_fp_fusion=False)
             return
         if splits > 1:
             if act.planes or use_wp or swap or splits & (splits - 1):
@@ -831,7 +851,8 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     if config is None:
         planar = act.planes or w_planes_default
         cc = device_cc(y.device)
-        candidates = linear_candidates(m, k2, planar, cc, tma_eligible(act, weight, y, residual))
+        int_mm_ok = act.planes and weight.planes is not None and k2 % 4 == 0 and n % 8 == 0
+        candidates = linear_candidates(m, k2, planar, cc, tma_eligible(act, weight, y, residual), int_mm_ok)
         config = candidates[0]
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
             key = (_bucket(m), n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
@@ -841,10 +862,12 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     return y
 
 
-def linear_candidates(m: int, k2: int, planar: bool, cc: int | None, tma_ok: bool) -> list[dict[str, int]]:
+def linear_candidates(m: int, k2: int, planar: bool, cc: int | None, tma_ok: bool,
+                      int_mm_ok: bool = False) -> list[dict[str, int]]:
     """``w4a4_linear``'s autotune candidates, the default first: the tiles of ``gemm_tables(cc)`` (plane tiles
     for planar operands), on sm_90 the TMA tiles (``tma_ok``), for M <= 16 with packed operands the split-K
-    configs of ``GEMM_SPLITK``."""
+    configs of ``GEMM_SPLITK``, on a GPU for M > 16 with both operands as planes (``int_mm_ok``) the library's
+    int8 GEMM plus the epilogue kernel (``INT_MM``)."""
     packed_tiles, plane_tiles = gemm_tables(cc)
     candidates = gemm_candidates(m, k2, plane_tiles if planar else packed_tiles)
     if cc is not None and 90 <= cc < 100 and tma_ok:
@@ -852,6 +875,8 @@ def linear_candidates(m: int, k2: int, planar: bool, cc: int | None, tma_ok: boo
     if m <= 16 and not planar:
         candidates += [{**c, "SPLITS": sp} for sp in GEMM_SPLITK["splits"]
                        for c in gemm_candidates(m, k2, {"small": GEMM_SPLITK["tiles"]})]
+    if int_mm_ok and cc is not None and m > 16:
+        candidates.append({**GEMM_INT_MM_EPILOGUE, "INT_MM": 1})
     return candidates
 
 

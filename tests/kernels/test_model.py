@@ -65,6 +65,20 @@ def test_prefill_then_decode_equals_one_prefill(prefill):
     assert torch.equal(logits[:, :20].argmax(-1), decoded.argmax(-1))
 
 
+def test_prefill_planes_same_logits(prefill, tiny_artifact):
+    """``prefill_planes``: int8 weight planes and plane-quantized activations for M >= 17 rows (the plane GEMMs),
+    the same bits as the packed operands; decode steps (M = 2) keep the packed codes."""
+    ids, _, kernel_model, logits = prefill
+    planar = KernelCausalLM(load_artifact(tiny_artifact, DEVICE, with_tokenizer=False).model, torch.float32,
+                            block=16, prefill_planes=True)
+    assert planar.layers[0].qkv.planes is not None
+    got, cache = planar(ids.to(DEVICE))
+    assert torch.equal(got.cpu(), logits)
+    step, _ = planar(ids[:, :1].to(DEVICE), cache)
+    expected, _ = kernel_model(ids[:, :1].to(DEVICE), kernel_model(ids.to(DEVICE))[1])
+    assert torch.equal(step.cpu(), expected.cpu())
+
+
 def test_decode_step_reads_position_from_device(prefill):
     """``decode_step``, the CUDA-graph form of a decode step (position and attention lengths read by the kernels
     from device memory, the decode kernel's split sized for the capacity): after a 14-token prefill, the steps at

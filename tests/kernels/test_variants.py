@@ -66,9 +66,23 @@ def test_gemm_layouts_same_bits(m, k):
         cfg = {**SMALL, "W_PLANES": int(w_planes), "SWAP": 0, "TMA": 1}
         got = ops.w4a4_linear(act_p if a_planes else act, w, res, config=cfg).cpu()
         assert torch.equal(got, ref), ("tma", a_planes, w_planes)
+    for out_dtype in (torch.float32, torch.float16):  # the library's int8 GEMM on the planes + the epilogue kernel
+        cfg = {**ops.GEMM_INT_MM_EPILOGUE, "INT_MM": 1}
+        got = ops.w4a4_linear(act_p, w, res.to(out_dtype), out_dtype=out_dtype, config=cfg).cpu()
+        assert torch.equal(got, ref if out_dtype == torch.float32 else ops.w4a4_linear(
+            act_p, w, res.half(), out_dtype=torch.float16, config=SMALL).cpu()), ("int_mm", out_dtype)
     # the defaults: planar activations (swap), weight planes from M >= W_PLANES_MIN_M, the GEMM_PLANE_TILES configs
     assert torch.equal(ops.w4a4_linear(act_p, w, res).cpu(), ref)
     assert torch.equal(ops.w4a4_linear(act, w, res).cpu(), ref)
+
+
+def test_int_mm_candidate():
+    """The INT_MM config joins the autotune candidates on a GPU for M > 16 when both operands are planes."""
+    assert ops.linear_candidates(17, 2048, True, 90, True, int_mm_ok=True)[-1] == {**ops.GEMM_INT_MM_EPILOGUE,
+                                                                                  "INT_MM": 1}
+    assert all("INT_MM" not in c for c in ops.linear_candidates(16, 2048, True, 90, True, int_mm_ok=True))
+    assert all("INT_MM" not in c for c in ops.linear_candidates(17, 2048, True, 90, True, int_mm_ok=False))
+    assert all("INT_MM" not in c for c in ops.linear_candidates(17, 2048, True, None, False, int_mm_ok=True))
 
 
 def test_variant_bad_input():
@@ -86,6 +100,8 @@ def test_variant_bad_input():
     odd = ops.PackedWeight.from_codes(torch.zeros(6, 64, dtype=torch.int8), torch.ones(6)).to(DEVICE)
     with pytest.raises(ops.KernelInputError, match="16 bytes"):  # fp16 rows of 6 outputs: 12 bytes
         ops.w4a4_linear(act, odd, out_dtype=torch.float16, config={**SMALL, "TMA": 1})
+    with pytest.raises(ops.KernelInputError, match="INT_MM=1 takes int8 planes of both operands"):
+        ops.w4a4_linear(act, w.with_planes(), config={**ops.GEMM_INT_MM_EPILOGUE, "INT_MM": 1})
     bad = ops.PackedWeight(w.codes, w.scale, w.rowsum, planes=torch.zeros(16, 32, dtype=torch.int8, device=DEVICE))
     with pytest.raises(ops.KernelInputError, match="planes"):
         ops.w4a4_linear(act, bad)
