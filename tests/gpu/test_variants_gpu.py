@@ -56,6 +56,8 @@ def test_gemm_variants_same_bits(n, k):
         for cfg, a in itertools.product(configs, (act, act_p)):
             got = ops.w4a4_linear(a, w, out_dtype=torch.float16, config=cfg)
             assert torch.equal(got, ref), (m, cfg, a.planes)
+        cfg = {**ops.GEMM_INT_MM_EPILOGUE, "INT_MM": 1}  # cuBLASLt's int8 GEMM on the planes + the epilogue kernel
+        assert torch.equal(ops.w4a4_linear(act_p, w, out_dtype=torch.float16, config=cfg), ref), (m, cfg)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])
