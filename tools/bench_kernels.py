@@ -1,7 +1,7 @@
 """Benchmark the W4A4KV4 kernels against torch FP16 (cuBLAS / SDPA) and a device-to-device copy; prints JSON.
 
     python tools/bench_kernels.py [--sections gemm,quantize,attention,e2e,sweep,variants] [--e2e-layers 4]
-        [--out r.json]
+        [--out r.json]     # sections run in the order given; --out is rewritten after each one
     python tools/bench_kernels.py --smoke      # tiny shapes in Triton's interpreter on the CPU (checks the script)
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) in milliseconds, kernels and
@@ -583,29 +583,32 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, args.out)
         return text
 
-    if "gemm" in sections:
-        result["gemm"] = gemm_section(device, gemm_shapes, gemm_ms)
-        save()
-    if "sweep" in sections:
-        result["sweep"] = sweep_section(device, gemm_shapes, [1, 16, 256, 2048] if not smoke else [1, 32])
-        save()
-    if "quantize" in sections:
+    def run_quantize() -> list:
         sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43),
                                                       (11008, 1)]
-        result["quantize"] = quantize_section(device, 4 if smoke else 4096, sizes, "sweep" in sections)
-        save()
-    if "attention" in sections:
+        return quantize_section(device, 4 if smoke else 4096, sizes, "sweep" in sections)
+
+    def run_attention() -> list:
         cases = [(1, 64)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
-        result["attention"] = attention_section(device, cases, 4 if smoke else 32, 64 if smoke else 128,
-                                                "sweep" in sections)
+        return attention_section(device, cases, 4 if smoke else 32, 64 if smoke else 128, "sweep" in sections)
+
+    runners: dict[str, Callable[[], object]] = {
+        "gemm": lambda: gemm_section(device, gemm_shapes, gemm_ms),
+        "sweep": lambda: sweep_section(device, gemm_shapes, [1, 16, 256, 2048] if not smoke else [1, 32]),
+        "quantize": run_quantize,
+        "attention": run_attention,
+        "variants": lambda: variants_section(device, smoke, args.variants_budget_s),
+        "e2e": lambda: e2e_section(device, "smollm2-135m" if smoke else "llama2-7b", 1 if smoke else args.e2e_layers,
+                                   [(1, 16)] if smoke else [(1, 2048), (4, 512)],
+                                   [(1, 16)] if smoke else [(1, 2048), (16, 2048)]),
+    }
+    unknown = [name for name in sections if name not in runners]
+    if unknown:
+        print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(runners)}", file=sys.stderr)
+        return 2
+    for name in sections:  # in the order given: a time limit keeps the sections already saved
+        result[name] = runners[name]()
         save()
-    if "variants" in sections:
-        result["variants"] = variants_section(device, smoke, args.variants_budget_s)
-        save()
-    if "e2e" in sections:
-        result["e2e"] = e2e_section(device, "smollm2-135m" if smoke else "llama2-7b", 1 if smoke else args.e2e_layers,
-                                    [(1, 16)] if smoke else [(1, 2048), (4, 512)],
-                                    [(1, 16)] if smoke else [(1, 2048), (16, 2048)])
     print(save())
     return 0
 

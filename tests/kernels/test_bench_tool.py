@@ -28,6 +28,13 @@ def test_bench_kernels_smoke(tmp_path):
     assert all(row["kernel_ms"] > 0 for row in result["quantize"]) and result["attention"][0]["kv4_ms"] > 0
 
 
+def test_bench_kernels_unknown_section_exits_2():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
+                           "gemm,e2ee"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown section(s) e2ee" in proc.stderr and not proc.stdout
+
+
 def test_bench_kernels_without_gpu_exits_2():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py")], cwd=REPO, env=env,
