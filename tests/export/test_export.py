@@ -105,6 +105,18 @@ def test_prefill_then_decode_equals_full_prefill(tiny_onnx, tiny_artifact):
     assert torch.equal(torch.from_numpy(full), ref)  # measured: bit-exact
 
 
+def test_folded_weights_same_outputs(tiny_onnx):
+    """``fold_weights`` (the default: the weights' DequantizeLinear folded into float initializers at session
+    creation) gives the unfolded session's logits and cache bit for bit, prefill and decode."""
+    folded, unfolded = OrtDecoder(tiny_onnx), OrtDecoder(tiny_onnx, fold_weights=False)
+    a, cache_a, _ = folded(IDS[:, :10].numpy())
+    b, cache_b, _ = unfolded(IDS[:, :10].numpy())
+    a2, cache_a, _ = folded(IDS[:, 10:11].numpy(), cache_a)
+    b2, cache_b, _ = unfolded(IDS[:, 10:11].numpy(), cache_b)
+    assert np.array_equal(a, b) and np.array_equal(a2, b2)  # measured: identical
+    assert all(np.array_equal(cache_a[k], cache_b[k]) for k in cache_a)
+
+
 def test_greedy_generation_matches_torch(tiny_artifact, tiny_onnx):
     model = load_artifact(tiny_artifact).model
     prompt = IDS[:1, :6]
