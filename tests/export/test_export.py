@@ -109,12 +109,27 @@ def test_folded_weights_same_outputs(tiny_onnx):
     """``fold_weights`` (the default: the weights' DequantizeLinear folded into float initializers at session
     creation) gives the unfolded session's logits and cache bit for bit, prefill and decode."""
     folded, unfolded = OrtDecoder(tiny_onnx), OrtDecoder(tiny_onnx, fold_weights=False)
+    assert folded.fold_weights and not unfolded.fold_weights  # auto: a tiny model is folded
     a, cache_a, _ = folded(IDS[:, :10].numpy())
     b, cache_b, _ = unfolded(IDS[:, :10].numpy())
     a2, cache_a, _ = folded(IDS[:, 10:11].numpy(), cache_a)
     b2, cache_b, _ = unfolded(IDS[:, 10:11].numpy(), cache_b)
     assert np.array_equal(a, b) and np.array_equal(a2, b2)  # measured: identical
     assert all(np.array_equal(cache_a[k], cache_b[k]) for k in cache_a)
+
+
+def test_fold_weights_auto_threshold():
+    """Auto folding: the demo model's float32 linear weights (0.4 GB) fit a quarter of a 24 GB machine,
+    LLaMA-2-7B's (26 GB) do not."""
+    from infoquant_export.runtime.ort_decoder import FOLD_MEMORY_FRACTION, linear_weight_count
+
+    demo = {"hidden_size": 576, "intermediate_size": 1536, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
+            "head_dim": 64}
+    llama7b = {"hidden_size": 4096, "intermediate_size": 11008, "num_layers": 32, "num_heads": 32,
+               "num_kv_heads": 32, "head_dim": 128}
+    assert linear_weight_count(llama7b) == 6_476_005_376  # 32 x (4 x 4096^2 + 3 x 4096 x 11008)
+    budget = FOLD_MEMORY_FRACTION * 24 * 2**30
+    assert 4 * linear_weight_count(demo) <= budget < 4 * linear_weight_count(llama7b)
 
 
 def test_greedy_generation_matches_torch(tiny_artifact, tiny_onnx):
