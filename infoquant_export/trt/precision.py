@@ -12,6 +12,7 @@ Runtime to find values that would overflow float16 and keeps those nodes in floa
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import traceback
 from pathlib import Path
@@ -44,11 +45,14 @@ def autocast(onnx_path: Path, precision: str, variant: str | None) -> Any:
         flat = Path(tmp) / "model.onnx"
         onnx.save(model, str(flat), save_as_external_data=model.ByteSize() > 2**30, location="model.onnx.data")
         try:
-            converted = convert_to_mixed_precision(
-                onnx_path=str(flat), low_precision_type=LOW[precision], keep_io_types=True,
-                calibration_data=str(calibration), op_types_to_exclude=renamed,  # plugins stay float32
-                nodes_to_exclude=_cache_nodes(model) + _rope_table_nodes(model),
-                trt_plugins_precision=[f"{name}:fp32" for name in renamed], providers=["cpu"])
+            # in tmp: ONNX Runtime's symbolic shape inference (run by AutoCast) saves sym_shape_infer_temp.onnx
+            # (+ external data) to the working directory when its inference is incomplete, and leaves it there
+            with contextlib.chdir(tmp):
+                converted = convert_to_mixed_precision(
+                    onnx_path=str(flat), low_precision_type=LOW[precision], keep_io_types=True,
+                    calibration_data=str(calibration), op_types_to_exclude=renamed,  # plugins stay float32
+                    nodes_to_exclude=_cache_nodes(model) + _rope_table_nodes(model),
+                    trt_plugins_precision=[f"{name}:fp32" for name in renamed], providers=["cpu"])
         except Exception as err:  # ModelOpt raises bare AssertionErrors from its graph passes
             where = traceback.extract_tb(err.__traceback__)[-1]
             raise UserError(f"ModelOpt AutoCast failed for --precision {precision} ({type(err).__name__} in "
