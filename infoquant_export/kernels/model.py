@@ -21,6 +21,7 @@ quantization, GEMMs and the cache are the reference's integer arithmetic.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -309,9 +310,16 @@ class KernelCausalLM:
                 logits = self.decode_step(static_tokens, pos, cache)
             torch.cuda.current_stream(tokens.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.decode_step(static_tokens, pos, cache)
-            cache.graph = DecodeGraph(key, graph, static_tokens, pos, out)
+            try:
+                with torch.cuda.graph(graph):
+                    out = self.decode_step(static_tokens, pos, cache)
+            except Exception as err:  # e.g. an op that cannot be captured: keep decoding, eagerly
+                warnings.warn(f"CUDA graph capture of the decode step failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''}); decoding without graphs "
+                              "(--cuda-graphs off)", RuntimeWarning, stacklevel=2)
+                self.cuda_graphs = False
+            else:
+                cache.graph = DecodeGraph(key, graph, static_tokens, pos, out)
         else:
             g.tokens.copy_(tokens)
             g.pos.fill_(cache.length)

@@ -226,6 +226,34 @@ def test_kernel_model_cuda_graph_decode():
     assert sqnr_db(full, inc) >= 30
 
 
+def test_kernel_model_graph_capture_failure_falls_back(monkeypatch):
+    """A decode step that cannot be captured (here: a host read inside it) makes the model warn once and decode
+    eagerly from then on; the tokens stay those of the eager model."""
+    from infoquant_export.kernels.model import KernelCausalLM
+    from infoquant_export.kernels.random_model import random_w4a4kv4_model
+
+    model = random_w4a4kv4_model("smollm2-135m", 1, "cuda")
+    km, eager = KernelCausalLM(model, torch.float32), KernelCausalLM(model, torch.float32, cuda_graphs=False)
+    step = km.decode_step
+
+    def syncing(tokens, pos, cache):
+        int(pos.sum())  # a device -> host copy: not allowed while capturing
+        return step(tokens, pos, cache)
+
+    monkeypatch.setattr(km, "decode_step", syncing)
+    ids = torch.randint(0, 1000, (1, 20), device=CUDA)
+    logits, cache = km(ids[:, :16])
+    ref, ref_cache = eager(ids[:, :16])
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the decode step failed"):
+        logits, cache = km(ids[:, 16:17], cache)
+    assert not km.cuda_graphs and cache.graph is None
+    for i in range(17, 20):
+        logits, cache = km(ids[:, i:i + 1], cache)
+    for i in range(16, 20):
+        ref, ref_cache = eager(ids[:, i:i + 1], ref_cache)
+    assert torch.equal(logits, ref) and cache.length == ref_cache.length == 20
+
+
 def test_cpu_tensor_refused_by_compiled_kernels():
     with pytest.raises(ops.KernelInputError, match="CUDA tensors"):
         ops.quantize_rows(torch.randn(4, 256), 4, 0.9)
