@@ -118,7 +118,7 @@ class KernelLayer:
 @dataclass
 class DecodeGraph:
     """A decode step captured as a CUDA graph: its static inputs (token ids, position) and output (logits), for one
-    batch size and one set of cache tensors (``key``)."""
+    model, batch size and set of cache tensors (``key``)."""
 
     key: tuple
     graph: torch.cuda.CUDAGraph
@@ -298,7 +298,7 @@ class KernelCausalLM:
         """``decode_step`` at position ``cache.length`` as a replay of the cache's CUDA graph, captured on first use
         for this batch size and these cache tensors (again after the cache grows). The first call runs the step
         eagerly (it also autotunes the GEMMs) and then captures it. Returns the logits (a copy)."""
-        key = (tokens.shape[0], cache.capacity, cache.layers[0][0].codes.data_ptr())
+        key = (id(self), tokens.shape[0], cache.capacity, cache.layers[0][0].codes.data_ptr())  # model, batch, cache
         g = cache.graph
         if g is None or g.key != key:
             cache.graph = None  # free the old graph's memory pool before capturing a new one
