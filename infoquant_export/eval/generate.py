@@ -47,33 +47,43 @@ def greedy_loop(logits: Any, cache: Any, decode: Callable[[int, Any], tuple[Any,
     return new
 
 
-def _synced_ms(device: torch.device, start: float) -> float:
-    """Milliseconds since ``start`` (``time.perf_counter``) once the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
+def timed_greedy(prefill: Callable[[], tuple[Any, Any]], decode: Callable[[int, Any], tuple[Any, Any]],
+                 prompt_tokens: int, max_new_tokens: int, stop: set[int], timing: dict[str, Any] | None = None,
+                 sync: Callable[[], None] | None = None) -> list[int]:
+    """``prefill()``, then ``greedy_loop`` with ``decode``. ``timing`` (a dict) receives the prefill's and each
+    decode step's milliseconds, measured after ``sync()`` (the device finishing its queued work) when given."""
+    steps: list[float] = []
+
+    def clocked(fn: Callable[..., tuple[Any, Any]], *args: Any) -> tuple[tuple[Any, Any], float]:
+        start = time.perf_counter()
+        out = fn(*args)
+        if sync is not None:
+            sync()
+        return out, (time.perf_counter() - start) * 1e3
+
+    def timed_decode(token: int, past: Any) -> tuple[Any, Any]:
+        out, ms = clocked(decode, token, past)
+        steps.append(ms)
+        return out
+
+    if timing is None:
+        logits, cache = prefill()
+        return greedy_loop(logits, cache, decode, max_new_tokens, stop)
+    (logits, cache), prefill_ms = clocked(prefill)
+    timing.update(prefill_tokens=prompt_tokens, prefill_ms=prefill_ms, step_ms=steps)
+    return greedy_loop(logits, cache, timed_decode, max_new_tokens, stop)
 
 
 @torch.no_grad()
 def greedy_generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, stop: set[int],
                     timing: dict[str, Any] | None = None) -> list[int]:
-    """Prefill once, then decode one token at a time from the KV cache; returns the new token ids. ``timing``
-    (a dict) receives the prefill time and each decode step's time, synchronized with the device."""
+    """Prefill once, then decode one token at a time from the KV cache; returns the new token ids. ``timing``: see
+    ``timed_greedy`` (synchronized with a CUDA device)."""
     device = model.device
-    start = time.perf_counter()
-    logits, cache = model(input_ids.to(device))
-    steps: list[float] = []
-    if timing is not None:
-        timing.update(prefill_tokens=int(input_ids.shape[1]), prefill_ms=_synced_ms(device, start), step_ms=steps)
-
-    def decode(token: int, past: Any) -> tuple[Any, Any]:
-        t0 = time.perf_counter()
-        out = model(torch.tensor([[token]], device=device), past)
-        if timing is not None:
-            steps.append(_synced_ms(device, t0))
-        return out
-
-    return greedy_loop(logits, cache, decode, max_new_tokens, stop)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return timed_greedy(lambda: model(input_ids.to(device)),
+                        lambda t, c: model(torch.tensor([[t]], device=device), c),
+                        int(input_ids.shape[1]), max_new_tokens, stop, timing, sync)
 
 
 def timing_summary(timing: dict[str, Any]) -> dict[str, Any]:

@@ -796,6 +796,15 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         bias = weight.bias if weight.bias is not None else weight.scale
         res = residual if residual is not None else y
         res_stride = residual.stride(0) if residual is not None else 0
+
+        def epilogue(part: torch.Tensor, splits: int, bm: int) -> None:
+            """``w4a4_splitk_epilogue_kernel``: the int32 accumulator ``part`` (summed over ``splits``) -> y."""
+            bn = SPLITK_EPILOGUE_BN
+            kernel_module("gemm").w4a4_splitk_epilogue_kernel[(triton_cdiv(m, bm) * triton_cdiv(n, bn),)](
+                part, act.scale, act.zero, weight.scale, weight.rowsum, bias, res, y, m, n, res_stride, y.stride(0),
+                SPLITS=splits, HAS_BIAS=common["HAS_BIAS"], HAS_RES=common["HAS_RES"], BM=bm, BN=bn, num_warps=4,
+                enable_fp_fusion=False)
+
         if tma:
             if swap or not tma_eligible(act, weight, y, residual):
                 raise KernelInputError("config TMA=1 needs SWAP=0, 16-byte aligned tensors and rows of a multiple "
@@ -815,11 +824,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
                 raise KernelInputError("config INT_MM=1 takes int8 planes of both operands and, on a GPU, M > 16",
                                        "quantize with planes=True, use weight.with_planes(), or drop INT_MM")
             acc = torch._int_mm(act.codes, weight.planes.t())  # [even | odd] . [even | odd] = acc, exact int32
-            bm, bn = cfg["BM"], SPLITK_EPILOGUE_BN
-            kernel_module("gemm").w4a4_splitk_epilogue_kernel[(triton_cdiv(m, bm) * triton_cdiv(n, bn),)](
-                acc, act.scale, act.zero, weight.scale, weight.rowsum, bias, res, y, m, n, res_stride, y.stride(0),
-                SPLITS=1, HAS_BIAS=common["HAS_BIAS"], HAS_RES=common["HAS_RES"], BM=bm, BN=bn, num_warps=4,
-                enable_fp_fusion=False)
+            epilogue(acc, 1, cfg["BM"])
             return
         if splits > 1:
             if act.planes or use_wp or swap or splits & (splits - 1):
@@ -831,11 +836,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
             mod.w4a4_gemm_splitk_kernel[(grid[0], splits)](
                 act.codes, weight.codes, part, m, n, k2, chunk, act.codes.stride(0), weight.codes.stride(0),
                 WORDS=common["WORDS"], **cfg)
-            bm, bn = cfg["BM"], SPLITK_EPILOGUE_BN
-            mod.w4a4_splitk_epilogue_kernel[(triton_cdiv(m, bm) * triton_cdiv(n, bn),)](
-                part, act.scale, act.zero, weight.scale, weight.rowsum, bias, res, y, m, n, res_stride, y.stride(0),
-                SPLITS=splits, HAS_BIAS=common["HAS_BIAS"], HAS_RES=common["HAS_RES"], BM=bm, BN=bn, num_warps=4,
-                enable_fp_fusion=False)
+            epilogue(part, splits, cfg["BM"])
             return
         if not (act.planes or use_wp or swap):  # the packed operands of the default kernel
             kernel_module("gemm").w4a4_gemm_kernel[grid](
@@ -851,7 +852,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     if config is None:
         planar = act.planes or w_planes_default
         cc = device_cc(y.device)
-        int_mm_ok = act.planes and weight.planes is not None and k2 % 4 == 0 and n % 8 == 0
+        int_mm_ok = act.planes and weight.planes is not None and n % 8 == 0  # K = 2 * k2: a multiple of 64
         candidates = linear_candidates(m, k2, planar, cc, tma_eligible(act, weight, y, residual), int_mm_ok)
         config = candidates[0]
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":

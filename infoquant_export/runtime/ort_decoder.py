@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from infoquant_export.errors import UserError
-from infoquant_export.eval.generate import greedy_loop, stop_ids
+from infoquant_export.eval.generate import stop_ids, timed_greedy
 from infoquant_export.export.exporter import META_PREFIX
 from infoquant_export.export.model_graph import kv_names
 
@@ -154,19 +153,7 @@ class OrtDecoder:
 def ort_greedy_generate(decoder: Any, input_ids: np.ndarray, max_new_tokens: int, stop: set[int],
                         timing: dict[str, Any] | None = None) -> list[int]:
     """Prefill once, then one token per step from the 4-bit KV cache (the loop of ``eval.generate``); any decoder
-    with OrtDecoder's call interface (``trt.runtime.TrtDecoder`` too). ``timing``: as ``greedy_generate``'s (the
-    calls return host arrays, so they are synchronous)."""
-    start = time.perf_counter()
-    logits, cache, _ = decoder(input_ids)
-    steps: list[float] = []
-    if timing is not None:
-        timing.update(prefill_tokens=int(input_ids.shape[1]), prefill_ms=(time.perf_counter() - start) * 1e3,
-                      step_ms=steps)
-
-    def decode(token: int, past: Any) -> tuple[Any, Any]:
-        t0 = time.perf_counter()
-        out = decoder(np.array([[token]], np.int64), past)[:2]
-        steps.append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    return greedy_loop(logits, cache, decode, max_new_tokens, stop)
+    with OrtDecoder's call interface (``trt.runtime.TrtDecoder`` too). ``timing``: see ``timed_greedy`` (the calls
+    return host arrays, so they are synchronous)."""
+    return timed_greedy(lambda: decoder(input_ids)[:2], lambda t, c: decoder(np.array([[t]], np.int64), c)[:2],
+                        int(input_ids.shape[1]), max_new_tokens, stop, timing)
