@@ -18,11 +18,14 @@ from infoquant_export.kernels.ops import (
     PRE_NONE,
     PRE_RMSNORM,
     PRE_ROPE,
+    PRE_SCALE,
     PRE_SWIGLU,
+    _inv_sqrt,
     decode_tile,
     gemm_candidates,
     gemm_config,
     gemm_tables,
+    k_step_tile,
     row_tile,
     row_warps,
 )
@@ -113,6 +116,29 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
                       ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
 
 
+def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: bool = True, x: str = "fp16",
+             row_scale: float = 1.0) -> KernelSpec:
+    """A ``quantize_rows_chunked_kernel`` specialisation (``quant=False``: float32 out)."""
+    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "codes_ptr": "*u8" if quant else "*fp32", "stride_cr": "i32",
+             "scale_ptr": "*fp32", "zero_ptr": "*u8", "n": "i32", "clip": "fp32", "clip_min": "fp32",
+             "up_offset": "i32", "aux_ptr": "*fp32"}
+    return KernelSpec(name, "quantize", "quantize_rows_chunked_kernel", types,
+                      {"CH": chunk, "PLANES": False, "PRE": pre, "ROUND": pre == PRE_SWIGLU, "ROW_SCALE": row_scale,
+                       "ROT_P": rot_p, "LOG2P": max(rot_p, 1).bit_length() - 1,
+                       "ROT_SCALE": rot_p ** -0.5 if rot_p and quant else 1.0, "QUANT": quant},
+                      ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"), {"num_warps": 4})
+
+
+def k_step_spec(name: str, k: int, p: int, cc: int) -> KernelSpec:
+    """The ``hadamard_k_step_kernel`` of a Paley K x p Hadamard with ``ops.k_step_tile(cc)``."""
+    ba, bk, bc, warps = k_step_tile(cc)
+    return KernelSpec(name, "quantize", "hadamard_k_step_kernel",
+                      {"y_ptr": "*fp32", "out_ptr": "*fp32", "ht_ptr": "*fp64", "n_cols": "i32", "out_scale": "fp32"},
+                      {"K": k, "P": p, "LOG2P": p.bit_length() - 1, "KB": -(-k // bk) * bk, "BA": ba, "BK": bk,
+                       "BC": bc, "SCALE": False},
+                      ("y_ptr", "out_ptr", "ht_ptr"), {"num_warps": warps})
+
+
 def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
     gp, bt = decode_tile(group)
     types = {"q_ptr": "*fp16", "stride_qb": "i32", "stride_qh": "i32", "kc_ptr": "*u8", "ks_ptr": "*fp32",
@@ -153,6 +179,11 @@ def default_specs(cc: int = 90) -> list[KernelSpec]:
         _rows("rope_hadamard_q_32x128", 4096, 32, True, False, "fp16", PRE_ROPE, quant=False),
         _rows("kv_rope_hadamard_quantize_32x128", 4096, 32, True, True, "fp16", PRE_ROPE),
         _rows("swiglu_hadamard_quantize_1536_k12", 1536, 1, True, False, "fp16", PRE_SWIGLU),
+        # LLaMA-2-7B's down_proj input, 11008 = 344 x 32: SwiGLU + FWHT (float32 out), the float64 K step, the
+        # chunked quantize of the float32 rows with the 1/sqrt(n) scale
+        _chunked("swiglu_fwht_11008_344x32", 1024, PRE_SWIGLU, 32, quant=False),
+        k_step_spec("hadamard_k_step_344x32", 344, 32, cc),
+        _chunked("scale_quantize_11008", 1024, PRE_SCALE, x="fp32", row_scale=_inv_sqrt(11008)),
         _decode("kv4_decode_g1_d128", 1, 128),
         _decode("kv4_decode_g3_d64", 3, 64),
     ]
@@ -189,9 +220,6 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
     """The performance variants (``tools/bench_kernels.py --sections variants``) at LLaMA-2-7B prefill shapes:
     the GEMM operand layouts, the planar and chunked activation quantization, the TMA GEMM (sm_90), the CUDA-core
     decode attention."""
-    chunk_types = {"x_ptr": "*fp16", "stride_xr": "i32", "codes_ptr": "*u8", "stride_cr": "i32",
-                   "scale_ptr": "*fp32", "zero_ptr": "*u8", "n": "i32", "clip": "fp32", "clip_min": "fp32",
-                   "up_offset": "i32", "aux_ptr": "*fp32"}
     planes = _rows("hadamard_quantize_4096_planes", 4096, 1, True, False, "fp16")
     return [
         _gemm_v2("w4a4_gemm_v2_aplanes_swap_m2048", 2048, 4096, "fp16", True, False, True, cc=cc),
@@ -200,15 +228,8 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _gemm_v2("w4a4_gemm_v2_planes_m256", 256, 4096, "fp16", True, True, False, cc=cc),
         KernelSpec(planes.name, planes.module, planes.kernel, {**planes.types, "codes_ptr": "*i8"},
                    {**planes.constexprs, "PLANES": True}, planes.divisible, planes.options),
-        KernelSpec("quantize_chunked_2048", "quantize", "quantize_rows_chunked_kernel", chunk_types,
-                   {"CH": 2048, "PLANES": False, "PRE": PRE_NONE, "ROUND": False, "ROW_SCALE": 1.0, "ROT_P": 0,
-                    "LOG2P": 0, "ROT_SCALE": 1.0},
-                   ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"),
-                   {"num_warps": 4}),
-        KernelSpec("hadamard_quantize_chunked_43x256_1024", "quantize", "quantize_rows_chunked_kernel", chunk_types,
-                   {"CH": 1024, "PLANES": False, "PRE": PRE_NONE, "ROUND": False, "ROW_SCALE": 1.0, "ROT_P": 256,
-                    "LOG2P": 8, "ROT_SCALE": 0.0625},
-                   ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"), {"num_warps": 4}),
+        _chunked("quantize_chunked_2048", 2048),
+        _chunked("hadamard_quantize_chunked_43x256_1024", 1024, rot_p=256),
         *(gemm_tma_specs() if cc == 90 else []),
         KernelSpec("w4a4_gemm_splitk_m1_k4096", "gemm", "w4a4_gemm_splitk_kernel",
                    {"a_ptr": "*u8", "w_ptr": "*u8", "part_ptr": "*i32", "M": "i32", "N": "i32", "K2": "i32",

@@ -252,26 +252,72 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None) -> torch.Tensor:
-    """The block Hadamard for large K up to the final scaling, as float64 ``[m, n]``: the FWHT kernel over p
-    (unnormalised; each of the K rows of a block is a p-sized Hadamard block; with ``pre`` computed as the row is
-    loaded when the row is one block), then H_K^T as a float64 matmul -- numerics.md section 1 steps 1-3."""
+K_STEP_TILES = {"dmma": (64, 16, 64, 4), "fma": (64, 16, 32, 4)}
+"""(BA, BK, BC, warps) of ``hadamard_k_step_kernel``. "dmma" (sm_80, sm_90+: float64 tensor cores): 64 x 64
+float64 accumulators, K steps of 16 (sm_90's DMMA is m16n8k16): 168 registers, no spills. "fma" (sm_86 / 87 / 89,
+whose float64 ``tl.dot`` is an FMA loop): 64 x 32 (64 x 64 spills 1032 bytes there). Chosen from the compiled code
+on the CPU (``kernel-resources.json``), not timed on a GPU."""
+
+
+def k_step_tile(cc: int | None) -> tuple[int, int, int, int]:
+    """The K-step tile for compute capability ``cc`` (None: the interpreter, which takes the sm_90 tile)."""
+    return K_STEP_TILES["fma" if cc is not None and 80 < cc < 90 else "dmma"]
+
+
+@cache
+def _hk_t_padded(k: int, rows: int, cols: int, device: str) -> torch.Tensor:
+    """``H_K^T`` as float64 ``[rows, cols]`` (rows, cols >= k), zero padded: the K-step kernel's A operand."""
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    out[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    return out.to(device)
+
+
+def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None, scale: bool = False
+                    ) -> torch.Tensor:
+    """The block Hadamard for large K as float32 ``[m, n]``, two kernels: ``quantize_rows_chunked_kernel`` with
+    ``QUANT=False`` (the prologue ``pre`` and the unnormalised FWHT of each p-sized block, written as float32, no
+    padding of the K axis), then ``hadamard_k_step_kernel`` (H_K^T in float64, rounded once to float32; ``scale``:
+    also ``* 1/sqrt(n_block)``) -- numerics.md section 1 steps 1-2 (3). An RMSNorm or RoPE prologue (whole-row
+    or per-head) is applied by a launch of its own first."""
     m, n = x2.shape[0], tile.nb * tile.n_block
-    if pre is not None and pre.kind != PRE_NONE and tile.nb > 1:
-        x2, pre = _apply_prologue(x2, n, pre), None
-    rows = x2 if tile.nb == 1 else x2.contiguous().reshape(m * tile.nb, tile.n_block)
-    fwht = torch.empty(rows.shape[0], tile.n_block, dtype=torch.float64, device=x2.device)
-    _launch_rows(rows, RowTile(tile.k, tile.p, 1, tile.p, True), quant=False, per_block=False, bits=4, clip=1.0,
-                 clip_min=1.0, codes=fwht, scale=fwht, zero=fwht, y=fwht, seq_len=rows.shape[0], pos0=0,
-                 code_strides=(0, 0, 0), scale_strides=(0, 0, 0), inv_sqrt=1.0, pre=pre)
-    hk_t = _hk_t(tile.k, 1, tile.k, str(x2.device))
-    return torch.matmul(hk_t, fwht.view(m * tile.nb, tile.k, tile.p)).reshape(m, n)
+    pre = pre or Prologue()
+    if pre.kind not in (PRE_NONE, PRE_SWIGLU):
+        x2, pre = _apply_prologue(x2, n, pre), Prologue()
+    fwht = torch.empty(m, n, dtype=torch.float32, device=x2.device)
+    chunk = max(CHUNK, tile.p)
+    kernel_module("quantize").quantize_rows_chunked_kernel[(m,)](
+        x2, x2.stride(0), fwht, fwht.stride(0), fwht, fwht, n, 1.0, 1.0, pre.up_offset, pre.operands(fwht)[0],
+        CH=chunk, PLANES=False, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale, ROT_P=tile.p,
+        LOG2P=tile.p.bit_length() - 1, ROT_SCALE=1.0, QUANT=False, num_warps=4, enable_fp_fusion=False)
+    out = torch.empty_like(fwht)
+    k_step(fwht.view(m * tile.nb, tile.n_block), out.view(m * tile.nb, tile.n_block), tile.k, tile.p,
+           _inv_sqrt(tile.n_block) if scale else None)
+    return out
+
+
+def k_step(y: torch.Tensor, out: torch.Tensor, k: int, p: int, out_scale: float | None = None,
+           tiles: tuple[int, int, int, int] | None = None) -> None:
+    """``out[r] = H_K^T @ y[r]`` for float32 rows ``y [R, k * p]`` seen as ``k x p`` (float64 sum rounded once to
+    float32, then ``* out_scale`` in float32 when given): ``hadamard_k_step_kernel``."""
+    for name, t in (("y", y), ("out", out)):
+        _check_dtype(name, t, (torch.float32,))
+        _check_contiguous(name, t)
+        if t.dim() != 2 or t.shape != y.shape or t.shape[1] != k * p:
+            raise KernelInputError(f"the K step takes rows [R, {k} * {p}] in and out, got {name} {tuple(t.shape)}",
+                                   "pass y and out of shape [rows, k * p]")
+    _check_device(y, out)
+    ba, bk, bc, warps = tiles or k_step_tile(device_cc(y.device))
+    n_cols = y.shape[0] * p
+    ka, kb = triton_cdiv(k, ba) * ba, triton_cdiv(k, bk) * bk
+    ht = _hk_t_padded(k, ka, kb, str(y.device))
+    kernel_module("quantize").hadamard_k_step_kernel[(ka // ba, triton_cdiv(n_cols, bc))](
+        y, out, ht, n_cols, _f32(out_scale or 1.0), K=k, P=p, LOG2P=p.bit_length() - 1, KB=kb, BA=ba, BK=bk, BC=bc,
+        SCALE=out_scale is not None, num_warps=warps, enable_fp_fusion=False)
 
 
 def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
-    """The block Hadamard for large K in float32: ``_k_step_unfused`` rounded to float32, then * 1/sqrt(n)."""
-    y = _k_step_unfused(x2, tile).float()
-    return y * torch.tensor(_inv_sqrt(tile.n_block), dtype=torch.float32)
+    """The block Hadamard for large K in float32: ``_k_step_unfused`` with the final ``* 1/sqrt(n)``."""
+    return _k_step_unfused(x2, tile, scale=True)
 
 
 CHUNKED_ABOVE, CHUNK = 8192, 1024

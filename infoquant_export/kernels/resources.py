@@ -54,7 +54,7 @@ def mma_loop(cubin: bytes) -> dict[str, Any] | None:
         if target >= addr:
             continue
         ops = Counter(op.split(".")[0] for a, op in code if target <= a <= addr)
-        mma = sum(n for op, n in ops.items() if op in ("IGMMA", "HGMMA", "IMMA", "HMMA"))
+        mma = sum(n for op, n in ops.items() if op in ("IGMMA", "HGMMA", "IMMA", "HMMA", "DMMA"))
         if mma and (best is None or sum(ops.values()) < best["instructions"]):
             best = {"instructions": sum(ops.values()), "mma": mma,
                     **{op.lower(): ops.get(op, 0) for op in ("PRMT", "LOP3", "SHF", "IMAD")}}

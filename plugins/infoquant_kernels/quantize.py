@@ -7,7 +7,8 @@ exactly as numerics.md sections 1 and 3:
 1. FWHT over ``P`` in float32, butterfly stages h = 1, 2, ..., P/2 (same order as ``transforms.hadamard._fwht``,
    so the float32 result is bit-identical);
 2. ``H_K^T`` over the K axis in float64 (each term is exact, the float64 sum rounds once) when
-   ``NBP * KP <= 64``; larger K runs this step outside the kernel (``ops``), still in float64;
+   ``NBP * KP <= 64``; larger K runs this step in ``hadamard_k_step_kernel`` (a float64 GEMM), after this
+   kernel's FWHT and before its quantization;
 3. multiply by the float32 constant ``1/sqrt(n_block)``;
 4. xmin = min(min x, 0) * clip_min, xmax = max(max x, 0) * clip, s = max((xmax - xmin) / qmax, 1e-8),
    z = clamp(round(-xmin / s), 0, qmax), q = clamp(round(x / s) + z, 0, qmax) with IEEE division (div_rn);
@@ -250,6 +251,7 @@ def quantize_rows_chunked_kernel(
     CH: tl.constexpr, PLANES: tl.constexpr, PRE: tl.constexpr = 0, ROUND: tl.constexpr = False,
     ROW_SCALE: tl.constexpr = 1.0,
     ROT_P: tl.constexpr = 0, LOG2P: tl.constexpr = 0, ROT_SCALE: tl.constexpr = 1.0,
+    QUANT: tl.constexpr = True,
 ):
     """Per-row 4-bit quantization in chunks of ``CH`` values (a variant of ``hadamard_quantize_kernel`` with
     PER_BLOCK=False, BITS=4; same bits). ``ROT_P`` > 0: a block-diagonal Hadamard of power-of-two blocks of ROT_P
@@ -261,11 +263,23 @@ def quantize_rows_chunked_kernel(
     quantizes it with the same float32 steps. No power-of-two padding of the row (11008 is not padded to 16384)
     and a small register tile, so few warps per row and many rows per SM. ``PRE`` may be PRE_SWIGLU (recomputed
     in pass 2, same bits) or PRE_SCALE; RMSNorm needs the whole row and goes through ``hadamard_quantize_kernel``.
+
+    ``QUANT=False``: one pass that writes the (prologue and) rotated rows as float32 to ``codes_ptr`` instead: the
+    FWHT step of a Hadamard whose Paley K step follows in ``hadamard_k_step_kernel`` (ROT_SCALE 1.0).
     """
     tl.static_assert(PRE == PRE_NONE or PRE == PRE_SWIGLU or PRE == PRE_SCALE)
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, CH)
     x_row = x_ptr + r * stride_xr
+    if not QUANT:
+        for c0 in range(0, n, CH):
+            x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND,
+                          ROW_SCALE)
+            if ROT_P > 0:
+                x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,))
+                x = x * ROT_SCALE
+            tl.store(codes_ptr + r * stride_cr + c0 + offs, x, mask=c0 + offs < n)
+        return
     mn = tl.zeros((CH,), tl.float32)
     mx = tl.zeros((CH,), tl.float32)
     for c0 in range(0, n, CH):
@@ -297,6 +311,43 @@ def quantize_rows_chunked_kernel(
             tl.store(c_row + byte, lo_c | (hi_c << 4), mask=bmask)
     tl.store(scale_ptr + r, scale)
     tl.store(zero_ptr + r, zero.to(tl.uint8))
+
+
+@triton.jit
+def hadamard_k_step_kernel(
+    y_ptr, out_ptr,                      # float32 rows [R, K * P]: the FWHT output in, the K step out
+    ht_ptr,                              # H_K^T as float64 [KA, KB], zero padded (KA, KB: multiples of BA, BK)
+    n_cols, out_scale,                   # R * P; the float32 1/sqrt(n) (SCALE)
+    K: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr, KB: tl.constexpr,
+    BA: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, SCALE: tl.constexpr,
+):
+    """Step 2 of numerics.md section 1 for a Paley K too large for the row kernel's tile (e.g. 11008 = 344 x 32):
+    ``out[r, a, j] = sum_b H_K^T[a, b] * y[r, b, j]`` in float64, rounded once to float32 (then ``* out_scale``
+    in float32 when SCALE: step 3).
+
+    A float64 GEMM ``H_K^T [K, K] @ Y [K, R * P]`` with Y's column ``c = r * P + j`` (row r of the FWHT output
+    seen as K x P): grid (cdiv(K, BA), cdiv(R * P, BC)), the output-row tiles of one column tile adjacent in
+    launch order so they share Y in L2. Every product is exact (+-1 x float32) and the sum is float64, as in the
+    primitives' float64 matmul. ``tl.dot`` on float64 operands is DMMA on sm_80 / sm_90 (``mma.sync ... f64``)
+    and an FMA loop on sm_86 / 87 / 89. Y is loaded as float32 and widened in registers (a float64 ``tl.dot``
+    on the butterfly output itself does not lower in Triton 3.6, so the FWHT is the previous kernel's).
+    """
+    a0 = tl.program_id(0) * BA
+    c = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC)
+    cmask = c < n_cols
+    col_ofs = (c >> LOG2P) * (K * P) + (c & (P - 1))  # element (b, c) of Y at col_ofs + b * P
+    rows_a = a0 + tl.arange(0, BA)
+    acc = tl.zeros((BA, BC), tl.float64)
+    for b0 in range(0, KB, BK):
+        rows_b = b0 + tl.arange(0, BK)
+        h = tl.load(ht_ptr + rows_a[:, None] * KB + rows_b[None, :])
+        y = tl.load(y_ptr + col_ofs[None, :] + rows_b[:, None] * P, mask=(rows_b[:, None] < K) & cmask[None, :],
+                    other=0.0)
+        acc = tl.dot(h, y.to(tl.float64), acc, out_dtype=tl.float64)
+    out = acc.to(tl.float32)
+    if SCALE:
+        out = out * out_scale
+    tl.store(out_ptr + col_ofs[None, :] + rows_a[:, None] * P, out, mask=(rows_a[:, None] < K) & cmask[None, :])
 
 
 @triton.jit

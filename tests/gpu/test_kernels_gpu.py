@@ -74,6 +74,22 @@ def test_hadamard_bit_identical():
         assert torch.equal(ops.hadamard(x.to(CUDA), blocks).cpu(), apply_hadamard(x, blocks)), n
 
 
+@pytest.mark.parametrize("tile", [None, (64, 16, 64, 4), (64, 16, 32, 4), (64, 16, 128, 8), (32, 16, 128, 4)])
+def test_k_step_float64_gemm_bit_identical(tile):
+    """The float64 H_K^T step (DMMA on sm_80 / sm_90) of 11008 = 344 x 32 on 2048 rows (6 outlier rows of 2^12 x
+    the rest): rounded once to float32 like the CPU's float64 matmul."""
+    from infoquant_export.transforms.hadamard import _paley_block
+
+    k, p = 344, 32
+    y = torch.randn(2048, k * p)
+    y[:6, ::7] *= 4096.0
+    ht = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    want = torch.matmul(ht, y.double().view(-1, k, p)).float().reshape(y.shape)
+    out = torch.empty_like(y, device=CUDA)
+    ops.k_step(y.to(CUDA), out, k, p, tiles=tile)
+    assert torch.equal(out.cpu(), want)
+
+
 @pytest.mark.parametrize("m", [1, 16, 300, 2048])
 def test_w4a4_gemm_bit_identical(m):
     n, k = 1024, 4096

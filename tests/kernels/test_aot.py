@@ -17,12 +17,12 @@ REPO = Path(__file__).resolve().parents[2]
 SPECS = ["w4a4_gemm_m2048_k4096", "w4a4_gemm_m1_k4096", "hadamard_quantize_4096"]
 
 
-def compile_kernels(tmp_path: Path, out: Path, targets: str) -> subprocess.CompletedProcess:
+def compile_kernels(tmp_path: Path, out: Path, targets: str, specs: list[str] = SPECS) -> subprocess.CompletedProcess:
     """The tool in a fresh process. TRITON_INTERPRET=1 is inherited on purpose (this test process sets it when there
     is no GPU): the tool must switch it off itself. A private Triton cache makes it really compile."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
     return subprocess.run([sys.executable, str(REPO / "tools" / "compile_kernels.py"), "--out", str(out),
-                           "--targets", targets, "--only", ",".join(SPECS)],
+                           "--targets", targets, "--only", ",".join(specs)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -67,6 +67,24 @@ def test_compile_sm90_and_sm80(tmp_path):
             loop = manifest["targets"][target][spec]["mma_loop"]
             assert loop["prmt"] == 0 and loop["instructions"] < limit, (target, spec, loop)
             assert "0x0F0F0F0F" in (out / target / f"{spec}.ptx").read_text()
+
+
+def test_k_step_float64_tensor_cores(tmp_path):
+    """The 11008 = 344 x 32 Hadamard's K step is a float64 GEMM: DMMA on sm_80 / sm_90 (float64 tensor cores), an
+    FMA loop with its narrower tile on sm_89; no spills anywhere. The FWHT before it (chunked, float32 out) is
+    small: measured 42-64 registers (it was 248-250 as a 16384-value row tile)."""
+    out = tmp_path / "kernels"
+    specs = ["hadamard_k_step_344x32", "swiglu_fwht_11008_344x32"]
+    proc = compile_kernels(tmp_path, out, "sm_80,sm_89,sm_90", specs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    targets = json.loads(proc.stdout)["targets"]
+    assert targets["sm_90"]["hadamard_k_step_344x32"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64"]
+    assert targets["sm_80"]["hadamard_k_step_344x32"]["mma"] == ["mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64"]
+    assert targets["sm_89"]["hadamard_k_step_344x32"]["mma"] == []
+    for target, entries in targets.items():
+        for name, e in entries.items():
+            assert e["spill_store_bytes"] == 0 and e["resident_warps"] >= 8, (target, name, e)  # measured 8-40
+        assert entries["swiglu_fwht_11008_344x32"]["registers"] <= 96, target  # measured 42-64
 
 
 def test_unknown_target_exits_2_without_output(tmp_path):

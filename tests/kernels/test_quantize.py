@@ -73,9 +73,41 @@ def test_quantize_rows_bit_identical(case):
 def test_quantize_rows_unfused_large_k():
     n = 11008  # LLaMA-2-7B intermediate: 344 * 32, Paley K = 344 (q = 343 = 7^3)
     assert hadamard_factors(n) == (344, 32)
-    assert not ops.row_tile(n, 1, True).fused  # H_K^T runs as a float64 matmul outside the kernel
+    assert not ops.row_tile(n, 1, True).fused  # H_K^T runs in the K-step kernel (a float64 GEMM)
     x = torch.randn(2, n)
     assert_rows_equal(x, 4, 0.9, None, 1)
+
+
+@pytest.mark.parametrize("k,p,rows,tiles", [
+    (344, 32, 3, None),               # 11008: the default tile; 96 columns = one full and one partial column tile
+    (344, 32, 3, (64, 16, 32, 4)),    # the sm_86-89 tile
+    (12, 16, 5, (16, 16, 16, 1)),     # K = 12 < BA: padded rows and columns of H_K^T
+    (44, 64, 2, (32, 16, 64, 2)),     # K = 44: the last K step half padding
+])
+def test_k_step_kernel_exact(k, p, rows, tiles):
+    """``hadamard_k_step_kernel``: H_K^T (float64, exact +-1 products) over each row's k x p view, rounded once to
+    float32, as the primitives' float64 matmul; with the 1/sqrt(n) scale after the rounding. Inputs of mixed
+    magnitude (a 2^12 outlier row block) exercise the float64 sum."""
+    from infoquant_export.transforms.hadamard import _paley_block
+
+    y = torch.randn(rows, k * p)
+    y[0, :p] *= 4096.0
+    h_t = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    want = torch.matmul(h_t, y.double().view(rows, k, p)).float().reshape(rows, k * p)
+    out = torch.full_like(y, float("nan")).to(DEVICE)
+    ops.k_step(y.to(DEVICE), out, k, p, tiles=tiles)
+    assert torch.equal(out.cpu(), want)
+    scale = float(torch.tensor(1 / (k * p) ** 0.5, dtype=torch.float32))
+    ops.k_step(y.to(DEVICE), out, k, p, out_scale=scale, tiles=tiles)
+    assert torch.equal(out.cpu(), want * torch.tensor(scale, dtype=torch.float32))
+
+
+def test_k_step_bad_input():
+    y = torch.randn(2, 344 * 32).to(DEVICE)
+    with pytest.raises(ops.KernelInputError, match="float32"):
+        ops.k_step(y.half(), torch.empty_like(y), 344, 32)
+    with pytest.raises(ops.KernelInputError, match=r"rows \[R, 344 \* 32\]"):
+        ops.k_step(y, torch.empty(2, 100, device=DEVICE), 344, 32)
 
 
 def test_quantize_rows_lac_clip_pair():
