@@ -97,7 +97,7 @@ class RowTile:
 
     @property
     def fused(self) -> bool:
-        """Whether the kernel applies the whole rotation (else the K step runs as a float64 torch matmul)."""
+        """Whether the kernel applies the whole rotation (else the K step runs in ``hadamard_k_step_kernel``)."""
         return not self.rotate or self.k == 1 or _pow2(self.nb) * self.kp <= FUSED_K_ROWS
 
     def constexprs(self) -> dict[str, int | bool]:
@@ -407,7 +407,7 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     if hadamard_blocks is not None and hadamard_blocks < 1:
         raise KernelInputError(f"hadamard_blocks={hadamard_blocks}", "pass None (no rotation) or a block count >= 1")
     tile = row_tile(n, hadamard_blocks or 1, hadamard_blocks is not None, bits)
-    if not tile.fused:  # FWHT (+ prologue) kernel, float64 H_K^T matmul; the quantize kernel scales its rows
+    if not tile.fused:  # FWHT (+ prologue) kernel, float64 H_K^T kernel; the quantize kernel scales its rows
         x2, pre = _k_step_unfused(x2, tile, pre), Prologue(PRE_SCALE, row_scale=_inv_sqrt(tile.n_block))
         tile = row_tile(n, 1, False, bits)
     m = x2.shape[0]

@@ -19,10 +19,12 @@ SHAPES = {
 }
 
 
-def random_w4a4kv4_model(shape: str, num_layers: int, device: str, seed: int = 0) -> CausalLM:
-    """A fake-quant CausalLM of ``shape`` with uniform random 4-bit weight codes (scale 0.02 / sqrt(in)), Hadamard
-    online ops on q/k and the down_proj input, 4-bit activations (clip 0.9) and KV (clip 0.95)."""
-    cfg = ModelConfig(family="llama", rms_norm_eps=1e-5, num_layers=num_layers, **SHAPES[shape])
+def random_w4a4kv4_model(shape: str | dict[str, int], num_layers: int, device: str, seed: int = 0) -> CausalLM:
+    """A fake-quant CausalLM of ``shape`` (a ``SHAPES`` name or its dict) with uniform random 4-bit weight codes
+    (scale 0.02 / sqrt(in)), Hadamard online ops on q/k and the down_proj input, 4-bit activations (clip 0.9) and
+    KV (clip 0.95)."""
+    dims = SHAPES[shape] if isinstance(shape, str) else shape
+    cfg = ModelConfig(family="llama", rms_norm_eps=1e-5, num_layers=num_layers, **dims)
     gen = torch.Generator().manual_seed(seed)
     d = cfg.head_dim
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
