@@ -259,6 +259,9 @@ whose float64 ``tl.dot`` is an FMA loop): 64 x 32 (64 x 64 spills 1032 bytes the
 on the CPU (``kernel-resources.json``), not timed on a GPU."""
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+
+
 def k_step_tile(cc: int | None) -> tuple[int, int, int, int]:
     """The K-step tile for compute capability ``cc`` (None: the interpreter, which takes the sm_90 tile)."""
     return K_STEP_TILES["fma" if cc is not None and 80 < cc < 90 else "dmma"]
@@ -307,12 +310,14 @@ def k_step(y: torch.Tensor, out: torch.Tensor, k: int, p: int, out_scale: float 
                                    "pass y and out of shape [rows, k * p]")
     _check_device(y, out)
     ba, bk, bc, warps = tiles or k_step_tile(device_cc(y.device))
-    n_cols = y.shape[0] * p
     ka, kb = triton_cdiv(k, ba) * ba, triton_cdiv(k, bk) * bk
     ht = _hk_t_padded(k, ka, kb, str(y.device))
-    kernel_module("quantize").hadamard_k_step_kernel[(ka // ba, triton_cdiv(n_cols, bc))](
-        y, out, ht, n_cols, _f32(out_scale or 1.0), K=k, P=p, LOG2P=p.bit_length() - 1, KB=kb, BA=ba, BK=bk, BC=bc,
-        SCALE=out_scale is not None, num_warps=warps, enable_fp_fusion=False)
+    step = max(1, MAX_GRID_Y * bc // p)  # rows per launch: the column tiles are the grid's y axis
+    for r0 in range(0, y.shape[0], step):
+        rows = min(step, y.shape[0] - r0)
+        kernel_module("quantize").hadamard_k_step_kernel[(ka // ba, triton_cdiv(rows * p, bc))](
+            y[r0:], out[r0:], ht, rows * p, _f32(out_scale or 1.0), K=k, P=p, LOG2P=p.bit_length() - 1, KB=kb,
+            BA=ba, BK=bk, BC=bc, SCALE=out_scale is not None, num_warps=warps, enable_fp_fusion=False)
 
 
 def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:

@@ -102,6 +102,19 @@ def test_k_step_kernel_exact(k, p, rows, tiles):
     assert torch.equal(out.cpu(), want * torch.tensor(scale, dtype=torch.float32))
 
 
+def test_k_step_row_slices(monkeypatch):
+    """More column tiles than CUDA's gridDim.y allows (65535) go in several launches over row slices: with the
+    limit set to 1 tile, 5 rows of 11008 take 3 launches of 2 rows (64 columns), same result."""
+    from infoquant_export.transforms.hadamard import _paley_block
+
+    monkeypatch.setattr(ops, "MAX_GRID_Y", 1)
+    y = torch.randn(5, 344 * 32)
+    want = torch.matmul(torch.tensor(_paley_block(344), dtype=torch.float64).T, y.double().view(5, 344, 32))
+    out = torch.full_like(y, float("nan")).to(DEVICE)
+    ops.k_step(y.to(DEVICE), out, 344, 32)
+    assert torch.equal(out.cpu(), want.float().reshape(5, -1))
+
+
 def test_k_step_bad_input():
     y = torch.randn(2, 344 * 32).to(DEVICE)
     with pytest.raises(ops.KernelInputError, match="float32"):
