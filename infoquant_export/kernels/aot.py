@@ -15,6 +15,7 @@ from typing import Any
 from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.kernels.ops import (
     GEMM_TMA_TILES,
+    K_STEP_TILE,
     PRE_NONE,
     PRE_RMSNORM,
     PRE_ROPE,
@@ -25,7 +26,6 @@ from infoquant_export.kernels.ops import (
     gemm_candidates,
     gemm_config,
     gemm_tables,
-    k_step_tile,
     row_tile,
     row_warps,
 )
@@ -129,11 +129,11 @@ def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: 
                       ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"), {"num_warps": 4})
 
 
-def k_step_spec(name: str, k: int, p: int, cc: int) -> KernelSpec:
-    """The ``hadamard_k_step_kernel`` of a Paley K x p Hadamard with ``ops.k_step_tile(cc)``."""
-    ba, bk, bc, warps = k_step_tile(cc)
+def k_step_spec(name: str, k: int, p: int) -> KernelSpec:
+    """The ``hadamard_k_step_kernel`` of a Paley K x p Hadamard with ``ops.K_STEP_TILE``."""
+    ba, bk, bc, warps = K_STEP_TILE
     return KernelSpec(name, "quantize", "hadamard_k_step_kernel",
-                      {"y_ptr": "*fp32", "out_ptr": "*fp32", "ht_ptr": "*fp64", "n_cols": "i32", "out_scale": "fp32"},
+                      {"y_ptr": "*fp32", "out_ptr": "*fp32", "ht_ptr": "*fp32", "n_cols": "i32", "out_scale": "fp32"},
                       {"K": k, "P": p, "LOG2P": p.bit_length() - 1, "KB": -(-k // bk) * bk, "BA": ba, "BK": bk,
                        "BC": bc, "SCALE": False},
                       ("y_ptr", "out_ptr", "ht_ptr"), {"num_warps": warps})
@@ -182,7 +182,7 @@ def default_specs(cc: int = 90) -> list[KernelSpec]:
         # LLaMA-2-7B's down_proj input, 11008 = 344 x 32: SwiGLU + FWHT (float32 out), the float64 K step, the
         # chunked quantize of the float32 rows with the 1/sqrt(n) scale
         _chunked("swiglu_fwht_11008_344x32", 1024, PRE_SWIGLU, 32, quant=False),
-        k_step_spec("hadamard_k_step_344x32", 344, 32, cc),
+        k_step_spec("hadamard_k_step_344x32", 344, 32),
         _chunked("scale_quantize_11008", 1024, PRE_SCALE, x="fp32", row_scale=_inv_sqrt(11008)),
         _decode("kv4_decode_g1_d128", 1, 128),
         _decode("kv4_decode_g3_d64", 3, 64),

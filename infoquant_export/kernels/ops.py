@@ -252,26 +252,20 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-K_STEP_TILES = {"dmma": (64, 16, 64, 4), "fma": (64, 16, 32, 4)}
-"""(BA, BK, BC, warps) of ``hadamard_k_step_kernel``. "dmma" (sm_80, sm_90+: float64 tensor cores): 64 x 64
-float64 accumulators, K steps of 16 (sm_90's DMMA is m16n8k16): 168 registers, no spills. "fma" (sm_86 / 87 / 89,
-whose float64 ``tl.dot`` is an FMA loop): 64 x 32 (64 x 64 spills 1032 bytes there). Chosen from the compiled code
-on the CPU (``kernel-resources.json``), not timed on a GPU."""
-
-
+K_STEP_TILE = (64, 16, 64, 4)
+"""(BA, BK, BC, warps) of ``hadamard_k_step_kernel``: 64 x 64 float64 accumulators, K steps of 16 (sm_90's DMMA is
+m16n8k16). Compiled on the CPU (``kernel-resources.json``): 160-167 registers on sm_80 / sm_90 (DMMA), 142 on
+sm_86-89 (an FMA loop: no float64 tensor cores), no spills, 12 resident warps per SM everywhere. Not timed on a GPU
+(``--sections variants`` times three more tiles)."""
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
-
-
-def k_step_tile(cc: int | None) -> tuple[int, int, int, int]:
-    """The K-step tile for compute capability ``cc`` (None: the interpreter, which takes the sm_90 tile)."""
-    return K_STEP_TILES["fma" if cc is not None and 80 < cc < 90 else "dmma"]
 
 
 @cache
 def _hk_t_padded(k: int, rows: int, cols: int, device: str) -> torch.Tensor:
-    """``H_K^T`` as float64 ``[rows, cols]`` (rows, cols >= k), zero padded: the K-step kernel's A operand."""
-    out = torch.zeros(rows, cols, dtype=torch.float64)
-    out[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    """``H_K^T`` as float32 ``[rows, cols]`` (rows, cols >= k), zero padded: the K-step kernel's A operand (+-1 and
+    0 are exact in float32; the kernel widens them to float64, half the bytes of a float64 operand)."""
+    out = torch.zeros(rows, cols, dtype=torch.float32)
+    out[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float32).T
     return out.to(device)
 
 
@@ -309,7 +303,7 @@ def k_step(y: torch.Tensor, out: torch.Tensor, k: int, p: int, out_scale: float 
             raise KernelInputError(f"the K step takes rows [R, {k} * {p}] in and out, got {name} {tuple(t.shape)}",
                                    "pass y and out of shape [rows, k * p]")
     _check_device(y, out)
-    ba, bk, bc, warps = tiles or k_step_tile(device_cc(y.device))
+    ba, bk, bc, warps = tiles or K_STEP_TILE
     ka, kb = triton_cdiv(k, ba) * ba, triton_cdiv(k, bk) * bk
     ht = _hk_t_padded(k, ka, kb, str(y.device))
     step = max(1, MAX_GRID_Y * bc // p)  # rows per launch: the column tiles are the grid's y axis

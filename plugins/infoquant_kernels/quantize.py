@@ -316,7 +316,7 @@ def quantize_rows_chunked_kernel(
 @triton.jit
 def hadamard_k_step_kernel(
     y_ptr, out_ptr,                      # float32 rows [R, K * P]: the FWHT output in, the K step out
-    ht_ptr,                              # H_K^T as float64 [KA, KB], zero padded (KA, KB: multiples of BA, BK)
+    ht_ptr,                              # H_K^T as float32 [KA, KB], zero padded (KA, KB: multiples of BA, BK)
     n_cols, out_scale,                   # R * P; the float32 1/sqrt(n) (SCALE)
     K: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr, KB: tl.constexpr,
     BA: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, SCALE: tl.constexpr,
@@ -329,8 +329,9 @@ def hadamard_k_step_kernel(
     seen as K x P): grid (cdiv(K, BA), cdiv(R * P, BC)), the output-row tiles of one column tile adjacent in
     launch order so they share Y in L2. Every product is exact (+-1 x float32) and the sum is float64, as in the
     primitives' float64 matmul. ``tl.dot`` on float64 operands is DMMA on sm_80 / sm_90 (``mma.sync ... f64``)
-    and an FMA loop on sm_86 / 87 / 89. Y is loaded as float32 and widened in registers (a float64 ``tl.dot``
-    on the butterfly output itself does not lower in Triton 3.6, so the FWHT is the previous kernel's).
+    and an FMA loop on sm_86 / 87 / 89. Both operands are loaded as float32 and widened in registers (H_K^T's +-1
+    exactly; a float64 ``tl.dot`` on the butterfly output itself does not lower in Triton 3.6, so the FWHT is the
+    previous kernel's).
     """
     a0 = tl.program_id(0) * BA
     c = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC)
@@ -340,7 +341,7 @@ def hadamard_k_step_kernel(
     acc = tl.zeros((BA, BC), tl.float64)
     for b0 in range(0, KB, BK):
         rows_b = b0 + tl.arange(0, BK)
-        h = tl.load(ht_ptr + rows_a[:, None] * KB + rows_b[None, :])
+        h = tl.load(ht_ptr + rows_a[:, None] * KB + rows_b[None, :]).to(tl.float64)
         y = tl.load(y_ptr + col_ofs[None, :] + rows_b[:, None] * P, mask=(rows_b[:, None] < K) & cmask[None, :],
                     other=0.0)
         acc = tl.dot(h, y.to(tl.float64), acc, out_dtype=tl.float64)

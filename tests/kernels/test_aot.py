@@ -71,8 +71,8 @@ def test_compile_sm90_and_sm80(tmp_path):
 
 def test_k_step_float64_tensor_cores(tmp_path):
     """The 11008 = 344 x 32 Hadamard's K step is a float64 GEMM: DMMA on sm_80 / sm_90 (float64 tensor cores), an
-    FMA loop with its narrower tile on sm_89; no spills anywhere. The FWHT before it (chunked, float32 out) is
-    small: measured 42-64 registers (it was 248-250 as a 16384-value row tile)."""
+    FMA loop on sm_89; no spills anywhere. The FWHT before it (chunked, float32 out) is small: measured 42-64
+    registers (it was 248-250 as a 16384-value row tile)."""
     out = tmp_path / "kernels"
     specs = ["hadamard_k_step_344x32", "swiglu_fwht_11008_344x32"]
     proc = compile_kernels(tmp_path, out, "sm_80,sm_89,sm_90", specs)
@@ -83,7 +83,7 @@ def test_k_step_float64_tensor_cores(tmp_path):
     assert targets["sm_89"]["hadamard_k_step_344x32"]["mma"] == []
     for target, entries in targets.items():
         for name, e in entries.items():
-            assert e["spill_store_bytes"] == 0 and e["resident_warps"] >= 8, (target, name, e)  # measured 8-40
+            assert e["spill_store_bytes"] == 0 and e["resident_warps"] >= 12, (target, name, e)  # measured 12-40
         assert entries["swiglu_fwht_11008_344x32"]["registers"] <= 96, target  # measured 42-64
 
 

@@ -80,7 +80,7 @@ def test_quantize_rows_unfused_large_k():
 
 @pytest.mark.parametrize("k,p,rows,tiles", [
     (344, 32, 3, None),               # 11008: the default tile; 96 columns = one full and one partial column tile
-    (344, 32, 3, (64, 16, 32, 4)),    # the sm_86-89 tile
+    (344, 32, 3, (64, 16, 32, 4)),    # a narrower column tile
     (12, 16, 5, (16, 16, 16, 1)),     # K = 12 < BA: padded rows and columns of H_K^T
     (44, 64, 2, (32, 16, 64, 2)),     # K = 44: the last K step half padding
 ])
