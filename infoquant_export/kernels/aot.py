@@ -26,6 +26,7 @@ from infoquant_export.kernels.ops import (
     gemm_candidates,
     gemm_config,
     gemm_tables,
+    k_dot,
     row_tile,
     row_warps,
 )
@@ -100,10 +101,11 @@ def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_p
 
 
 def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str, pre: int = PRE_NONE,
-          quant: bool = True) -> KernelSpec:
-    """A ``hadamard_quantize_kernel`` specialisation; ``pre``: its prologue (RMSNorm: float64 eps operand)."""
+          quant: bool = True, cc: int = 90) -> KernelSpec:
+    """A ``hadamard_quantize_kernel`` specialisation for ``cc``; ``pre``: its prologue (RMSNorm: float64 eps
+    operand)."""
     tile = row_tile(n, blocks, rotate)
-    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp64", "scratch_ptr": "*fp32", "inv_sqrt": "fp32",
+    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp32", "scratch_ptr": "*fp32", "inv_sqrt": "fp32",
              "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8", "y_ptr": f"*{x}", "stride_yr": "i32",
              "seq_len": "i32", "pos0": "i32", "pos_ptr": "*i32", "t_cap": "i32",
              "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32", "stride_st": "i32",
@@ -112,7 +114,7 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
                       {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
                        "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
-                       "ROW_SCALE": 1.0, "POS_PTR": False},
+                       "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc)},
                       ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
 
 
@@ -169,16 +171,16 @@ def default_specs(cc: int = 90) -> list[KernelSpec]:
         _gemm("w4a4_gemm_m1_k4096", 1, 4096, "fp16", cc),
         _gemm("w4a4_gemm_m64_k4096", 64, 4096, "fp16", cc),
         _gemm("w4a4_gemm_m2048_k4096", 2048, 4096, "fp16", cc),
-        _rows("quantize_4096", 4096, 1, False, False, "fp16"),
-        _rows("hadamard_quantize_4096", 4096, 1, True, False, "fp16"),
-        _rows("hadamard_quantize_1536_k12", 1536, 1, True, False, "fp32"),
-        _rows("kv_hadamard_quantize_32x128", 4096, 32, True, True, "fp16"),
+        _rows("quantize_4096", 4096, 1, False, False, "fp16", cc=cc),
+        _rows("hadamard_quantize_4096", 4096, 1, True, False, "fp16", cc=cc),
+        _rows("hadamard_quantize_1536_k12", 1536, 1, True, False, "fp32", cc=cc),
+        _rows("kv_hadamard_quantize_32x128", 4096, 32, True, True, "fp16", cc=cc),
         # the decoder's fused prologues (kernels/model.py): norm + quantize, q RoPE + Hadamard, K RoPE + Hadamard +
         # cache quantize, SwiGLU + Hadamard + quantize (the demo model's 1536 = 12 x 128)
-        _rows("rmsnorm_quantize_4096", 4096, 1, False, False, "fp16", PRE_RMSNORM),
-        _rows("rope_hadamard_q_32x128", 4096, 32, True, False, "fp16", PRE_ROPE, quant=False),
-        _rows("kv_rope_hadamard_quantize_32x128", 4096, 32, True, True, "fp16", PRE_ROPE),
-        _rows("swiglu_hadamard_quantize_1536_k12", 1536, 1, True, False, "fp16", PRE_SWIGLU),
+        _rows("rmsnorm_quantize_4096", 4096, 1, False, False, "fp16", PRE_RMSNORM, cc=cc),
+        _rows("rope_hadamard_q_32x128", 4096, 32, True, False, "fp16", PRE_ROPE, quant=False, cc=cc),
+        _rows("kv_rope_hadamard_quantize_32x128", 4096, 32, True, True, "fp16", PRE_ROPE, cc=cc),
+        _rows("swiglu_hadamard_quantize_1536_k12", 1536, 1, True, False, "fp16", PRE_SWIGLU, cc=cc),
         # LLaMA-2-7B's down_proj input, 11008 = 344 x 32: SwiGLU + FWHT (float32 out), the float64 K step, the
         # chunked quantize of the float32 rows with the 1/sqrt(n) scale
         _chunked("swiglu_fwht_11008_344x32", 1024, PRE_SWIGLU, 32, quant=False),
@@ -220,7 +222,7 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
     """The performance variants (``tools/bench_kernels.py --sections variants``) at LLaMA-2-7B prefill shapes:
     the GEMM operand layouts, the planar and chunked activation quantization, the TMA GEMM (sm_90), the CUDA-core
     decode attention."""
-    planes = _rows("hadamard_quantize_4096_planes", 4096, 1, True, False, "fp16")
+    planes = _rows("hadamard_quantize_4096_planes", 4096, 1, True, False, "fp16", cc=cc)
     return [
         _gemm_v2("w4a4_gemm_v2_aplanes_swap_m2048", 2048, 4096, "fp16", True, False, True, cc=cc),
         _gemm_v2("w4a4_gemm_v2_wplanes_m2048", 2048, 4096, "fp16", False, True, False, cc=cc),
@@ -228,6 +230,10 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _gemm_v2("w4a4_gemm_v2_planes_m256", 256, 4096, "fp16", True, True, False, cc=cc),
         KernelSpec(planes.name, planes.module, planes.kernel, {**planes.types, "codes_ptr": "*i8"},
                    {**planes.constexprs, "PLANES": True}, planes.divisible, planes.options),
+        # the fused K step (float64 tl.dot on sm_80 / sm_90) at other models' down_proj inputs: LLaMA-3-8B's
+        # 14336 = 28 x 512 and TinyLlama's 5632 = 44 x 128 (with SwiGLU / without)
+        _rows("swiglu_hadamard_quantize_14336_k28", 14336, 1, True, False, "fp16", PRE_SWIGLU, cc=cc),
+        _rows("hadamard_quantize_5632_k44", 5632, 1, True, False, "fp16", cc=cc),
         _chunked("quantize_chunked_2048", 2048),
         _chunked("hadamard_quantize_chunked_43x256_1024", 1024, rot_p=256),
         *(gemm_tma_specs() if cc == 90 else []),

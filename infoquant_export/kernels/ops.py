@@ -71,9 +71,9 @@ FUSED_K_ROWS = 64  # the fused kernel does the H_K^T step as one float64 dot of 
 
 @cache
 def _hk_t(k: int, copies: int, pad: int, device: str) -> torch.Tensor:
-    """``blockdiag(H_K^T, ...)`` (``copies`` blocks, each zero padded to ``pad``) in float64."""
-    block = torch.zeros(pad, pad, dtype=torch.float64)
-    block[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    """``blockdiag(H_K^T, ...)`` (``copies`` blocks, each zero padded to ``pad``) in float32 (+-1 and 0: exact)."""
+    block = torch.zeros(pad, pad, dtype=torch.float32)
+    block[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float32).T
     return torch.block_diag(*[block] * copies).to(device)
 
 
@@ -239,7 +239,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
         *code_strides,
         *scale_strides, _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset,
         **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
-        ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None,
+        ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None, K_DOT=k_dot(device_cc(x2.device)),
         num_warps=num_warps or row_warps(tile.elements),
         enable_fp_fusion=False)
 
@@ -258,6 +258,13 @@ m16n8k16). Compiled on the CPU (``kernel-resources.json``): 160-167 registers on
 sm_86-89 (an FMA loop: no float64 tensor cores), no spills, 12 resident warps per SM everywhere. Not timed on a GPU
 (``--sections variants`` times three more tiles)."""
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+
+
+def k_dot(cc: int | None) -> bool:
+    """Whether the row kernel's fused K step is a float64 ``tl.dot`` on compute capability ``cc``: on sm_80 / sm_90+
+    (float64 tensor cores) and in the interpreter (None); sm_86-89 keep the broadcast-and-sum, whose registers fit
+    there (the FMA form of the dot needs 96-208 registers where it needs 64, and spills at 5632 = 44 x 128)."""
+    return cc is None or cc == 80 or cc >= 90
 
 
 @cache

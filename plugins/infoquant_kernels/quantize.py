@@ -65,23 +65,37 @@ def _fwht(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
 
 @triton.jit
 def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-            P: tl.constexpr, LOG2P: tl.constexpr):
+            P: tl.constexpr, LOG2P: tl.constexpr, K_DOT: tl.constexpr):
     """numerics.md section 1 on a [NBP, KP, P] tile: FWHT over P, H_K^T over K in float64, * 1/sqrt(n).
 
-    The K step multiplies by ``blockdiag(H_K^T, ...)`` ([R, R], R = NBP*KP, zero padded) one output row at a time
-    (a float64 broadcast-and-sum over the tile), writing rows to this program's float32 scratch row, then reloads
-    the tile. (A float64 ``tl.dot`` on the butterfly output does not lower in Triton 3.6.)
+    The K step multiplies by ``blockdiag(H_K^T, ...)`` ([R, R], R = NBP*KP, zero padded, float32 +-1 / 0, widened)
+    through this program's float32 scratch row. ``K_DOT`` (sm_80 / sm_90: float64 tensor cores): a float64
+    ``tl.dot`` (DMMA), 32 columns at a time -- the FWHT tile is stored first (a float64 ``tl.dot`` on the
+    butterfly output itself does not lower in Triton 3.6), each column chunk is read, multiplied, rounded once to
+    float32 and written back in place after a barrier. Otherwise (sm_86-89, where a float64 ``tl.dot`` is an FMA
+    loop that needs more registers): one output row at a time, a float64 broadcast-and-sum over the tile. Every
+    product is exact, so both are the primitives' float64 sum rounded once; the tile is then reloaded.
     """
     R: tl.constexpr = NBP * KP
     x = _fwht(tl.reshape(x, (R, P)), R, P, LOG2P)
     if K > 1:
         rows = tl.arange(0, R)
         cols = tl.arange(0, P)
-        x64 = x.to(tl.float64)
-        for a in tl.static_range(R):
-            h_row = tl.load(hk_ptr + a * R + rows)
-            y_row = tl.sum(h_row[:, None] * x64, axis=0).to(tl.float32)
-            tl.store(scratch_ptr + a * P + cols, y_row)
+        if K_DOT:
+            PC: tl.constexpr = 32 if P > 32 else P
+            tl.store(scratch_ptr + rows[:, None] * P + cols[None, :], x)
+            tl.debug_barrier()
+            h = tl.load(hk_ptr + rows[:, None] * R + rows[None, :]).to(tl.float64)
+            chunk = rows[:, None] * P + tl.arange(0, PC)[None, :]
+            for c0 in tl.static_range(0, P, PC):
+                y = tl.load(scratch_ptr + c0 + chunk)
+                tl.debug_barrier()
+                tl.store(scratch_ptr + c0 + chunk, tl.dot(h, y.to(tl.float64), out_dtype=tl.float64).to(tl.float32))
+        else:
+            x64 = x.to(tl.float64)
+            for a in tl.static_range(R):
+                h_row = tl.load(hk_ptr + a * R + rows).to(tl.float64)
+                tl.store(scratch_ptr + a * P + cols, tl.sum(h_row[:, None] * x64, axis=0).to(tl.float32))
         tl.debug_barrier()
         x = tl.load(scratch_ptr + rows[:, None] * P + cols[None, :])
     return tl.reshape(x, (NBP, KP, P)) * inv_sqrt
@@ -160,7 +174,7 @@ def _prologue(x_ptr, row, idx, mask, aux_ptr, aux2_ptr, up_offset, t_rel,
 @triton.jit
 def hadamard_quantize_kernel(
     x_ptr, stride_xr,                    # input rows; element (r, j, col) at r*stride_xr + j*N_BLOCK + col
-    hk_ptr, scratch_ptr, inv_sqrt,       # K > 1: blockdiag(H_K^T) f64 [R, R], f32 scratch [rows, R*P]
+    hk_ptr, scratch_ptr, inv_sqrt,       # K > 1: blockdiag(H_K^T) f32 [R, R], f32 scratch [rows, R*P]
                                          # (R = NBP*KP); float32 1/sqrt(n_block)
     codes_ptr, scale_ptr, zero_ptr,      # outputs (QUANT)
     y_ptr, stride_yr,                    # float output (not QUANT): the rotated row
@@ -176,6 +190,7 @@ def hadamard_quantize_kernel(
     PLANES: tl.constexpr = False,        # 4-bit: write the codes unpacked as int8 planes (see below)
     PRE: tl.constexpr = 0, ROUND: tl.constexpr = False, ROW_SCALE: tl.constexpr = 1.0,
     POS_PTR: tl.constexpr = False,       # the position from device memory (a CUDA-graph decode step)
+    K_DOT: tl.constexpr = True,          # the K step (K > 1) as a float64 tl.dot (see _rotate)
 ):
     r = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NBP)[:, None, None]
@@ -186,7 +201,7 @@ def hadamard_quantize_kernel(
     x = _prologue(x_ptr, r * stride_xr, j * N_BLOCK + col, mask, aux_ptr, aux2_ptr, up_offset, r % seq_len,
                   PRE, NB * N_BLOCK, N_BLOCK, ROUND, ROW_SCALE)
     if ROTATE:
-        x = _rotate(x, hk_ptr, scratch_ptr + r * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P)
+        x = _rotate(x, hk_ptr, scratch_ptr + r * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P, K_DOT)
     if not QUANT:
         y_dtype = y_ptr.dtype.element_ty
         tl.store(y_ptr + r * stride_yr + j * N_BLOCK + col, _round_to(x, y_dtype).to(y_dtype), mask=mask)
