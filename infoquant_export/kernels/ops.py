@@ -260,11 +260,15 @@ sm_86-89 (an FMA loop: no float64 tensor cores), no spills, 12 resident warps pe
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 
 
+FLOAT64_TENSOR_CORES = (80, 90, 100)  # A100, H100 / H200, B200: DMMA at full rate
+
+
 def k_dot(cc: int | None) -> bool:
-    """Whether the row kernel's fused K step is a float64 ``tl.dot`` on compute capability ``cc``: on sm_80 / sm_90+
-    (float64 tensor cores) and in the interpreter (None); sm_86-89 keep the broadcast-and-sum, whose registers fit
-    there (the FMA form of the dot needs 96-208 registers where it needs 64, and spills at 5632 = 44 x 128)."""
-    return cc is None or cc == 80 or cc >= 90
+    """Whether the row kernel's fused K step is a float64 ``tl.dot`` on compute capability ``cc``: where float64
+    tensor cores exist and in the interpreter (None). Elsewhere (sm_86-89, sm_120, Jetson) the broadcast-and-sum,
+    whose registers fit (on sm_89 the FMA form of the dot needs 96-104 registers where it needs 62, and spills 2728
+    bytes at 5632 = 44 x 128)."""
+    return cc is None or cc in FLOAT64_TENSOR_CORES
 
 
 @cache
