@@ -72,7 +72,7 @@ def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr
     through this program's float32 scratch row. ``K_DOT`` (sm_80 / sm_90: float64 tensor cores): a float64
     ``tl.dot`` (DMMA), 32 columns at a time -- the FWHT tile is stored first (a float64 ``tl.dot`` on the
     butterfly output itself does not lower in Triton 3.6), each column chunk is read, multiplied, rounded once to
-    float32 and written back in place after a barrier. Otherwise (sm_86-89, where a float64 ``tl.dot`` is an FMA
+    float32 and written back in place after a barrier. Otherwise (no float64 tensor cores, e.g. sm_86-89: an FMA
     loop that needs more registers): one output row at a time, a float64 broadcast-and-sum over the tile. Every
     product is exact, so both are the primitives' float64 sum rounded once; the tile is then reloaded.
     """

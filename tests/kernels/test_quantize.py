@@ -74,7 +74,7 @@ def test_quantize_rows_bit_identical(case):
 @pytest.mark.parametrize("n,blocks", [(1536, 1), (384, 2), (5632, 1)])
 def test_fused_k_step_forms(monkeypatch, n, blocks, k_dot):
     """The row kernel's fused K step as a float64 ``tl.dot`` (sm_80 / sm_90, the interpreter's default) and as the
-    broadcast-and-sum (sm_86-89): the same bits as the primitives for one Paley block (1536 = 12 x 128), two
+    broadcast-and-sum (elsewhere): the same bits as the primitives for one Paley block (1536 = 12 x 128), two
     (384 = 2 x 12 x 16) and TinyLlama's 5632 = 44 x 128 (a 64 x 128 tile: four column chunks of 32)."""
     monkeypatch.setattr(ops, "k_dot", lambda cc: k_dot)
     assert ops.row_tile(n, blocks, True).fused and ops.row_tile(n, blocks, True).k > 1
