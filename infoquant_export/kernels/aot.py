@@ -110,7 +110,8 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
              "seq_len": "i32", "pos0": "i32", "pos_ptr": "*i32", "t_cap": "i32",
              "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32", "stride_st": "i32",
              "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32",
-             "aux_ptr": "*fp32", "aux2_ptr": "*fp64" if pre == PRE_RMSNORM else "*fp32", "up_offset": "i32"}
+             "aux_ptr": "*fp32", "aux2_ptr": "*fp64" if pre == PRE_RMSNORM else "*fp32", "up_offset": "i32",
+             "row0": "i32"}
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
                       {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
                        "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),

@@ -231,17 +231,22 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
     aux, aux2 = pre.operands(scale)
     k_step = tile.rotate and tile.k > 1
     hk = _hk_t(tile.k, _pow2(tile.nb), tile.kp, str(x2.device)) if k_step else scale
-    scratch = torch.empty(x2.shape[0] * tile.elements if k_step else 1, dtype=torch.float32, device=x2.device)
+    rows = x2.shape[0]
+    # the fused K step's float32 scratch (a padded row tile per program) is bounded: launches of at most
+    # ``per_launch`` rows reuse it (16384-value tiles: 1024 rows, 64 MiB)
+    per_launch = max(1, min(rows, SCRATCH_BYTES // (4 * tile.elements))) if k_step else rows
+    scratch = torch.empty(per_launch * tile.elements if k_step else 1, dtype=torch.float32, device=x2.device)
     inv_sqrt = _inv_sqrt(tile.n_block) if inv_sqrt is None else inv_sqrt
-    mod.hadamard_quantize_kernel[(x2.shape[0],)](
-        x2, x2.stride(0) if stride_xr is None else stride_xr, hk, scratch, inv_sqrt, codes, scale, zero, y,
-        y.stride(0) if y.dim() > 1 else 0, seq_len, pos0, _no_pos(x2.device) if pos is None else pos, t_cap,
-        *code_strides,
-        *scale_strides, _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset,
-        **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
-        ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None, K_DOT=k_dot(device_cc(x2.device)),
-        num_warps=num_warps or row_warps(tile.elements),
-        enable_fp_fusion=False)
+    for row0 in range(0, rows, per_launch):
+        mod.hadamard_quantize_kernel[(min(per_launch, rows - row0),)](
+            x2, x2.stride(0) if stride_xr is None else stride_xr, hk, scratch, inv_sqrt, codes, scale, zero, y,
+            y.stride(0) if y.dim() > 1 else 0, seq_len, pos0, _no_pos(x2.device) if pos is None else pos, t_cap,
+            *code_strides,
+            *scale_strides, _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset, row0,
+            **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
+            ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None, K_DOT=k_dot(device_cc(x2.device)),
+            num_warps=num_warps or row_warps(tile.elements),
+            enable_fp_fusion=False)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -258,6 +263,7 @@ m16n8k16). Compiled on the CPU (``kernel-resources.json``): 160-167 registers on
 sm_86-89 (an FMA loop: no float64 tensor cores), no spills, 12 resident warps per SM everywhere. Not timed on a GPU
 (``--sections variants`` times three more tiles)."""
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+SCRATCH_BYTES = 64 << 20  # the row kernel's K-step scratch per launch (rows beyond it go in further launches)
 
 
 FLOAT64_TENSOR_CORES = (80, 90, 100)  # A100, H100 / H200, B200: DMMA at full rate

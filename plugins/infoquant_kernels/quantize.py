@@ -174,7 +174,7 @@ def _prologue(x_ptr, row, idx, mask, aux_ptr, aux2_ptr, up_offset, t_rel,
 @triton.jit
 def hadamard_quantize_kernel(
     x_ptr, stride_xr,                    # input rows; element (r, j, col) at r*stride_xr + j*N_BLOCK + col
-    hk_ptr, scratch_ptr, inv_sqrt,       # K > 1: blockdiag(H_K^T) f32 [R, R], f32 scratch [rows, R*P]
+    hk_ptr, scratch_ptr, inv_sqrt,       # K > 1: blockdiag(H_K^T) f32 [R, R], f32 scratch [programs, R*P]
                                          # (R = NBP*KP); float32 1/sqrt(n_block)
     codes_ptr, scale_ptr, zero_ptr,      # outputs (QUANT)
     y_ptr, stride_yr,                    # float output (not QUANT): the rotated row
@@ -184,6 +184,7 @@ def hadamard_quantize_kernel(
     stride_sb, stride_st, stride_sj,     # scale / zero element strides over batch, token, block
     clip, clip_min,
     aux_ptr, aux2_ptr, up_offset,        # prologue operands (PRE, see _prologue); unused otherwise
+    row0,                                # this launch's first row: program i handles row row0 + i
     NB: tl.constexpr, NBP: tl.constexpr, N_BLOCK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     P: tl.constexpr, LOG2P: tl.constexpr,
     ROTATE: tl.constexpr, QUANT: tl.constexpr, PER_BLOCK: tl.constexpr, BITS: tl.constexpr,
@@ -192,7 +193,8 @@ def hadamard_quantize_kernel(
     POS_PTR: tl.constexpr = False,       # the position from device memory (a CUDA-graph decode step)
     K_DOT: tl.constexpr = True,          # the K step (K > 1) as a float64 tl.dot (see _rotate)
 ):
-    r = tl.program_id(0).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)
+    r = row0 + program
     j = tl.arange(0, NBP)[:, None, None]
     a = tl.arange(0, KP)[None, :, None]
     c = tl.arange(0, P)[None, None, :]
@@ -201,7 +203,7 @@ def hadamard_quantize_kernel(
     x = _prologue(x_ptr, r * stride_xr, j * N_BLOCK + col, mask, aux_ptr, aux2_ptr, up_offset, r % seq_len,
                   PRE, NB * N_BLOCK, N_BLOCK, ROUND, ROW_SCALE)
     if ROTATE:
-        x = _rotate(x, hk_ptr, scratch_ptr + r * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P, K_DOT)
+        x = _rotate(x, hk_ptr, scratch_ptr + program * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P, K_DOT)
     if not QUANT:
         y_dtype = y_ptr.dtype.element_ty
         tl.store(y_ptr + r * stride_yr + j * N_BLOCK + col, _round_to(x, y_dtype).to(y_dtype), mask=mask)

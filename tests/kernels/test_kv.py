@@ -118,6 +118,20 @@ def test_quantize_kv_paley_head_dim(heads):
     assert_untouched(cache, [slice(1, 4)])
 
 
+def test_quantize_kv_fused_k_step_in_several_launches(monkeypatch):
+    """The row kernel's K-step scratch is bounded (``ops.SCRATCH_BYTES``): rows beyond it go in further launches
+    that reuse it. With room for 4 rows, 2 sequences x 3 tokens of 2 heads of 192 = 12 x 16 take two launches, the
+    second starting inside the second sequence; the cache holds the same bits at the same positions."""
+    tile = ops.row_tile(2 * 192, 2, True)
+    assert tile.fused and tile.k == 12
+    monkeypatch.setattr(ops, "SCRATCH_BYTES", 4 * 4 * tile.elements)
+    cache = ops.KVCache4.empty(2, 2, 8, 192, DEVICE)
+    x = torch.randn(2, 3, 2, 192)
+    ops.quantize_kv(x.to(DEVICE), cache, 2, CLIP, True)
+    assert_cache_holds(cache, x, 2, True)
+    assert_untouched(cache, [slice(2, 5)])
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 def test_dequantize_kv_exact(out_dtype):
     """(codes - z) * s per token: exactly dequantize_activation, over 40 tokens (two token tiles of 32, the second

@@ -84,6 +84,15 @@ def test_fused_k_step_forms(monkeypatch, n, blocks, k_dot):
     assert torch.equal(ops.hadamard(x.to(DEVICE), blocks).cpu(), apply_hadamard(x, blocks))
 
 
+def test_fused_k_step_bounded_scratch(monkeypatch):
+    """With room for 2 rows of K-step scratch (``ops.SCRATCH_BYTES``), 5 rows of 1536 = 12 x 128 are quantized and
+    rotated in 3 launches that reuse it: the primitives' bits."""
+    monkeypatch.setattr(ops, "SCRATCH_BYTES", 2 * 4 * ops.row_tile(1536, 1, True).elements)
+    x = torch.randn(5, 1536) * 3
+    assert_rows_equal(x, 4, 0.9, None, 1)
+    assert torch.equal(ops.hadamard(x.to(DEVICE), 1).cpu(), apply_hadamard(x, 1))
+
+
 def test_quantize_rows_unfused_large_k():
     n = 11008  # LLaMA-2-7B intermediate: 344 * 32, Paley K = 344 (q = 343 = 7^3)
     assert hadamard_factors(n) == (344, 32)
