@@ -115,7 +115,7 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
                       {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
                        "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
-                       "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc)},
+                       "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc), "SLICED": False},
                       ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
 
 

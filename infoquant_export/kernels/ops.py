@@ -245,7 +245,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
             *scale_strides, _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset, row0,
             **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
             ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None, K_DOT=k_dot(device_cc(x2.device)),
-            num_warps=num_warps or row_warps(tile.elements),
+            SLICED=per_launch < rows, num_warps=num_warps or row_warps(tile.elements),
             enable_fp_fusion=False)
 
 

@@ -192,9 +192,10 @@ def hadamard_quantize_kernel(
     PRE: tl.constexpr = 0, ROUND: tl.constexpr = False, ROW_SCALE: tl.constexpr = 1.0,
     POS_PTR: tl.constexpr = False,       # the position from device memory (a CUDA-graph decode step)
     K_DOT: tl.constexpr = True,          # the K step (K > 1) as a float64 tl.dot (see _rotate)
+    SLICED: tl.constexpr = False,        # one of several launches over the rows (row0 > 0 possible)
 ):
     program = tl.program_id(0).to(tl.int64)
-    r = row0 + program
+    r = row0 + program if SLICED else program  # row0 only when sliced: its 64-bit row math costs registers
     j = tl.arange(0, NBP)[:, None, None]
     a = tl.arange(0, KP)[None, :, None]
     c = tl.arange(0, P)[None, None, :]
