@@ -74,6 +74,17 @@ def test_fused_k_step_forms_bit_identical(monkeypatch, n, k_dot):
     assert torch.equal(got.zero.cpu(), zero)
 
 
+def test_fused_k_step_sliced_launches(monkeypatch):
+    """The K-step scratch bound (``ops.SCRATCH_BYTES``) set to 64 rows: 300 rows of 1536 = 12 x 128 in 5 launches
+    (the SLICED kernel), the primitives' bits."""
+    monkeypatch.setattr(ops, "SCRATCH_BYTES", 64 * 4 * ops.row_tile(1536, 1, True).elements)
+    x = torch.randn(300, 1536) * 2
+    codes, scale, zero = _ref_rows(x, 1)
+    got = ops.quantize_rows(x.to(CUDA), 4, 0.9, None, 1)
+    assert torch.equal(got.codes.cpu(), codes) and torch.equal(got.scale.cpu(), scale)
+    assert torch.equal(got.zero.cpu(), zero)
+
+
 def test_quantize_ties_round_half_even():
     x = _ties(64, 256)
     s, z = activation_qparams(x, 4, 1.0)
