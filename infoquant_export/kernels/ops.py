@@ -72,9 +72,16 @@ FUSED_K_ROWS = 64  # the fused kernel does the H_K^T step as one float64 dot of 
 @cache
 def _hk_t(k: int, copies: int, pad: int, device: str) -> torch.Tensor:
     """``blockdiag(H_K^T, ...)`` (``copies`` blocks, each zero padded to ``pad``) in float32 (+-1 and 0: exact)."""
-    block = torch.zeros(pad, pad, dtype=torch.float32)
-    block[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float32).T
-    return torch.block_diag(*[block] * copies).to(device)
+    return torch.block_diag(*[_hk_t_padded(k, pad, pad, "cpu")] * copies).to(device)
+
+
+@cache
+def _hk_t_padded(k: int, rows: int, cols: int, device: str) -> torch.Tensor:
+    """``H_K^T`` as float32 ``[rows, cols]`` (rows, cols >= k), zero padded; the K-step kernels widen it to float64
+    (+-1 and 0 are exact in float32: half the bytes of a float64 operand)."""
+    out = torch.zeros(rows, cols, dtype=torch.float32)
+    out[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float32).T
+    return out.to(device)
 
 
 @dataclass(frozen=True)
@@ -277,15 +284,6 @@ def k_dot(cc: int | None) -> bool:
     return cc is None or cc in FLOAT64_TENSOR_CORES
 
 
-@cache
-def _hk_t_padded(k: int, rows: int, cols: int, device: str) -> torch.Tensor:
-    """``H_K^T`` as float32 ``[rows, cols]`` (rows, cols >= k), zero padded: the K-step kernel's A operand (+-1 and
-    0 are exact in float32; the kernel widens them to float64, half the bytes of a float64 operand)."""
-    out = torch.zeros(rows, cols, dtype=torch.float32)
-    out[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float32).T
-    return out.to(device)
-
-
 def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None, scale: bool = False
                     ) -> torch.Tensor:
     """The block Hadamard for large K as float32 ``[m, n]``, two kernels: ``quantize_rows_chunked_kernel`` with
@@ -299,14 +297,23 @@ def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None
         x2, pre = _apply_prologue(x2, n, pre), Prologue()
     fwht = torch.empty(m, n, dtype=torch.float32, device=x2.device)
     chunk = max(CHUNK, tile.p)
-    kernel_module("quantize").quantize_rows_chunked_kernel[(m,)](
-        x2, x2.stride(0), fwht, fwht.stride(0), fwht, fwht, n, 1.0, 1.0, pre.up_offset, pre.operands(fwht)[0],
-        CH=chunk, PLANES=False, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale, ROT_P=tile.p,
-        LOG2P=tile.p.bit_length() - 1, ROT_SCALE=1.0, QUANT=False, num_warps=4, enable_fp_fusion=False)
+    _launch_chunked(x2, fwht, fwht, fwht, n, pre, chunk, rot_p=tile.p, quant=False)
     out = torch.empty_like(fwht)
     k_step(fwht.view(m * tile.nb, tile.n_block), out.view(m * tile.nb, tile.n_block), tile.k, tile.p,
            _inv_sqrt(tile.n_block) if scale else None)
     return out
+
+
+def _launch_chunked(x2: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int,
+                    pre: Prologue, chunk: int, *, rot_p: int = 0, rot_scale: float = 1.0, clip: float = 1.0,
+                    clip_min: float = 1.0, planes: bool = False, quant: bool = True, num_warps: int = 4) -> None:
+    """``quantize_rows_chunked_kernel`` over the rows ``x2`` (row length ``n`` after the prologue ``pre``): the
+    4-bit codes to ``out`` with ``scale`` / ``zero``, or (``quant=False``) the rotated rows as float32 to ``out``."""
+    kernel_module("quantize").quantize_rows_chunked_kernel[(x2.shape[0],)](
+        x2, x2.stride(0), out, out.stride(0), scale, zero, n, _f32(clip), _f32(clip_min), pre.up_offset,
+        pre.operands(scale)[0], CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale,
+        ROT_P=rot_p, LOG2P=max(rot_p, 1).bit_length() - 1, ROT_SCALE=rot_scale, QUANT=quant, num_warps=num_warps,
+        enable_fp_fusion=False)
 
 
 def k_step(y: torch.Tensor, out: torch.Tensor, k: int, p: int, out_scale: float | None = None,
@@ -437,12 +444,9 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     rot_p = tile.p if tile.rotate else 0
     chunkable = not tile.rotate or (chunk_rotated and chunk is not None and tile.k == 1 and chunk % tile.p == 0)
     if chunk is not None and chunkable and bits == 4 and pre.kind in (PRE_NONE, PRE_SWIGLU, PRE_SCALE):
-        kernel_module("quantize").quantize_rows_chunked_kernel[(m,)](
-            x2, x2.stride(0), codes, codes.stride(0), scale, zero, n, _f32(clip), _f32(clip_min), pre.up_offset,
-            pre.operands(scale)[0],
-            CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale,
-            ROT_P=rot_p, LOG2P=max(rot_p, 1).bit_length() - 1, ROT_SCALE=_inv_sqrt(rot_p) if rot_p else 1.0,
-            num_warps=num_warps or 4, enable_fp_fusion=False)
+        _launch_chunked(x2, codes, scale, zero, n, pre, chunk, rot_p=rot_p,
+                        rot_scale=_inv_sqrt(rot_p) if rot_p else 1.0, clip=clip, clip_min=clip_min, planes=planes,
+                        num_warps=num_warps or 4)
         return PackedRows(codes, scale, zero, bits, planes)
     block_bytes = tile.n_block // 2 if bits == 4 else tile.n_block
     _launch_rows(x2, tile, quant=True, per_block=False, bits=bits, clip=clip,

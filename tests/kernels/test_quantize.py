@@ -101,6 +101,14 @@ def test_quantize_rows_unfused_large_k():
     assert_rows_equal(x, 4, 0.9, None, 1)
 
 
+def k_step_reference(y: torch.Tensor, k: int, p: int) -> torch.Tensor:
+    """H_K^T over each row's k x p view as the primitives compute it: a float64 matmul rounded once to float32."""
+    from infoquant_export.transforms.hadamard import _paley_block
+
+    h_t = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    return torch.matmul(h_t, y.double().view(-1, k, p)).float().reshape(y.shape)
+
+
 @pytest.mark.parametrize("k,p,rows,tiles", [
     (344, 32, 3, None),               # 11008: the default tile; 96 columns = one full and one partial column tile
     (344, 32, 3, (64, 16, 32, 4)),    # a narrower column tile
@@ -111,12 +119,9 @@ def test_k_step_kernel_exact(k, p, rows, tiles):
     """``hadamard_k_step_kernel``: H_K^T (float64, exact +-1 products) over each row's k x p view, rounded once to
     float32, as the primitives' float64 matmul; with the 1/sqrt(n) scale after the rounding. Inputs of mixed
     magnitude (a 2^12 outlier row block) exercise the float64 sum."""
-    from infoquant_export.transforms.hadamard import _paley_block
-
     y = torch.randn(rows, k * p)
     y[0, :p] *= 4096.0
-    h_t = torch.tensor(_paley_block(k), dtype=torch.float64).T
-    want = torch.matmul(h_t, y.double().view(rows, k, p)).float().reshape(rows, k * p)
+    want = k_step_reference(y, k, p)
     out = torch.full_like(y, float("nan")).to(DEVICE)
     ops.k_step(y.to(DEVICE), out, k, p, tiles=tiles)
     assert torch.equal(out.cpu(), want)
@@ -128,14 +133,11 @@ def test_k_step_kernel_exact(k, p, rows, tiles):
 def test_k_step_row_slices(monkeypatch):
     """More column tiles than CUDA's gridDim.y allows (65535) go in several launches over row slices: with the
     limit set to 1 tile, 5 rows of 11008 take 3 launches of 2 rows (64 columns), same result."""
-    from infoquant_export.transforms.hadamard import _paley_block
-
     monkeypatch.setattr(ops, "MAX_GRID_Y", 1)
     y = torch.randn(5, 344 * 32)
-    want = torch.matmul(torch.tensor(_paley_block(344), dtype=torch.float64).T, y.double().view(5, 344, 32))
     out = torch.full_like(y, float("nan")).to(DEVICE)
     ops.k_step(y.to(DEVICE), out, 344, 32)
-    assert torch.equal(out.cpu(), want.float().reshape(5, -1))
+    assert torch.equal(out.cpu(), k_step_reference(y, 344, 32))
 
 
 def test_k_step_bad_input():
