@@ -337,14 +337,17 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
 K_STEP_VARIANT_TILES = [(64, 16, 64, 4), (64, 16, 32, 4), (64, 16, 128, 8), (32, 16, 128, 4)]
 
 
-def variants_k_step(device: torch.device, m: int, budget: _Budget, k: int = 344, p: int = 32) -> dict:
-    """The float64 H_K^T step of the 11008 = 344 x 32 Hadamard on float32 rows [m, k * p]: the K-step kernel's
-    tiles against the torch float64 matmul it replaced (the widening, the matmul and the rounding, as before)."""
-    from infoquant_export.transforms.hadamard import _paley_block
+K_STEP_SHAPES = [(172, 64), (344, 32)]  # 11008: the Williamson block (the default) and the Paley block before it
+
+
+def variants_k_step(device: torch.device, m: int, budget: _Budget, k: int, p: int) -> dict:
+    """The float64 H_K^T step of a K x p Hadamard on float32 rows [m, k * p]: the K-step kernel's tiles against
+    the torch float64 matmul it replaced (the widening, the matmul and the rounding, as before)."""
+    from infoquant_export.transforms.hadamard import hadamard_block
 
     y = torch.randn(m, k * p, device=device)
     out = torch.empty_like(y)
-    ht = torch.tensor(_paley_block(k), dtype=torch.float64, device=device).T.contiguous()
+    ht = torch.tensor(hadamard_block(k), dtype=torch.float64, device=device).T.contiguous()
 
     def torch_k_step() -> torch.Tensor:
         return torch.matmul(ht, y.view(m, k, p).double()).float()
@@ -432,7 +435,7 @@ def variants_section(device: torch.device, smoke: bool, budget_s: float) -> dict
     out = {"gemm": variants_gemm(device, shapes, [1, 32] if smoke else [1, 16, 256, 2048], budget)}
     sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43)]
     out["quantize"] = variants_quantize(device, 4 if smoke else 4096, sizes, budget)
-    out["k_step"] = variants_k_step(device, 4 if smoke else 4096, budget)
+    out["k_step"] = [variants_k_step(device, 4 if smoke else 4096, budget, k, p) for k, p in K_STEP_SHAPES]
     cases = [(1, 256)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
     out["attention"] = variants_attention(device, cases, 4 if smoke else 32, 64 if smoke else 128, budget)
     return out

@@ -54,7 +54,7 @@ import onnx_ir as ir
 
 from infoquant_export.export.builder import DOMAIN, Builder, make_function
 from infoquant_export.quant.primitives import SCALE_EPS, unsigned_max
-from infoquant_export.transforms.hadamard import _paley_block, hadamard_factors
+from infoquant_export.transforms.hadamard import hadamard_block, hadamard_factors
 
 PLUGIN_NAMESPACE = "infoquant"
 PLUGIN_VERSION = "1"
@@ -191,7 +191,7 @@ class Hadamard(CustomOp):
             h *= 2
         y = b.Reshape(y, b.ints([-1, k, p]))
         if k > 1:
-            hk_t = b.const(np.asarray(_paley_block(k), np.float64).T, np.float64)
+            hk_t = b.const(np.asarray(hadamard_block(k), np.float64).T, np.float64)
             y = b.Cast(b.MatMul(hk_t, b.Cast(y, to=ir.DataType.DOUBLE)), to=ir.DataType.FLOAT)  # float64, once
         y = b.Mul(y, b.const(np.float32(1.0 / math.sqrt(n_block))))
         return [b.Reshape(y, shape)]

@@ -133,7 +133,7 @@ def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: 
 
 
 def k_step_spec(name: str, k: int, p: int) -> KernelSpec:
-    """The ``hadamard_k_step_kernel`` of a Paley K x p Hadamard with ``ops.K_STEP_TILE``."""
+    """The ``hadamard_k_step_kernel`` of a K x p Hadamard with ``ops.K_STEP_TILE``."""
     ba, bk, bc, warps = K_STEP_TILE
     return KernelSpec(name, "quantize", "hadamard_k_step_kernel",
                       {"y_ptr": "*fp32", "out_ptr": "*fp32", "ht_ptr": "*fp32", "n_cols": "i32", "out_scale": "fp32"},
@@ -182,10 +182,10 @@ def default_specs(cc: int = 90) -> list[KernelSpec]:
         _rows("rope_hadamard_q_32x128", 4096, 32, True, False, "fp16", PRE_ROPE, quant=False, cc=cc),
         _rows("kv_rope_hadamard_quantize_32x128", 4096, 32, True, True, "fp16", PRE_ROPE, cc=cc),
         _rows("swiglu_hadamard_quantize_1536_k12", 1536, 1, True, False, "fp16", PRE_SWIGLU, cc=cc),
-        # LLaMA-2-7B's down_proj input, 11008 = 344 x 32: SwiGLU + FWHT (float32 out), the float64 K step, the
+        # LLaMA-2-7B's down_proj input, 11008 = 172 x 64: SwiGLU + FWHT (float32 out), the float64 K step, the
         # chunked quantize of the float32 rows with the 1/sqrt(n) scale
-        _chunked("swiglu_fwht_11008_344x32", 1024, PRE_SWIGLU, 32, quant=False),
-        k_step_spec("hadamard_k_step_344x32", 344, 32),
+        _chunked("swiglu_fwht_11008_172x64", 1024, PRE_SWIGLU, 64, quant=False),
+        k_step_spec("hadamard_k_step_172x64", 172, 64),
         _chunked("scale_quantize_11008", 1024, PRE_SCALE, x="fp32", row_scale=_inv_sqrt(11008)),
         _decode("kv4_decode_g1_d128", 1, 128),
         _decode("kv4_decode_g3_d64", 3, 64),

@@ -19,7 +19,7 @@ import torch
 from infoquant_export.errors import UserError
 from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.quant.primitives import pack_int4, unpack_int4
-from infoquant_export.transforms.hadamard import _paley_block, hadamard_factors
+from infoquant_export.transforms.hadamard import hadamard_block, hadamard_factors
 
 MAX_ROW_TILE = 32768  # one program holds a row tile of at most this many float32 values
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -80,7 +80,7 @@ def _hk_t_padded(k: int, rows: int, cols: int, device: str) -> torch.Tensor:
     """``H_K^T`` as float32 ``[rows, cols]`` (rows, cols >= k), zero padded; the K-step kernels widen it to float64
     (+-1 and 0 are exact in float32: half the bytes of a float64 operand)."""
     out = torch.zeros(rows, cols, dtype=torch.float32)
-    out[:k, :k] = torch.tensor(_paley_block(k), dtype=torch.float32).T
+    out[:k, :k] = torch.tensor(hadamard_block(k), dtype=torch.float32).T
     return out.to(device)
 
 

@@ -22,6 +22,11 @@ Sites
 Learned matrices live in the artifact's safetensors file as ``{matrix}.{layer}`` with shape ``[num_blocks, n, n]``
 (``attention_value``: one block per KV head; every query head of a GQA group uses its KV head's block).
 
+Hadamard rotations record the order ``K`` of their block's ``kron(H_K, H_p)`` (``hadamard_k``, version 3): an
+artifact whose ``K`` is not the one this build constructs for that size (versions 1-2: Paley orders only, e.g.
+11008 = 344 x 32 where this build uses the Williamson 172 x 64) is refused on load, since its folded weights would
+not match the online transform.
+
 Fold sides: ``input`` means W <- W @ R (the layer consumes rotated inputs), ``output`` means W <- R^T @ W and
 b <- b @ R (the layer produces rotated outputs). For ``attention_value`` both apply per head.
 """
@@ -33,9 +38,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 2 added the per-layer residual sites
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 2 added the per-layer residual sites, 3 the Hadamard blocks' K
 KINDS = ("hadamard", "randomized_hadamard", "learned", "identity")
+HADAMARD_KINDS = ("hadamard", "randomized_hadamard")
 MODES = ("offline", "online")
 SITES = {
     "residual": "offline",
@@ -76,6 +82,7 @@ class Rotation:
     precision: str = "float32"  # dtype of the online op; offline folds are always computed in float64
     fold_precision: str = "float64"
     matrix: str | None = None  # safetensors key prefix for learned matrices (one per layer/head)
+    hadamard_k: int | None = field(default=None, compare=False)  # K of kron(H_K, H_p) (written by to_dict)
 
     @property
     def block_size(self) -> int:
@@ -121,8 +128,11 @@ class TransformSchema:
                 for i in range(num_layers) if r.layers is None or i in r.layers]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "fused_norms": self.fused_norms,
-                "rotations": [dataclasses.asdict(r) for r in self.rotations]}
+        rotations = []
+        for r in self.rotations:
+            k = _constructed_k(r.block_size) if r.kind in HADAMARD_KINDS else None
+            rotations.append(dataclasses.asdict(dataclasses.replace(r, hadamard_k=k)))
+        return {"version": SCHEMA_VERSION, "fused_norms": self.fused_norms, "rotations": rotations}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -139,5 +149,29 @@ class TransformSchema:
             raw["folds"] = [Fold(**f) for f in raw.get("folds", [])]
             rotation = Rotation(**raw)
             rotation.validate()
+            _check_hadamard_k(rotation, version)
             rotations.append(rotation)
         return cls(rotations=rotations, fused_norms=bool(data.get("fused_norms", False)), version=version)
+
+
+def _constructed_k(n: int, williamson: bool = True) -> int | None:
+    """K of this build's Hadamard of size n (``williamson=False``: the Paley-only rule of versions 1-2), or None
+    when no construction exists (later stages report that)."""
+    from infoquant_export.transforms.hadamard import HadamardSizeError, hadamard_factors
+
+    try:
+        return hadamard_factors(n, williamson)[0]
+    except HadamardSizeError:
+        return None
+
+
+def _check_hadamard_k(rotation: Rotation, version: int) -> None:
+    """Refuse a Hadamard rotation built with another block K than this build constructs for its size."""
+    if rotation.kind not in HADAMARD_KINDS:
+        return
+    n = rotation.block_size
+    saved = rotation.hadamard_k if version >= 3 else _constructed_k(n, williamson=False)
+    now = _constructed_k(n)
+    if saved is not None and saved != now:
+        raise ValueError(f"rotation {rotation.name}: its Hadamard of size {n} was built with K = {saved} "
+                         f"(schema v{version}), this build constructs K = {now}")

@@ -283,7 +283,7 @@ def quantize_rows_chunked_kernel(
     in pass 2, same bits) or PRE_SCALE; RMSNorm needs the whole row and goes through ``hadamard_quantize_kernel``.
 
     ``QUANT=False``: one pass that writes the (prologue and) rotated rows as float32 to ``codes_ptr`` instead: the
-    FWHT step of a Hadamard whose Paley K step follows in ``hadamard_k_step_kernel`` (ROT_SCALE 1.0).
+    FWHT step of a Hadamard whose K step follows in ``hadamard_k_step_kernel`` (ROT_SCALE 1.0).
     """
     tl.static_assert(PRE == PRE_NONE or PRE == PRE_SWIGLU or PRE == PRE_SCALE)
     r = tl.program_id(0).to(tl.int64)
@@ -339,7 +339,7 @@ def hadamard_k_step_kernel(
     K: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr, KB: tl.constexpr,
     BA: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, SCALE: tl.constexpr,
 ):
-    """Step 2 of numerics.md section 1 for a Paley K too large for the row kernel's tile (e.g. 11008 = 344 x 32):
+    """Step 2 of numerics.md section 1 for a K too large for the row kernel's tile (e.g. 11008 = 172 x 64):
     ``out[r, a, j] = sum_b H_K^T[a, b] * y[r, b, j]`` in float64, rounded once to float32 (then ``* out_scale``
     in float32 when SCALE: step 3).
 

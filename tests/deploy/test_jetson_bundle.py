@@ -18,7 +18,7 @@ def test_bundle_contents(tiny_deploy_onnx, tmp_path, capsys):
     specs = manifest["targets"]["sm_87"]
     assert len(specs) == summary["kernels"] == 16  # measured: the 16 default specialisations
     assert "rmsnorm_quantize_4096" in specs and "kv_rope_hadamard_quantize_32x128" in specs  # the decoder prologues
-    assert specs["hadamard_k_step_344x32"]["mma"] == []  # Orin (sm_87): the float64 K step as an FMA loop
+    assert specs["hadamard_k_step_172x64"]["mma"] == []  # Orin (sm_87): the float64 K step as an FMA loop
     gemm = specs["w4a4_gemm_m64_k4096"]
     assert any("mma.sync" in m and "s8" in m for m in gemm["mma"])  # int8 tensor cores on Orin
     for name in specs:

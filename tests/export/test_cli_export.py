@@ -62,13 +62,18 @@ def test_bad_export_input(tiny_artifact, tmp_path, capsys):
     schema = json.loads((newer / "transforms.json").read_text())
     (newer / "transforms.json").write_text(json.dumps({**schema, "version": 99}))
     _one_line_exit_2(["export", newer, "--out", tmp_path / "m.onnx"], capsys, "schema version 99")
+    other_k = tmp_path / "other_k"  # built with another Hadamard construction than this build's
+    shutil.copytree(tiny_artifact, other_k)
+    rotations = [{**r, "hadamard_k": 999} if r["site"] == "down_proj_input" else r for r in schema["rotations"]]
+    (other_k / "transforms.json").write_text(json.dumps({**schema, "rotations": rotations}))
+    _one_line_exit_2(["export", other_k, "--out", tmp_path / "m.onnx"], capsys, "was built with K = 999")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_artifact, broken)
     config = json.loads((broken / "config.json").read_text())
     config["biases"]["down"] = True  # promises a tensor the weights file lacks
     (broken / "config.json").write_text(json.dumps(config))
     _one_line_exit_2(["export", broken, "--out", tmp_path / "m.onnx"], capsys, "lacks tensor")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "newer"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "newer", "other_k"]  # nothing half-written
 
 
 def test_bad_onnx_input(tiny_artifact, tiny_onnx, tmp_path, capsys):

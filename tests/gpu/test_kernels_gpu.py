@@ -100,15 +100,15 @@ def test_hadamard_bit_identical():
 
 
 @pytest.mark.parametrize("tile", [None, (64, 16, 64, 4), (64, 16, 32, 4), (64, 16, 128, 8), (32, 16, 128, 4)])
-def test_k_step_float64_gemm_bit_identical(tile):
-    """The float64 H_K^T step (DMMA on sm_80 / sm_90) of 11008 = 344 x 32 on 2048 rows (6 outlier rows of 2^12 x
-    the rest): rounded once to float32 like the CPU's float64 matmul."""
-    from infoquant_export.transforms.hadamard import _paley_block
+@pytest.mark.parametrize("k,p", [(172, 64), (344, 32)])
+def test_k_step_float64_gemm_bit_identical(tile, k, p):
+    """The float64 H_K^T step (DMMA on sm_80 / sm_90) of 11008 = 172 x 64 (Williamson) and 344 x 32 (Paley) on
+    2048 rows (6 outlier rows of 2^12 x the rest): rounded once to float32 like the CPU's float64 matmul."""
+    from infoquant_export.transforms.hadamard import hadamard_block
 
-    k, p = 344, 32
     y = torch.randn(2048, k * p)
     y[:6, ::7] *= 4096.0
-    ht = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    ht = torch.tensor(hadamard_block(k), dtype=torch.float64).T
     want = torch.matmul(ht, y.double().view(-1, k, p)).float().reshape(y.shape)
     out = torch.empty_like(y, device=CUDA)
     ops.k_step(y.to(CUDA), out, k, p, tiles=tile)

@@ -28,7 +28,7 @@ def test_rmsnorm_quantize_gpu(dtype, n):
 
 
 @pytest.mark.parametrize("dtype,n,blocks", [
-    (torch.float16, 11008, 1),      # unfused K = 344: FWHT + prologue -> float64 H_K^T -> scaled quantize
+    (torch.float16, 11008, 1),      # unfused K = 172: FWHT + prologue -> float64 H_K^T -> scaled quantize
     (torch.float16, 11008, None),   # chunked kernel
     (torch.float16, 11008, 43),     # 43 fused blocks of 256
     (torch.float32, 1536, 1),       # fused Paley K = 12, float64 exp (no table)

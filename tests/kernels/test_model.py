@@ -232,7 +232,7 @@ def test_decode_layer_is_kernels_only(prefill):
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's launches")
 def test_decode_layer_large_k_hadamard_is_kernels_only():
     """A down_proj Hadamard whose Paley K does not fit the row kernel (intermediate 1088 = 68 x 16, like 11008 =
-    344 x 32) runs as the chunked FWHT, the float64 K-step GEMM and the quantize kernel: 15 launches and no torch op
+    172 x 64) runs as the chunked FWHT, the float64 K-step GEMM and the quantize kernel: 15 launches and no torch op
     in a decode layer (before: 14 launches and a float64 torch ``bmm``); logits as the fake-quant model's."""
     from infoquant_export.kernels import ops
     from infoquant_export.kernels.random_model import random_w4a4kv4_model

@@ -56,7 +56,7 @@ SWIGLU_CASES = {
     "no_rotation_192": (192, None, None),
     "no_rotation_chunked_192": (192, None, 64),
     "paley_k12_1536_fused": (1536, 1, None),
-    "paley_k344_11008_unfused": (11008, 1, None),  # LLaMA-2-7B intermediate: FWHT kernel + float64 H_K^T
+    "williamson_k172_11008_unfused": (11008, 1, None),  # LLaMA-2-7B intermediate: FWHT kernel + float64 H_K^T
     "two_blocks_sylvester_512": (512, 2, None),
 }
 
@@ -66,7 +66,7 @@ SWIGLU_CASES = {
 def test_swiglu_quantize(case, dtype):
     n, blocks, chunk = SWIGLU_CASES[case]
     if case.endswith("unfused"):
-        assert hadamard_factors(n) == (344, 32) and not ops.row_tile(n, 1, True).fused
+        assert hadamard_factors(n) == (172, 64) and not ops.row_tile(n, 1, True).fused
     gate_up = (torch.randn(3, 2 * n) * 2).to(dtype)
     gate_up[1, : n // 4] *= 20.0  # saturating gates (sigmoid 0 / 1) in one row
     got = ops.quantize_rows_variant(gate_up.to(DEVICE), 4, 0.9, None, blocks, chunk=chunk, prologue=ops.SWIGLU)

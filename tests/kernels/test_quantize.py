@@ -94,8 +94,8 @@ def test_fused_k_step_bounded_scratch(monkeypatch):
 
 
 def test_quantize_rows_unfused_large_k():
-    n = 11008  # LLaMA-2-7B intermediate: 344 * 32, Paley K = 344 (q = 343 = 7^3)
-    assert hadamard_factors(n) == (344, 32)
+    n = 11008  # LLaMA-2-7B intermediate: 172 * 64, Williamson K = 172
+    assert hadamard_factors(n) == (172, 64)
     assert not ops.row_tile(n, 1, True).fused  # H_K^T runs in the K-step kernel (a float64 GEMM)
     x = torch.randn(2, n)
     assert_rows_equal(x, 4, 0.9, None, 1)
@@ -103,14 +103,16 @@ def test_quantize_rows_unfused_large_k():
 
 def k_step_reference(y: torch.Tensor, k: int, p: int) -> torch.Tensor:
     """H_K^T over each row's k x p view as the primitives compute it: a float64 matmul rounded once to float32."""
-    from infoquant_export.transforms.hadamard import _paley_block
+    from infoquant_export.transforms.hadamard import hadamard_block
 
-    h_t = torch.tensor(_paley_block(k), dtype=torch.float64).T
+    h_t = torch.tensor(hadamard_block(k), dtype=torch.float64).T
     return torch.matmul(h_t, y.double().view(-1, k, p)).float().reshape(y.shape)
 
 
 @pytest.mark.parametrize("k,p,rows,tiles", [
-    (344, 32, 3, None),               # 11008: the default tile; 96 columns = one full and one partial column tile
+    (172, 64, 3, None),               # 11008 (Williamson K): the default tile, 3 row tiles (K padded to 192)
+    (172, 64, 3, (64, 16, 128, 4)),   # a wider column tile: 192 columns = one full and one partial column tile
+    (344, 32, 3, None),               # 11008 as Paley 344 x 32: 96 columns = one full and one partial column tile
     (344, 32, 3, (64, 16, 32, 4)),    # a narrower column tile
     (12, 16, 5, (16, 16, 16, 1)),     # K = 12 < BA: padded rows and columns of H_K^T
     (44, 64, 2, (32, 16, 64, 2)),     # K = 44: the last K step half padding
@@ -132,7 +134,7 @@ def test_k_step_kernel_exact(k, p, rows, tiles):
 
 def test_k_step_row_slices(monkeypatch):
     """More column tiles than CUDA's gridDim.y allows (65535) go in several launches over row slices: with the
-    limit set to 1 tile, 5 rows of 11008 take 3 launches of 2 rows (64 columns), same result."""
+    limit set to 1 tile, 5 rows of 344 x 32 take 3 launches of 2 rows (64 columns), same result."""
     monkeypatch.setattr(ops, "MAX_GRID_Y", 1)
     y = torch.randn(5, 344 * 32)
     out = torch.full_like(y, float("nan")).to(DEVICE)

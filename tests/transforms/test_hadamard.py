@@ -22,7 +22,7 @@ from infoquant_export.transforms.hadamard import (
     randomized_hadamard_matrix,
 )
 
-# size -> (K, p): the smallest constructible K, with the Paley construction that builds it.
+# size -> (K, p): the smallest constructible K, with the Paley / Williamson construction that builds it.
 EXPECTED_FACTORS = {
     64: (1, 64),
     128: (1, 128),
@@ -36,7 +36,8 @@ EXPECTED_FACTORS = {
     4096: (1, 4096),
     5120: (20, 256),
     8192: (1, 8192),
-    11008: (344, 32),  # Paley I over GF(7^3)
+    5504: (172, 32),  # Williamson, n = 43 (Qwen1.5-1.8B's intermediate)
+    11008: (172, 64),  # Williamson, n = 43 (LLaMA-2-7B's intermediate; Paley only: 344 x 32)
     13824: (108, 128),  # Paley I, q = 107
     14336: (28, 512),  # Paley I over GF(3^3)
     28672: (28, 1024),
@@ -75,7 +76,9 @@ def _assert_hadamard_int(h: torch.Tensor, rows: torch.Tensor | None = None) -> N
 def test_factors(n: int) -> None:
     k, p = hadamard_factors(n)
     assert (k, p) == EXPECTED_FACTORS[n] and k * p == n and p & (p - 1) == 0
-    if k > 1:
+    if k in hm.WILLIAMSON_ORDERS:
+        assert hm._paley_kind(k) is None
+    elif k > 1:
         assert hm._paley_kind(k) == PALEY_KINDS[k]
 
 
@@ -89,6 +92,30 @@ def test_all_paley_orders_up_to_400_exact() -> None:
     assert {12, 20, 28, 36, 52, 100, 108, 244, 340, 344} <= set(orders)  # 52/100/340: Paley II over GF(5^2/7^2/13^2)
     for k in orders:
         _assert_hadamard_int(torch.tensor(hm._paley_block(k), dtype=torch.int64))
+
+
+def test_williamson_172_exact() -> None:
+    """H_172 = [[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]] with A..D symmetric circulant +-1
+    blocks of order 43, constant on the orbits of <-1, 6> mod 43 (8 orbits); exactly H H^T = 172 I."""
+    h = torch.tensor(hm.hadamard_block(172), dtype=torch.int64)
+    _assert_hadamard_int(h)
+    blocks = [h[:43, 43 * i : 43 * (i + 1)] for i in range(4)]
+    orbits = hm._multiplier_orbits(43, 6)
+    assert len(orbits) == 8 and sorted(orbits[1]) == [1, 6, 7, 36, 37, 42]
+    for i, block in enumerate(blocks):
+        row = block[0]
+        assert torch.equal(block, torch.stack([row.roll(j) for j in range(43)]))  # circulant
+        assert torch.equal(block, block.T)  # symmetric
+        assert all(len(set(row[o].tolist())) == 1 for o in orbits), i  # constant on the multiplier orbits
+    a, b, c, d = blocks
+    assert torch.equal(h[43:86], torch.cat([-b, a, -d, c], 1)) and torch.equal(h[129:], torch.cat([-d, -c, b, a], 1))
+
+
+def test_paley_only_rule_of_older_schemas() -> None:
+    assert hadamard_factors(11008, williamson=False) == (344, 32)
+    assert hadamard_factors(1536, williamson=False) == hadamard_factors(1536) == (12, 128)
+    with pytest.raises(HadamardSizeError):
+        hadamard_factors(172, williamson=False)
 
 
 @pytest.mark.parametrize("p", [2**i for i in range(12)])
@@ -107,7 +134,7 @@ def test_hadamard_int_exact(n: int) -> None:
     # of two exactly checked factors, and kron of Hadamard matrices is Hadamard.
     k, p = hadamard_factors(n)
     small = k * min(p, 4)
-    expected = torch.kron(torch.tensor(hm._k_block(k), dtype=torch.int64), hadamard_int(min(p, 4)))
+    expected = torch.kron(torch.tensor(hm.hadamard_block(k), dtype=torch.int64), hadamard_int(min(p, 4)))
     assert torch.equal(hadamard_int(small), expected)
 
 
@@ -117,12 +144,12 @@ def test_sweep_factorizations_up_to_30000() -> None:
         try:
             k, p = hadamard_factors(n)
         except HadamardSizeError:
-            assert n & (n - 1) and not any(hm._paley_kind(j) for j in _odd_times_pow2(n))
+            assert n & (n - 1) and not any(hm._constructible(j) for j in _odd_times_pow2(n))
             continue
         supported += 1
-        assert k * p == n and p & (p - 1) == 0 and (k == 1 or hm._paley_kind(k) is not None)
-        assert not any(hm._paley_kind(j) for j in _odd_times_pow2(n) if 1 < j < k)  # smallest K
-    assert supported == 4136  # measured
+        assert k * p == n and p & (p - 1) == 0 and (k == 1 or hm._constructible(k))
+        assert not any(hm._constructible(j) for j in _odd_times_pow2(n) if 1 < j < k)  # smallest K
+    assert supported == 4137  # measured (4136 with Paley orders only: 172 itself is new, 172 * 2^m had 344)
 
 
 def _odd_times_pow2(n: int) -> list[int]:

@@ -59,6 +59,27 @@ def test_schema_json_roundtrip_and_validation():
         TransformSchema.from_dict({**schema.to_dict(), "version": 99})
 
 
+def test_schema_records_hadamard_k_and_refuses_another_construction():
+    """Version 3 records each Hadamard block's K; LLaMA-2-7B's 11008 is 172 x 64 (Williamson) in this build, 344 x
+    32 (Paley only) in schema versions 1-2: such an artifact's folded down_proj would not match the online
+    Hadamard, so it is refused; sizes whose K did not change (1536 = 12 x 128) still load from version 2."""
+    data = hadamard_schema(4096, 128, 11008).to_dict()
+    assert data["version"] == 3
+    assert [r["hadamard_k"] for r in data["rotations"]] == [1, 1, 1, 172]
+    TransformSchema.from_dict(data)
+    data["rotations"][3]["hadamard_k"] = 344
+    with pytest.raises(ValueError, match="11008 was built with K = 344 .schema v3., this build constructs K = 172"):
+        TransformSchema.from_dict(data)
+    old = {**data, "version": 2, "rotations": [{k: v for k, v in r.items() if k != "hadamard_k"}
+                                                 for r in data["rotations"]]}
+    with pytest.raises(ValueError, match="K = 344 .schema v2."):
+        TransformSchema.from_dict(old)
+    demo = hadamard_schema(576, 64, 1536).to_dict()
+    demo = {**demo, "version": 2, "rotations": [{k: v for k, v in r.items() if k != "hadamard_k"}
+                                                 for r in demo["rotations"]]}
+    assert TransformSchema.from_dict(demo).find("down_proj_input").size == 1536
+
+
 def test_rotation_helps_w4a4kv4_with_outlier_channels():
     """Rotations spread the outlier channels, so A4KV4 quantization is much closer to full precision."""
     hf = tiny_hf_model("llama", hidden=128, intermediate=384)

@@ -1,4 +1,4 @@
-"""``Hadamard``: online block Hadamard over the last dim (FWHT over 2^m, Paley H_K^T in float64)."""
+"""``Hadamard``: online block Hadamard over the last dim (FWHT over 2^m, H_K^T in float64)."""
 
 from __future__ import annotations
 
