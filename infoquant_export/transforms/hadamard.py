@@ -449,13 +449,19 @@ def apply_hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:
        once to ``x.dtype`` (so every summation order gives the same float32 result; skipped when K == 1).
     3. Multiply by the python float ``1 / math.sqrt(n_block)`` cast to ``x.dtype``.
     """
-    n, n_block, k, p = _block_factors(x, num_blocks, "apply_hadamard")
-    lead = x.shape[:-1]
+    _, _, k, p = _block_factors(x, num_blocks, "apply_hadamard")
+    return _apply_factored(x, num_blocks, k, p)
+
+
+def _apply_factored(x: torch.Tensor, num_blocks: int, k: int, p: int) -> torch.Tensor:
+    """:func:`apply_hadamard` with the block's factors ``(k, p)`` given (``tools/bench_hadamard.py`` times other
+    constructions of one size with it)."""
+    lead, n_block = x.shape[:-1], k * p
     y = _fwht(x.reshape(*lead, num_blocks, k, p))
     if k > 1:
         y = torch.matmul(_block_t(k, x.device), y.double()).to(x.dtype)
     scale = torch.tensor(1.0 / math.sqrt(n_block), dtype=x.dtype)
-    return (y * scale).reshape(*lead, n)
+    return (y * scale).reshape(*lead, num_blocks * n_block)
 
 
 def apply_hadamard_fp16(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:

@@ -72,7 +72,7 @@ def test_compile_sm90_and_sm80(tmp_path):
 def test_k_step_float64_tensor_cores(tmp_path):
     """The 11008 = 172 x 64 Hadamard's K step is a float64 GEMM, and so is the row kernel's fused K step (1536 =
     12 x 128): DMMA on sm_80 / sm_90 (float64 tensor cores), none on sm_89; no spills anywhere. The FWHT before
-    the K-step kernel (chunked, float32 out) is small: measured 42-64 registers (it was 248-250 as a 16384-value
+    the K-step kernel (chunked, float32 out) is small: measured 44-72 registers (it was 248-250 as a 16384-value
     row tile)."""
     out = tmp_path / "kernels"
     specs = ["hadamard_k_step_172x64", "swiglu_fwht_11008_172x64", "hadamard_quantize_1536_k12"]
@@ -86,7 +86,7 @@ def test_k_step_float64_tensor_cores(tmp_path):
     for target, entries in targets.items():
         for name, e in entries.items():
             assert e["spill_store_bytes"] == 0 and e["resident_warps"] >= 12, (target, name, e)  # measured 12-40
-        assert entries["swiglu_fwht_11008_172x64"]["registers"] <= 96, target  # measured 42-64
+        assert entries["swiglu_fwht_11008_172x64"]["registers"] <= 96, target  # measured 44-72
 
 
 def test_unknown_target_exits_2_without_output(tmp_path):
