@@ -5,8 +5,8 @@ from infoquant_export.pipeline import quantize_to_dir
 from tests.helpers import save_tiny_model_dir
 
 
-def make_artifact(root, family: str = "llama", **quant) -> str:
-    hf = save_tiny_model_dir(root / f"hf-{family}", family)
+def make_artifact(root, family: str = "llama", model: dict | None = None, **quant) -> str:
+    hf = save_tiny_model_dir(root / f"hf-{family}", family, **(model or {}))
     cfg = QuantConfig(rotation="hadamard", weights="rtn", **quant)
     out = root / f"art-{family}"
     quantize_to_dir(str(hf), cfg, out, progress=False)

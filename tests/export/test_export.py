@@ -162,6 +162,23 @@ def test_other_widths(bits, tmp_path):
     assert sqnr_db(ref, torch.from_numpy(logits)) > 100  # measured: inf
 
 
+def test_williamson_down_proj_hadamard(tmp_path):
+    """Intermediate 688 = 172 x 4: the online down_proj Hadamard's K step is the Williamson block (a 172 x 172
+    float64 constant in the graph); ONNX Runtime matches the fake-quant model."""
+    artifact = make_artifact(tmp_path, "llama", model={"intermediate": 688})
+    assert load_artifact(artifact).schema.find("down_proj_input").size == 688
+    export_onnx(artifact, tmp_path / "m.onnx")
+    graph = onnx.load(tmp_path / "m.onnx")
+    shapes = {tuple(i.dims) for f in graph.functions for n in f.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value" for i in [a.t]}
+    shapes |= {tuple(i.dims) for i in graph.graph.initializer}
+    assert (172, 172) in shapes
+    with torch.no_grad():
+        ref, _ = load_artifact(artifact).model(IDS)
+    logits, _, _ = OrtDecoder(tmp_path / "m.onnx")(IDS.numpy())
+    assert sqnr_db(ref, torch.from_numpy(logits)) > 100  # measured: inf
+
+
 def test_external_data(tiny_artifact, tmp_path):
     result = export_onnx(tiny_artifact, tmp_path / "m.onnx", external_data=True)
     assert result.external_data and (tmp_path / "m.onnx.data").is_file()
