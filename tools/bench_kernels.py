@@ -23,7 +23,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from infoquant_export.kernels import ops
+from infoquant_export.kernels import linear, ops
 
 GEMM_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): qkv/o, gate/up, down
 GEMM_MS = [1, 16, 256, 2048]
@@ -82,8 +82,8 @@ def gemm_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[i
                          "w4a4_quant_gemm_ms": t_full, "speedup_gemm": t_fp16 / t_gemm,
                          "speedup_quant_gemm": t_fp16 / t_full, "fp16_tflops": flops / t_fp16 / 1e9,
                          "w4a4_tops": flops / t_gemm / 1e9,
-                         "config": ops._TUNED.get((ops._bucket(m), n, k // 2, torch.float16, False, False, False,
-                                                   False))})
+                         "config": linear._TUNED.get((linear._bucket(m), n, k // 2, torch.float16, False, False, False,
+                                                      False))})
     return rows
 
 
@@ -257,7 +257,7 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
             row["quant_ms"] = _timed(partial(ops.quantize_rows, x, 4, 0.9), device)
             row["quant_planes_ms"] = _timed(partial(ops.quantize_rows_variant, x, 4, 0.9, planes=True), device)
             ref = ops.w4a4_linear(act, packed_only, out_dtype=torch.float16)
-            for name, a_planes, w_planes, swap, tile in VARIANT_GEMM["small" if m <= 16 else ops._bucket(m)]:
+            for name, a_planes, w_planes, swap, tile in VARIANT_GEMM["small" if m <= 16 else linear._bucket(m)]:
                 if budget.over():
                     row["variants"].append({"name": name, "tile": tile, "skipped": True})
                     continue

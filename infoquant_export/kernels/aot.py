@@ -13,24 +13,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infoquant_export.kernels import interpreted, kernel_module
-from infoquant_export.kernels.ops import (
-    GEMM_TMA_TILES,
-    K_STEP_TILE,
+from infoquant_export.kernels.attention import decode_tile
+from infoquant_export.kernels.k_step import K_STEP_TILE
+from infoquant_export.kernels.linear import GEMM_TMA_TILES, gemm_candidates, gemm_config, gemm_tables
+from infoquant_export.kernels.resources import mma_loop, ptxas_resources, resident_warps
+from infoquant_export.kernels.rows import (
     PRE_NONE,
     PRE_RMSNORM,
     PRE_ROPE,
     PRE_SCALE,
     PRE_SWIGLU,
     _inv_sqrt,
-    decode_tile,
-    gemm_candidates,
-    gemm_config,
-    gemm_tables,
     k_dot,
     row_tile,
     row_warps,
 )
-from infoquant_export.kernels.resources import mma_loop, ptxas_resources, resident_warps
 
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_87": 87, "sm_89": 89, "sm_90": 90}  # A100, RTX 30, Orin, RTX 40, H100
 
@@ -277,7 +274,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
 
 def hadamard_aot_spec(size: int, num_blocks: int) -> KernelSpec:
     """The AOT-plugin Hadamard kernel for ``size`` = ``num_blocks`` power-of-two blocks (float32 in and out)."""
-    from infoquant_export.kernels.ops import _inv_sqrt
+    from infoquant_export.kernels.rows import _inv_sqrt
     from infoquant_export.transforms.hadamard import hadamard_factors
 
     p = size // num_blocks

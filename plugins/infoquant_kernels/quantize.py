@@ -101,7 +101,7 @@ def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr
     return tl.reshape(x, (NBP, KP, P)) * inv_sqrt
 
 
-# the prologues (``PRE``; ``infoquant_export.kernels.ops`` passes the same numbers)
+# the prologues (``PRE``; ``infoquant_export.kernels.rows`` passes the same numbers)
 PRE_NONE = tl.constexpr(0)
 PRE_RMSNORM = tl.constexpr(1)
 PRE_SWIGLU = tl.constexpr(2)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infoquant_export.kernels import ops
+from infoquant_export.kernels import ops, rows
 from infoquant_export.quant.primitives import (
     activation_qparams,
     dequantize_activation,
@@ -65,7 +65,7 @@ def test_quantize_rows_bit_identical(n, blocks):
 def test_fused_k_step_forms_bit_identical(monkeypatch, n, k_dot):
     """The row kernel's fused K step as a float64 tl.dot (DMMA) and as the broadcast-and-sum, compiled: the
     primitives' bits for the demo's 1536 = 12 x 128, TinyLlama's 5632 = 44 x 128, LLaMA-3-8B's 14336 = 28 x 512."""
-    monkeypatch.setattr(ops, "k_dot", lambda cc: k_dot)
+    monkeypatch.setattr(rows, "k_dot", lambda cc: k_dot)
     x = torch.randn(256, n) * 2
     x[:3] *= 40
     codes, scale, zero = _ref_rows(x, 1)
@@ -75,9 +75,9 @@ def test_fused_k_step_forms_bit_identical(monkeypatch, n, k_dot):
 
 
 def test_fused_k_step_sliced_launches(monkeypatch):
-    """The K-step scratch bound (``ops.SCRATCH_BYTES``) set to 64 rows: 300 rows of 1536 = 12 x 128 in 5 launches
+    """The K-step scratch bound (``rows.SCRATCH_BYTES``) set to 64 rows: 300 rows of 1536 = 12 x 128 in 5 launches
     (the SLICED kernel), the primitives' bits."""
-    monkeypatch.setattr(ops, "SCRATCH_BYTES", 64 * 4 * ops.row_tile(1536, 1, True).elements)
+    monkeypatch.setattr(rows, "SCRATCH_BYTES", 64 * 4 * ops.row_tile(1536, 1, True).elements)
     x = torch.randn(300, 1536) * 2
     codes, scale, zero = _ref_rows(x, 1)
     got = ops.quantize_rows(x.to(CUDA), 4, 0.9, None, 1)

@@ -1,4 +1,4 @@
-"""The checked wrappers (infoquant_export/kernels/ops.py) reject unsupported inputs with a one-line
+"""The checked wrappers (infoquant_export/kernels/, through ``ops``) reject unsupported inputs with a one-line
 KernelInputError (a UserError) naming the constraint, before anything is launched."""
 
 from __future__ import annotations

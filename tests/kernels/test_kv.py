@@ -12,7 +12,7 @@ import triton  # noqa: E402  (conftest imported infoquant_export.kernels: TRITON
 import triton.language as tl  # noqa: E402
 from infoquant_kernels.attention import _nibble, _zero_magic  # noqa: E402
 
-from infoquant_export.kernels import ops  # noqa: E402
+from infoquant_export.kernels import ops, rows  # noqa: E402
 from infoquant_export.quant.primitives import (  # noqa: E402
     activation_qparams,
     dequantize_activation,
@@ -119,12 +119,12 @@ def test_quantize_kv_paley_head_dim(heads):
 
 
 def test_quantize_kv_fused_k_step_in_several_launches(monkeypatch):
-    """The row kernel's K-step scratch is bounded (``ops.SCRATCH_BYTES``): rows beyond it go in further launches
+    """The row kernel's K-step scratch is bounded (``rows.SCRATCH_BYTES``): rows beyond it go in further launches
     that reuse it. With room for 4 rows, 2 sequences x 3 tokens of 2 heads of 192 = 12 x 16 take two launches, the
     second starting inside the second sequence; the cache holds the same bits at the same positions."""
     tile = ops.row_tile(2 * 192, 2, True)
     assert tile.fused and tile.k == 12
-    monkeypatch.setattr(ops, "SCRATCH_BYTES", 4 * 4 * tile.elements)
+    monkeypatch.setattr(rows, "SCRATCH_BYTES", 4 * 4 * tile.elements)
     cache = ops.KVCache4.empty(2, 2, 8, 192, DEVICE)
     x = torch.randn(2, 3, 2, 192)
     ops.quantize_kv(x.to(DEVICE), cache, 2, CLIP, True)

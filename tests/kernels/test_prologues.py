@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from infoquant_export.kernels import ops  # noqa: E402
+from infoquant_export.kernels import ops, rows  # noqa: E402
 from infoquant_export.kernels.ops import KernelInputError  # noqa: E402
 from infoquant_export.models.model import rms_norm, rotate_half  # noqa: E402
 from infoquant_export.quant.primitives import sigmoid64  # noqa: E402
@@ -79,7 +79,7 @@ def test_sigmoid_table_is_sigmoid64(dtype):
     """The SwiGLU prologue's table for 16-bit gates holds sigmoid64 of every bit pattern (all 65536)."""
     bits = torch.arange(65536, dtype=torch.int32)
     values = bits.to(torch.int16).view(dtype).float()  # int32 -> int16 wraps to the same 16 bits
-    table = ops._sigmoid_table(dtype, torch.device("cpu"))
+    table = rows._sigmoid_table(dtype, torch.device("cpu"))
     expected = sigmoid64(values)
     finite = torch.isfinite(values)
     assert torch.equal(table[finite], expected[finite])

@@ -9,7 +9,8 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from infoquant_export.kernels import ops  # noqa: E402
+from infoquant_export.kernels import k_step as k_step_module  # noqa: E402
+from infoquant_export.kernels import ops, rows  # noqa: E402
 from infoquant_export.quant.primitives import (  # noqa: E402
     SCALE_EPS,
     activation_qparams,
@@ -76,7 +77,7 @@ def test_fused_k_step_forms(monkeypatch, n, blocks, k_dot):
     """The row kernel's fused K step as a float64 ``tl.dot`` (sm_80 / sm_90, the interpreter's default) and as the
     broadcast-and-sum (elsewhere): the same bits as the primitives for one Paley block (1536 = 12 x 128), two
     (384 = 2 x 12 x 16) and TinyLlama's 5632 = 44 x 128 (a 64 x 128 tile: four column chunks of 32)."""
-    monkeypatch.setattr(ops, "k_dot", lambda cc: k_dot)
+    monkeypatch.setattr(rows, "k_dot", lambda cc: k_dot)
     assert ops.row_tile(n, blocks, True).fused and ops.row_tile(n, blocks, True).k > 1
     x = torch.randn(3, n) * 3
     x[1, : n // 8] += 10.0
@@ -85,9 +86,9 @@ def test_fused_k_step_forms(monkeypatch, n, blocks, k_dot):
 
 
 def test_fused_k_step_bounded_scratch(monkeypatch):
-    """With room for 2 rows of K-step scratch (``ops.SCRATCH_BYTES``), 5 rows of 1536 = 12 x 128 are quantized and
+    """With room for 2 rows of K-step scratch (``rows.SCRATCH_BYTES``), 5 rows of 1536 = 12 x 128 are quantized and
     rotated in 3 launches that reuse it: the primitives' bits."""
-    monkeypatch.setattr(ops, "SCRATCH_BYTES", 2 * 4 * ops.row_tile(1536, 1, True).elements)
+    monkeypatch.setattr(rows, "SCRATCH_BYTES", 2 * 4 * ops.row_tile(1536, 1, True).elements)
     x = torch.randn(5, 1536) * 3
     assert_rows_equal(x, 4, 0.9, None, 1)
     assert torch.equal(ops.hadamard(x.to(DEVICE), 1).cpu(), apply_hadamard(x, 1))
@@ -135,7 +136,7 @@ def test_k_step_kernel_exact(k, p, rows, tiles):
 def test_k_step_row_slices(monkeypatch):
     """More column tiles than CUDA's gridDim.y allows (65535) go in several launches over row slices: with the
     limit set to 1 tile, 5 rows of 344 x 32 take 3 launches of 2 rows (64 columns), same result."""
-    monkeypatch.setattr(ops, "MAX_GRID_Y", 1)
+    monkeypatch.setattr(k_step_module, "MAX_GRID_Y", 1)
     y = torch.randn(5, 344 * 32)
     out = torch.full_like(y, float("nan")).to(DEVICE)
     ops.k_step(y.to(DEVICE), out, 344, 32)

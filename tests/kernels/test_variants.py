@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from infoquant_export.kernels import kernel_module, ops  # noqa: E402
+from infoquant_export.kernels import kernel_module, linear, ops  # noqa: E402
 from tests.kernels.conftest import DEVICE, INTERPRETER_WARNING  # noqa: E402
 from tests.kernels.test_gemm import make_layer, reference  # noqa: E402
 
@@ -123,11 +123,11 @@ def test_autotune_skips_a_failing_candidate():
         return {1: 2.0, 3: 1.0}[last["BM"]]
 
     key = ("test_autotune_skips_a_failing_candidate",)
-    ops._TUNED.pop(key, None)
-    assert ops._autotune(key, run, [{"BM": 1}, {"BM": 2, "TMA": 1}, {"BM": 3}], timer) == {"BM": 3}
-    assert "descriptor encode failed" in ops.TUNE_ERRORS[(key, (("BM", 2), ("TMA", 1)))]
+    linear._TUNED.pop(key, None)
+    assert linear._autotune(key, run, [{"BM": 1}, {"BM": 2, "TMA": 1}, {"BM": 3}], timer) == {"BM": 3}
+    assert "descriptor encode failed" in linear.TUNE_ERRORS[(key, (("BM", 2), ("TMA", 1)))]
     with pytest.raises(RuntimeError, match="descriptor"):
-        ops._autotune(("test_autotune_default_error",), run, [{"BM": 2}, {"BM": 1}], timer)
+        linear._autotune(("test_autotune_default_error",), run, [{"BM": 2}, {"BM": 1}], timer)
 
 
 def test_chunked_kernel_rotates_power_of_two_blocks(monkeypatch):

@@ -1,0 +1,120 @@
+"""Decode attention over the 4-bit KV cache: ``kv4_decode_attention`` (split-K partials, then a combine kernel)
+and its tile heuristics."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from infoquant_export.kernels import kernel_module
+from infoquant_export.kernels.checks import (
+    FLOAT_DTYPES,
+    KernelInputError,
+    _check_contiguous,
+    _check_device,
+    _check_dtype,
+    _pow2,
+    triton_cdiv,
+)
+from infoquant_export.kernels.kv import KVCache4, _check_cache
+
+_DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # tensor-core dot dtype of the decode kernel
+
+
+def decode_tile(group: int) -> tuple[int, int]:
+    """(query rows per program, tokens per step) of the decode kernel for a GQA group: rows padded to >= 16 for the
+    tensor cores; 128 tokens per step (H100, D=128: faster than 32 / 64), 64 for groups above 16."""
+    gp = max(16, _pow2(group))
+    return gp, 128 if gp <= 16 else 64
+
+
+# (tokens per step, warps) of the CUDA-core decode kernel. Static choice (no GPU yet): at D = 128 on sm_90 it needs
+# 64 registers per thread (32 resident warps per SM; 32 x 4 warps: 128, 64 x 8: 128, 128 x 8: 190 registers), where
+# the tensor-core kernel needs 221 (8 resident warps). tools/bench_kernels.py --sections variants times the others.
+DECODE_CC_TILE = (32, 8)
+FLOAT_2_23_BITS = 0x4B000000  # the CUDA-core decode kernel's magic_bits argument (the float 2^23)
+
+
+def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs: int) -> int:
+    """Power-of-2 number of context chunks so that ``batch_heads * splits`` fills the GPU."""
+    splits = 1
+    while batch_heads * splits < target_programs and splits * 2 * block_t <= max_len and splits < 256:
+        splits *= 2
+    return splits
+
+
+def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int,
+                         splits: int | None = None, block_t: int | None = None, num_warps: int | None = None,
+                         num_stages: int = 3, check_lengths: bool = True, kernel: str | None = None) -> torch.Tensor:
+    """Attention of one new token per row, ``q [B, Hq, D]``, over the 4-bit caches' first ``lengths[b]`` tokens.
+
+    ``max_len`` (>= every length) sizes the split and is checked against ``lengths`` when ``check_lengths`` (a host
+    sync on the GPU; skipped during CUDA-graph capture). The kernel clamps lengths to ``max_len``, so it never reads
+    past it. Returns ``[B, Hq, D]`` in q's dtype (float32 softmax; tensor-core
+    dot products in float16 for a float16 q). ``splits`` / ``block_t`` / warps / stages override the heuristics.
+    ``kernel``: ``"tc"`` the tensor-core kernel (a GQA group per program, 4 warps), ``"cc"`` the CUDA-core kernel
+    (``kv4_decode_partial_cc_kernel``: one query head per program, float32 throughout, ``DECODE_CC_TILE``); default
+    ``$INFOQUANT_DECODE_KERNEL`` or ``"tc"``.
+    """
+    kernel = kernel or os.environ.get("INFOQUANT_DECODE_KERNEL", "tc")
+    _check_dtype("q", q, FLOAT_DTYPES)
+    _check_contiguous("q", q)
+    _check_dtype("lengths", lengths, (torch.int32,))
+    if q.dim() != 3:
+        raise KernelInputError(f"q must be [batch, heads, head_dim], got {tuple(q.shape)}", "pass one token per row")
+    b, hq, d = q.shape
+    hkv = k.codes.shape[1]
+    if k.codes.shape != v.codes.shape or k.codes.shape[0] != b or k.head_dim != d:
+        raise KernelInputError(f"caches {tuple(k.codes.shape)} / {tuple(v.codes.shape)} do not fit q {tuple(q.shape)}",
+                               "use the caches written for this batch and head_dim")
+    if hq % hkv:
+        raise KernelInputError(f"{hq} query heads are not a multiple of {hkv} KV heads", "check num_kv_heads")
+    if d < 16 or d & (d - 1):
+        raise KernelInputError(f"head_dim {d} is not a power of two >= 16", "use the fake-quant model")
+    if not 0 < max_len <= k.capacity or lengths.shape != (b,):
+        raise KernelInputError(f"max_len {max_len} / lengths {tuple(lengths.shape)} invalid for a cache of "
+                               f"{k.capacity} and batch {b}", "pass lengths [B] int32 with 0 < length <= max_len")
+    _check_cache(k)
+    _check_cache(v)
+    _check_device(q, lengths, k.codes, v.codes)
+    for name, value, least in (("splits", splits, 1), ("block_t", block_t, 16)):
+        if value is not None and (value < least or value & (value - 1)):
+            raise KernelInputError(f"{name}={value} is not a power of two >= {least}", f"pass a valid {name} or None")
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_lengths and not capturing and lengths.numel() and (int(lengths.max()) > max_len or
+                                                                int(lengths.min()) < 1):
+        raise KernelInputError(f"lengths {lengths.tolist()} outside 1..max_len={max_len}",
+                               "pass max_len >= every length (and every length >= 1)")
+    if kernel not in ("tc", "cc"):
+        raise KernelInputError(f"kernel={kernel!r} is not 'tc' or 'cc'", "pass kernel='tc' (tensor cores) or 'cc'")
+    if kernel == "cc" and (k.codes.data_ptr() % 4 or v.codes.data_ptr() % 4):
+        raise KernelInputError("kernel='cc' reads the cache codes as 32-bit words; these start at an offset that "
+                               "is not a multiple of 4 bytes", "allocate the caches with KVCache4.empty")
+    g = hq // hkv
+    gp, default_block_t = decode_tile(g)
+    block_t = block_t or (DECODE_CC_TILE[0] if kernel == "cc" else default_block_t)
+    num_warps = num_warps or (DECODE_CC_TILE[1] if kernel == "cc" else 4)
+    programs = b * (hq if kernel == "cc" else hkv)
+    target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
+    splits = splits or decode_splits(programs, max_len, block_t, target)
+    chunk = triton_cdiv(triton_cdiv(max_len, splits), block_t) * block_t
+    part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    mod = kernel_module("attention")
+    args = (q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
+            k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
+            lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)))
+    if kernel == "cc":
+        mod.kv4_decode_partial_cc_kernel[(programs, splits)](
+            *args, FLOAT_2_23_BITS, G=g, D=d, BT=block_t, SPLITS=splits, num_warps=num_warps, num_stages=num_stages)
+    else:
+        mod.kv4_decode_partial_kernel[(programs, splits)](
+            *args, G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT=_DOT[q.dtype], num_warps=num_warps,
+            num_stages=num_stages)
+    out = torch.empty_like(q)
+    mod.kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits, SP=splits, D=d,
+                                             num_warps=4)
+    return out
