@@ -82,8 +82,8 @@ def gemm_section(device: torch.device, shapes: list[tuple[int, int]], ms: list[i
                          "w4a4_quant_gemm_ms": t_full, "speedup_gemm": t_fp16 / t_gemm,
                          "speedup_quant_gemm": t_fp16 / t_full, "fp16_tflops": flops / t_fp16 / 1e9,
                          "w4a4_tops": flops / t_gemm / 1e9,
-                         "config": linear._TUNED.get((linear._bucket(m), n, k // 2, torch.float16, False, False, False,
-                                                      False))})
+                         "config": linear._TUNED.get(linear.tune_key(m, n, k // 2, torch.float16, False, False, False,
+                                                                     False, ops.device_cc(device)))})
     return rows
 
 

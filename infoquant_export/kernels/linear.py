@@ -319,11 +319,17 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         candidates = linear_candidates(m, k2, planar, cc, tma_eligible(act, weight, y, residual), int_mm_ok)
         config = candidates[0]
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
-            key = (_bucket(m), n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
-                   w_planes_default, cc)
+            key = tune_key(m, n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
+                           w_planes_default, cc)
             config = _autotune(key, run, candidates)
     run(config)
     return y
+
+
+def tune_key(m: int, n: int, k2: int, out_dtype: torch.dtype, bias: bool, residual: bool, a_planes: bool,
+             w_planes: bool, cc: int | None) -> tuple:
+    """The autotuner's cache key of a ``w4a4_linear`` call (``_TUNED[key]`` is the chosen tile)."""
+    return (_bucket(m), n, k2, out_dtype, bias, residual, a_planes, w_planes, cc)
 
 
 def linear_candidates(m: int, k2: int, planar: bool, cc: int | None, tma_ok: bool,
