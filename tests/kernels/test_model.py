@@ -231,19 +231,20 @@ def test_decode_layer_is_kernels_only(prefill):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's launches")
 def test_decode_layer_large_k_hadamard_is_kernels_only():
-    """A down_proj Hadamard whose Paley K does not fit the row kernel (intermediate 1088 = 68 x 16, like 11008 =
-    172 x 64) runs as the chunked FWHT, the float64 K-step GEMM and the quantize kernel: 15 launches and no torch op
-    in a decode layer (before: 14 launches and a float64 torch ``bmm``); logits as the fake-quant model's."""
+    """A down_proj Hadamard whose K does not fit the row kernel (intermediate 2752 = 172 x 16, the Williamson block
+    of LLaMA-2-7B's 11008 = 172 x 64) runs as the chunked FWHT, the float64 K-step GEMM and the quantize kernel: 15
+    launches and no torch op in a decode layer (before: 14 launches and a float64 torch ``bmm``); logits as the
+    fake-quant model's."""
     from infoquant_export.kernels import ops
     from infoquant_export.kernels.random_model import random_w4a4kv4_model
 
-    dims = dict(vocab_size=64, hidden_size=64, intermediate_size=1088, num_heads=2, num_kv_heads=2, head_dim=32)
-    assert not ops.row_tile(1088, 1, True).fused
+    dims = dict(vocab_size=64, hidden_size=64, intermediate_size=2752, num_heads=2, num_kv_heads=2, head_dim=32)
+    assert not ops.row_tile(2752, 1, True).fused and ops.row_tile(2752, 1, True).k == 172
     model = random_w4a4kv4_model(dims, 1, "cpu")
     ids = torch.randint(0, 64, (BATCH, 6), generator=torch.Generator().manual_seed(1))
     reference, _ = model(ids)
     kernel_model = KernelCausalLM(model, torch.float32, block=16)
     logits, cache = kernel_model(ids)
-    assert sqnr_db(reference, logits) > MIN_SQNR_DB  # measured 141.1-141.2 dB (137.1 before)
+    assert sqnr_db(reference, logits) > MIN_SQNR_DB  # measured 138.9 dB
     launches, torch_ops = count_decode_layer_ops(kernel_model, cache, 6, 0)
     assert launches == 15 and dict(torch_ops) == {"full": 1}, (launches, torch_ops)  # measured 15, lengths only
