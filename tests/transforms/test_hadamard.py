@@ -111,6 +111,28 @@ def test_williamson_172_exact() -> None:
     assert torch.equal(h[43:86], torch.cat([-b, a, -d, c], 1)) and torch.equal(h[129:], torch.cat([-d, -c, b, a], 1))
 
 
+# (hidden, intermediate, head_dim) of LLaMA-family checkpoints users quantize (their config.json values)
+MODEL_SIZES = {
+    "SmolLM2-135M": (576, 1536, 64), "SmolLM2-360M": (960, 2560, 64), "SmolLM2-1.7B": (2048, 8192, 64),
+    "TinyLlama-1.1B": (2048, 5632, 64), "Qwen1.5-1.8B": (2048, 5504, 128), "Qwen2.5-0.5B": (896, 4864, 64),
+    "Qwen2.5-1.5B": (1536, 8960, 128), "Qwen2.5-3B": (2048, 11008, 128), "Qwen2.5-7B": (3584, 18944, 128),
+    "Qwen2.5-14B": (5120, 13824, 128), "LLaMA-2-7B": (4096, 11008, 128), "LLaMA-2-13B": (5120, 13824, 128),
+    "LLaMA-2-70B": (8192, 28672, 128), "LLaMA-3-8B": (4096, 14336, 128), "LLaMA-3.2-3B": (3072, 8192, 128),
+    "Mistral-7B": (4096, 14336, 128), "Gemma-2-2B": (2304, 9216, 256),
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_SIZES))
+def test_common_model_sizes_have_a_construction(model: str) -> None:
+    """Every rotation size of these models (residual, down_proj input, per head) has a Hadamard with p >= 16 (the
+    kernels' tile); 11008 and 5504 need the Williamson 172 (Paley only: 344 x 32 and 344 x 16)."""
+    for n in MODEL_SIZES[model]:
+        k, p = hadamard_factors(n)
+        assert k * p == n and p >= 16, (model, n, k, p)
+    intermediate = MODEL_SIZES[model][1]
+    assert (hadamard_factors(intermediate)[0] == 172) == (intermediate in (11008, 5504))
+
+
 def test_paley_only_rule_of_older_schemas() -> None:
     assert hadamard_factors(11008, williamson=False) == (344, 32)
     assert hadamard_factors(1536, williamson=False) == hadamard_factors(1536) == (12, 128)
