@@ -119,6 +119,7 @@ MODEL_SIZES = {
     "Qwen2.5-14B": (5120, 13824, 128), "LLaMA-2-7B": (4096, 11008, 128), "LLaMA-2-13B": (5120, 13824, 128),
     "LLaMA-2-70B": (8192, 28672, 128), "LLaMA-3-8B": (4096, 14336, 128), "LLaMA-3.2-3B": (3072, 8192, 128),
     "Mistral-7B": (4096, 14336, 128), "Gemma-2-2B": (2304, 9216, 256),
+    "Qwen2-72B": (8192, 29568, 128),  # 29568 = 231 x 2^7 (QuaRot #41: "no known Hadamard of order 231"): 924 x 32
 }
 
 
@@ -131,6 +132,8 @@ def test_common_model_sizes_have_a_construction(model: str) -> None:
         assert k * p == n and p >= 16, (model, n, k, p)
     intermediate = MODEL_SIZES[model][1]
     assert (hadamard_factors(intermediate)[0] == 172) == (intermediate in (11008, 5504))
+    if intermediate == 29568:
+        assert hadamard_factors(intermediate) == (924, 32) and hm._paley_kind(924) == ("II", 461)
 
 
 def test_paley_only_rule_of_older_schemas() -> None:
