@@ -70,14 +70,16 @@ def test_schema_records_hadamard_k_and_refuses_another_construction():
     data["rotations"][3]["hadamard_k"] = 344
     with pytest.raises(ValueError, match="11008 was built with K = 344 .schema v3., this build constructs K = 172"):
         TransformSchema.from_dict(data)
-    old = {**data, "version": 2, "rotations": [{k: v for k, v in r.items() if k != "hadamard_k"}
-                                                 for r in data["rotations"]]}
     with pytest.raises(ValueError, match="K = 344 .schema v2."):
-        TransformSchema.from_dict(old)
-    demo = hadamard_schema(576, 64, 1536).to_dict()
-    demo = {**demo, "version": 2, "rotations": [{k: v for k, v in r.items() if k != "hadamard_k"}
-                                                 for r in demo["rotations"]]}
+        TransformSchema.from_dict(_as_version_2(data))
+    demo = _as_version_2(hadamard_schema(576, 64, 1536).to_dict())
     assert TransformSchema.from_dict(demo).find("down_proj_input").size == 1536
+
+
+def _as_version_2(data: dict) -> dict:
+    """A schema dict as version 2 wrote it: no ``hadamard_k``."""
+    rotations = [{k: v for k, v in r.items() if k != "hadamard_k"} for r in data["rotations"]]
+    return {**data, "version": 2, "rotations": rotations}
 
 
 def test_rotation_helps_w4a4kv4_with_outlier_channels():
