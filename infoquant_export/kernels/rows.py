@@ -270,10 +270,11 @@ CHUNK (H200, 4096 x 11008: 0.066 vs 0.146 ms, 44 % vs 20 % of copy bandwidth: no
 QUANT_CHUNK: int | None = None
 """Default chunk of the two-pass quantize-only kernel (``quantize_rows_chunked_kernel``) for rows without
 rotation, or None for the one-pass row-tile kernel. Either computes the same bits."""
-CHUNK_ROTATED = False
+CHUNK_ROTATED = True
 """Whether ``quantize_rows`` also sends long rows with a block-diagonal power-of-two Hadamard (e.g. 11008 = 43
-blocks of 256) through the chunked kernel (same bits, no padding of 43 blocks to 64). Off until timed on a GPU:
-``quantize_rows_variant(chunk=...)`` selects it explicitly."""
+blocks of 256) through the chunked kernel (same bits, no padding of 43 blocks to 64). H200, 4096 x 11008 with 43
+blocks of 256 (``tools/bench_kernels.py --sections variants``, 2026-11-27): 23 % of copy bandwidth chunked (1024,
+4 warps) vs 15 % for the one-pass row kernel."""
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,

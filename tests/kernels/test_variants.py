@@ -133,7 +133,7 @@ def test_autotune_skips_a_failing_candidate():
 def test_chunked_kernel_rotates_power_of_two_blocks(monkeypatch):
     """The chunked kernel takes rows with a block-diagonal Hadamard of power-of-two blocks no larger than the
     chunk (43 blocks of 256 at 11008 in chunks of 1024, with the SwiGLU prologue); larger blocks or a Paley K fall
-    back to the row kernel. ``quantize_rows`` keeps the row kernel for them until the chunked form is timed."""
+    back to the row kernel. ``quantize_rows`` takes the chunked form (``CHUNK_ROTATED``, timed on an H200)."""
     module = kernel_module("quantize")
     launches = []
 
@@ -147,9 +147,9 @@ def test_chunked_kernel_rotates_power_of_two_blocks(monkeypatch):
 
     monkeypatch.setattr(module, "quantize_rows_chunked_kernel", Recorder(module.quantize_rows_chunked_kernel))
     gate_up = (torch.randn(2, 2 * 11008) * 2).half().to(DEVICE)
-    ref = ops.quantize_rows(gate_up, 4, 0.9, None, 43, prologue=ops.SWIGLU)
-    assert not launches and not ops.CHUNK_ROTATED
-    got = ops.quantize_rows_variant(gate_up, 4, 0.9, None, 43, chunk=1024, prologue=ops.SWIGLU)
+    ref = ops.quantize_rows_variant(gate_up, 4, 0.9, None, 43, prologue=ops.SWIGLU)  # the one-pass row kernel
+    assert not launches and ops.CHUNK_ROTATED
+    got = ops.quantize_rows(gate_up, 4, 0.9, None, 43, prologue=ops.SWIGLU)  # chunks of ops.CHUNK = 1024
     assert len(launches) == 1
     assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
     for n, blocks, chunk in ((512, 2, 128), (192, 1, 1024)):  # a 256 block in 128 chunks; Paley K = 12
