@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from infoquant_export.kernels import linear, ops
+from infoquant_export.kernels.timing import gpu_ms, graphed
 
 GEMM_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): qkv/o, gate/up, down
 GEMM_MS = [1, 16, 256, 2048]
@@ -202,10 +203,11 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
               ("aplanes_swap", True, False, True, (256, 128, 64, 8, 8, 4)),
               ("wplanes", False, True, False, (128, 256, 64, 8, 8, 4))],
 }
-# quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes)
-VARIANT_QUANT = [("default", None, None, False), ("warps1", 1, None, False), ("warps2", 2, None, False),
-                 ("warps8", 8, None, False), ("planes", None, None, True), ("chunk1024_w4", 4, 1024, False),
-                 ("chunk2048_w8", 8, 2048, False)]
+# quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes); "default" is
+# ops.quantize_rows itself (the runtime's choice: chunked above ops.CHUNKED_ABOVE), "row_tile" the one-pass kernel
+VARIANT_QUANT = [("default", None, None, False), ("row_tile", None, None, False), ("warps1", 1, None, False),
+                 ("warps2", 2, None, False), ("warps8", 8, None, False), ("planes", None, None, True),
+                 ("chunk1024_w4", 4, 1024, False), ("chunk2048_w8", 8, 2048, False)]
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
 VARIANT_ATTN = [(64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 3, 4)]  # 64 tokens: fewer registers than 128
 # the CUDA-core decode kernel: (block_t, num_warps, split multiplier)
@@ -226,9 +228,7 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     """Median ms of ``fn`` as a CUDA-graph replay (GPU time, no launch overhead); eager on the CPU."""
     if device.type != "cuda":
         return bench(fn, device)
-    from triton.testing import do_bench
-
-    return float(do_bench(graphed(fn), warmup=10, rep=40, return_mode="median"))
+    return gpu_ms(fn)
 
 
 def _try(row: dict, key: str, fn: Callable[[], float]) -> None:
@@ -314,6 +314,8 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
                 continue  # the chunked kernel rotates power-of-two blocks no larger than its chunk
             fn = partial(ops.quantize_rows_variant, x, 4, 0.9, None, blocks, num_warps=warps, chunk=chunk,
                          planes=planes)
+            if name == "default":
+                fn = partial(ops.quantize_rows, x, 4, 0.9, None, blocks)
             v: dict = {"name": name, "num_warps": warps, "chunk": chunk, "planes": planes}
             _try(v, "ms", lambda fn=fn: _timed(fn, device))
             if "ms" in v:
@@ -486,20 +488,6 @@ class FP16Decoder:
             g, u = F.linear(h, gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(g) * u, down)
         return F.linear(F.rms_norm(x, (x.shape[-1],), None, c.rms_norm_eps), self.head)
-
-
-def graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` captured in a CUDA graph after two warm-up calls (removes Python / launch overhead): replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _decode_step(fast: Callable, step: torch.Tensor, cache: object, ctx: int) -> None:

@@ -164,18 +164,21 @@ TUNE_ERRORS: dict[tuple, str] = {}
 
 def _autotune(key: tuple, run: Callable[[dict[str, int]], object], candidates: list[dict[str, int]],
               timer: Callable[[Callable[[], object]], float] | None = None) -> dict:
-    """Time each candidate once per key (CUDA events; ``timer`` replaces ``triton.testing.do_bench``) and keep the
-    fastest. Any config computes the same bits (integer accumulation), so tuning changes speed only. A candidate
-    that cannot run (out of shared memory, or any other error of a non-default candidate, e.g. a tensor-descriptor
-    tile on an untested driver) is skipped and its error kept in ``TUNE_ERRORS``; the default's errors propagate."""
+    """Time each candidate once per key and keep the fastest. Any config computes the same bits (integer
+    accumulation), so tuning changes speed only. The default ``timer`` is ``timing.gpu_ms``: GPU time of a CUDA-graph
+    replay with L2 flushed, as ``tools/bench_kernels.py`` measures and a served decode step runs. (Eager timing
+    counted the host's launch overhead, which made the two-launch split-K configs lose at M = 1 although their GPU
+    time was 16-34 % lower on an H200.) A candidate that cannot run (out of shared memory, or any other error of a
+    non-default candidate, e.g. a tensor-descriptor tile on an untested driver) is skipped and its error kept in
+    ``TUNE_ERRORS``; the default's errors propagate."""
     if key not in _TUNED:
         from triton.runtime.errors import OutOfResources
 
         if timer is None:
-            from triton.testing import do_bench
+            from infoquant_export.kernels.timing import gpu_ms
 
             def timer(fn: Callable[[], object]) -> float:
-                return do_bench(fn, warmup=3, rep=15)
+                return gpu_ms(fn, warmup=3, rep=15)
 
         def timed(cfg: dict[str, int]) -> float:
             try:
@@ -321,7 +324,8 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
             key = tune_key(m, n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
                            w_planes_default, cc)
-            config = _autotune(key, run, candidates)
+            if key in _TUNED or not torch.cuda.is_current_stream_capturing():  # no timing inside a capture
+                config = _autotune(key, run, candidates)
     run(config)
     return y
 

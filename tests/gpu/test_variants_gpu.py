@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from infoquant_export.kernels import ops
+from infoquant_export.kernels import linear, ops
 from infoquant_export.quant.primitives import integer_activation, integer_linear, quantize_weight, weight_scale
 
 pytestmark = pytest.mark.gpu
@@ -25,6 +25,32 @@ LAYOUTS = [(True, False, True), (False, True, False), (True, True, False), (True
 def _unplane(codes: torch.Tensor) -> torch.Tensor:
     half = codes.shape[1] // 2
     return codes[:, :half].to(torch.uint8) | (codes[:, half:].to(torch.uint8) << 4)
+
+
+def test_autotune_inside_a_capture_times_nothing(monkeypatch):
+    """Inside a CUDA-graph capture the GEMM autotuner times nothing (its timer captures graphs of its own): a key
+    tuned before keeps its tile, a new key runs the default tile untuned; the replay gives the eager bits."""
+    g = torch.Generator(device=CUDA).manual_seed(5)
+    w = ops.PackedWeight.from_codes(torch.randint(-8, 8, (512, 1024), device=CUDA, generator=g),
+                                    torch.rand(512, device=CUDA, generator=g) * 0.02)
+    act1 = ops.quantize_rows(torch.randn(1, 1024, dtype=torch.float16, device=CUDA, generator=g), 4, 0.9)
+    act40 = ops.quantize_rows(torch.randn(40, 1024, dtype=torch.float16, device=CUDA, generator=g), 4, 0.9)
+    cc = ops.device_cc(CUDA)
+    key1, key40 = (linear.tune_key(m, 512, 512, torch.float16, False, False, False, False, cc) for m in (1, 40))
+    ref1 = ops.w4a4_linear(act1, w, out_dtype=torch.float16)  # tunes M = 1 (graph-replay timer)
+    assert key1 in linear._TUNED
+    linear._TUNED.pop(key40, None)
+    monkeypatch.setenv("INFOQUANT_GEMM_AUTOTUNE", "0")
+    ref40 = ops.w4a4_linear(act40, w, out_dtype=torch.float16)  # compiles the default tile, no tuning
+    monkeypatch.setenv("INFOQUANT_GEMM_AUTOTUNE", "1")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y1 = ops.w4a4_linear(act1, w, out_dtype=torch.float16)
+        y40 = ops.w4a4_linear(act40, w, out_dtype=torch.float16)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert key40 not in linear._TUNED
+    assert torch.equal(y1, ref1) and torch.equal(y40, ref40)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])
@@ -136,3 +162,4 @@ def test_decode_attention_variants_close_to_default(batch, ctx):
             got = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, None, block_t, warps, kernel="cc").float()
             base = ref if qq.dtype == torch.float32 else ops.kv4_decode_attention(qq, k4, v4, lengths, ctx).float()
             assert float((got - base).abs().max() / base.abs().max()) < tol, ("cc", block_t, warps)
+
