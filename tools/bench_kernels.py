@@ -1,6 +1,6 @@
 """Benchmark the W4A4KV4 kernels against torch FP16 (cuBLAS / SDPA) and a device-to-device copy; prints JSON.
 
-    python tools/bench_kernels.py [--sections gemm,quantize,attention,e2e,sweep,variants] [--e2e-layers 4]
+    python tools/bench_kernels.py [--sections gemm,quantize,attention,e2e,profile,sweep,variants] [--e2e-layers 4]
         [--out r.json]     # sections run in the order given; --out is rewritten after each one
     python tools/bench_kernels.py --smoke      # tiny shapes in Triton's interpreter on the CPU (checks the script)
 
@@ -507,6 +507,65 @@ def gpu_ops(fn: Callable[[], object]) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def kernel_profile(fn: Callable[[], object], device: torch.device, top: int = 20) -> dict:
+    """Where one call of ``fn`` spends its time, by kernel: GPU time per kernel name (PyTorch profiler, CUDA
+    activity) on a GPU; on the CPU (smoke) self CPU time per top-level op. The ``top`` largest, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            us = e.time_range.elapsed_us()
+        elif not cuda and e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None:
+            us = e.cpu_time_total
+        else:
+            continue
+        entry = totals.setdefault(e.name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    total_us = sum(us for _, us in totals.values())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    return {"total_ms": total_us / 1e3, "kernels": len(totals), "launches": sum(n for n, _ in totals.values()),
+            "by_kernel": [{"name": name, "count": n, "ms": us / 1e3, "share": us / total_us if total_us else 0.0}
+                          for name, (n, us) in ranked[:top]]}
+
+
+def profile_section(device: torch.device, shape: str, layers: int, prefill: tuple[int, int],
+                    decode: tuple[int, int]) -> dict:
+    """One prefill and one eager decode step of the e2e models (W4A4KV4 kernels, FP16), time per kernel."""
+    from infoquant_export.kernels.model import KernelCausalLM
+    from infoquant_export.kernels.random_model import random_w4a4kv4_model
+
+    model = random_w4a4kv4_model(shape, layers, str(device))
+    fast = KernelCausalLM(model, torch.float16, cuda_graphs=False)
+    base = FP16Decoder(model)
+    vocab = model.cfg.vocab_size
+    batch, seq = prefill
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    out: dict = {"shape": shape, "layers": layers,
+                 "prefill": {"batch": batch, "seq": seq,
+                             "fp16": kernel_profile(partial(base.forward, ids, base.new_cache(batch, seq), 0), device),
+                             "w4a4kv4": kernel_profile(partial(fast, ids), device)}}
+    batch, ctx = decode
+    ids = torch.randint(0, vocab, (batch, ctx), device=device)
+    cache16 = base.new_cache(batch, ctx + 1)
+    base.forward(ids, cache16, 0)
+    _, cache4 = fast(ids)
+    step = torch.randint(0, vocab, (batch, 1), device=device)
+    out["decode"] = {"batch": batch, "context": ctx,
+                     "fp16": kernel_profile(partial(base.forward, step, cache16, ctx), device),
+                     "w4a4kv4": kernel_profile(partial(_decode_step, fast, step, cache4, ctx), device)}
+    return out
+
+
 def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tuple[int, int]],
                 decode: list[tuple[int, int]]) -> dict:
     from infoquant_export.kernels.model import KernelCausalLM
@@ -629,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         "e2e": lambda: e2e_section(device, "smollm2-135m" if smoke else "llama2-7b", 1 if smoke else args.e2e_layers,
                                    [(1, 16)] if smoke else [(1, 2048), (4, 512)],
                                    [(1, 16)] if smoke else [(1, 2048), (16, 2048)]),
+        "profile": lambda: profile_section(device, "smollm2-135m" if smoke else "llama2-7b",
+                                           1 if smoke else args.e2e_layers, (1, 16) if smoke else (1, 2048),
+                                           (1, 16) if smoke else (16, 2048)),
     }
     unknown = [name for name in sections if name not in runners]
     if unknown:

@@ -4,9 +4,10 @@
 # 1. `pytest -m gpu` on TESTS (default: tests/gpu without test_variants_gpu.py: the kernels, prologues, plugins;
 #    the benchmark's variants check their own bits, `same_bits`) -> pytest.txt
 #    (last 60 lines) and pytest-full.txt
-# 2. tools/bench_kernels.py --sections SECTIONS, in that order (default: e2e,variants -- the LLaMA-2-7B-shaped
-#    end-to-end prefill / decode incl. the CUDA-graph step generate runs and the plane prefill; then each variant
-#    next to the default and the FP16 / copy baselines, no variant started after VARIANTS_BUDGET_S seconds)
+# 2. tools/bench_kernels.py --sections SECTIONS, in that order (default: e2e,profile,variants -- the
+#    LLaMA-2-7B-shaped end-to-end prefill / decode incl. the CUDA-graph step generate runs and the plane prefill;
+#    GPU time per kernel of one prefill and one decode step; then each variant next to the default and the
+#    FP16 / copy baselines, no variant started after VARIANTS_BUDGET_S seconds)
 #    -> bench.json (rewritten after each section), bench.log
 # Time limits: TEST_TIMEOUT (default 270 s), BENCH_TIMEOUT (default 300 s), VARIANTS_BUDGET_S (default 120 s):
 # at most ~10 min, one device call.
@@ -35,7 +36,7 @@ timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -m gpu ${TESTS:-tests/gpu --ign
 tail -25 "$OUT/pytest.txt"
 echo "tests took $(( $(date +%s) - start )) s"
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-300}" python3 tools/bench_kernels.py --sections "${SECTIONS:-e2e,variants}" \
+timeout "${BENCH_TIMEOUT:-300}" python3 tools/bench_kernels.py --sections "${SECTIONS:-e2e,profile,variants}" \
   --variants-budget-s "${VARIANTS_BUDGET_S:-120}" --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? took $(( $(date +%s) - start )) s"
 tail -c 1500 "$OUT/bench.log"

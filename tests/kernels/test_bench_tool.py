@@ -57,3 +57,19 @@ def test_bench_kernels_variants_smoke():
     k_step = [x for row in v["k_step"] for x in row["variants"]]
     assert len(k_step) == 8 and all(x["same_bits"] for x in k_step)  # every tile equals the torch float64 K step
     assert v["attention"][0]["variants"][0]["name"] == "default" and v["attention"][0]["variants"][0]["same_bits"]
+
+
+def test_bench_kernels_profile_smoke():
+    """--sections profile: time per kernel (per top-level op on the CPU) of one prefill and one decode step."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
+                           "profile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prof = json.loads(proc.stdout)["profile"]
+    for phase in ("prefill", "decode"):
+        for model in ("fp16", "w4a4kv4"):
+            p = prof[phase][model]
+            rows = p["by_kernel"]
+            assert p["total_ms"] > 0 and p["launches"] >= p["kernels"] >= len(rows) > 0
+            assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
+            assert 0.99 < sum(r["share"] for r in rows) <= 1.0 + 1e-9 or len(rows) == 20
