@@ -15,11 +15,15 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_kernels_smoke(tmp_path):
+def _smoke(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``tools/bench_kernels.py --smoke --sections ARGS...`` in Triton's interpreter, no GPU."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
-                           "gemm,quantize,attention", "--out", str(tmp_path / "r.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
+                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_kernels_smoke(tmp_path):
+    proc = _smoke("gemm,quantize,attention", "--out", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert json.loads((tmp_path / "r.json").read_text()) == result
@@ -29,9 +33,7 @@ def test_bench_kernels_smoke(tmp_path):
 
 
 def test_bench_kernels_unknown_section_exits_2():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
-                           "gemm,e2ee"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _smoke("gemm,e2ee", timeout=300)
     assert proc.returncode == 2 and "unknown section(s) e2ee" in proc.stderr and not proc.stdout
 
 
@@ -44,9 +46,7 @@ def test_bench_kernels_without_gpu_exits_2():
 
 def test_bench_kernels_variants_smoke():
     """--sections variants: every variant runs and gives the default's bits (GEMM, quantize) in the interpreter."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
-                           "variants"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = _smoke("variants")
     assert proc.returncode == 0, proc.stderr[-2000:]
     v = json.loads(proc.stdout)["variants"]
     gemm = [x for row in v["gemm"] for x in row["variants"]]
@@ -61,9 +61,7 @@ def test_bench_kernels_variants_smoke():
 
 def test_bench_kernels_profile_smoke():
     """--sections profile: time per kernel (per top-level op on the CPU) of one prefill and one decode step."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke", "--sections",
-                           "profile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = _smoke("profile")
     assert proc.returncode == 0, proc.stderr[-2000:]
     prof = json.loads(proc.stdout)["profile"]
     for phase in ("prefill", "decode"):
