@@ -311,7 +311,9 @@ class KernelCausalLM:
             torch.cuda.current_stream(tokens.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                # the outer stream context restores the current stream even when the capture fails:
+                # torch.cuda.graph's __exit__ skips that when capture_end raises
+                with torch.cuda.stream(torch.cuda.current_stream(tokens.device)), torch.cuda.graph(graph):
                     out = self.decode_step(static_tokens, pos, cache)
             except Exception as err:  # e.g. an op that cannot be captured: keep decoding, eagerly
                 warnings.warn(f"CUDA graph capture of the decode step failed ({type(err).__name__}: "

@@ -18,7 +18,9 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # the outer context restores the current stream if the capture fails (torch.cuda.graph's __exit__ does not
+    # when capture_end raises), so a candidate the autotuner cannot capture leaves no trace
+    with torch.cuda.stream(torch.cuda.current_stream()), torch.cuda.graph(graph):
         fn()
     return graph.replay
 

@@ -285,9 +285,11 @@ def test_kernel_model_graph_capture_failure_falls_back(monkeypatch):
     ids = torch.randint(0, 1000, (1, 20), device=CUDA)
     logits, cache = km(ids[:, :16])
     ref, ref_cache = eager(ids[:, :16])
+    stream = torch.cuda.current_stream()
     with pytest.warns(RuntimeWarning, match="CUDA graph capture of the decode step failed"):
         logits, cache = km(ids[:, 16:17], cache)
     assert not km.cuda_graphs and cache.graph is None
+    assert torch.cuda.current_stream() == stream  # not left on the failed capture's stream
     for i in range(17, 20):
         logits, cache = km(ids[:, i:i + 1], cache)
     for i in range(16, 20):
