@@ -624,6 +624,15 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
                     row["served_speedup_vs_fp16_graph"] = row["graph_fp16_ms"] / served_ms
             except Exception as exc:
                 row["served_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            os.environ["INFOQUANT_DECODE_KERNEL"] = "cc"  # served with the CUDA-core decode attention
+            try:  # a model of its own: the cache's graph is recaptured with the cc kernel
+                served_cc = KernelCausalLM(model, torch.float16)
+                row["w4a4kv4_served_cc_ms"] = bench(partial(_decode_step, served_cc, step, cache4, ctx), device)
+                del served_cc
+            except Exception as exc:
+                row["served_cc_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            finally:
+                os.environ.pop("INFOQUANT_DECODE_KERNEL")
         out["decode"].append(row)
         del cache4, cache16
         if device.type == "cuda":
