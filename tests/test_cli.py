@@ -122,7 +122,10 @@ def test_ctrl_c_exits_130_without_partial_output(model_dir, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "infoquant_export.cli", "quantize", "--model", str(model_dir), "--out", str(out),
            "--calib-windows", "4000", "--calib-seq-len", "256"]  # seconds of calibration, to interrupt
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path.cwd())
+    # SIGINT as a terminal delivers it: a shell that starts pytest in the background (`... &`) ignores SIGINT, the
+    # children inherit that, and Python then installs no KeyboardInterrupt handler (the command would finish, exit 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path.cwd(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = b"", time.monotonic() + 300
     while b"GPTQ" not in seen and time.monotonic() < deadline and proc.poll() is None:
         seen += os.read(proc.stderr.fileno(), 256)  # wait for the calibration progress bar
