@@ -162,4 +162,3 @@ def test_decode_attention_variants_close_to_default(batch, ctx):
             got = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, None, block_t, warps, kernel="cc").float()
             base = ref if qq.dtype == torch.float32 else ops.kv4_decode_attention(qq, k4, v4, lengths, ctx).float()
             assert float((got - base).abs().max() / base.abs().max()) < tol, ("cc", block_t, warps)
-
