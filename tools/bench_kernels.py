@@ -438,6 +438,8 @@ def variants_section(device: torch.device, smoke: bool, budget_s: float) -> dict
     sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43)]
     out["quantize"] = variants_quantize(device, 4 if smoke else 4096, sizes, budget)
     out["k_step"] = [variants_k_step(device, 4 if smoke else 4096, budget, k, p) for k, p in K_STEP_SHAPES]
+    # decode sizes: does the kernel or torch's float64 matmul do the default K step faster for 1 / 16 rows?
+    out["k_step"] += [variants_k_step(device, m, budget, *K_STEP_SHAPES[0]) for m in ((2,) if smoke else (1, 16))]
     cases = [(1, 256)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
     out["attention"] = variants_attention(device, cases, 4 if smoke else 32, 64 if smoke else 128, budget)
     return out

@@ -53,9 +53,9 @@ def test_bench_kernels_variants_smoke():
     quant = [x for row in v["quantize"] for x in row["variants"]]
     assert len(gemm) >= 5 and all(x["same_bits"] for x in gemm)
     assert len(quant) >= 5 and all(x["same_bits"] for x in quant)
-    assert [(x["K"], x["p"]) for x in v["k_step"]] == [(172, 64), (344, 32)]
+    assert [(x["M"], x["K"], x["p"]) for x in v["k_step"]] == [(4, 172, 64), (4, 344, 32), (2, 172, 64)]
     k_step = [x for row in v["k_step"] for x in row["variants"]]
-    assert len(k_step) == 8 and all(x["same_bits"] for x in k_step)  # every tile equals the torch float64 K step
+    assert len(k_step) == 12 and all(x["same_bits"] for x in k_step)  # every tile equals the torch float64 K step
     assert v["attention"][0]["variants"][0]["name"] == "default" and v["attention"][0]["variants"][0]["same_bits"]
 
 
