@@ -509,6 +509,16 @@ def gpu_ops(fn: Callable[[], object]) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def _decode_state(base: FP16Decoder, fast: Callable, vocab: int, batch: int, ctx: int,
+                  device: torch.device) -> tuple:
+    """Both decoders' caches filled with ``ctx`` random tokens, and one new token per row: (cache16, cache4, step)."""
+    ids = torch.randint(0, vocab, (batch, ctx), device=device)
+    cache16 = base.new_cache(batch, ctx + 1)
+    base.forward(ids, cache16, 0)
+    _, cache4 = fast(ids)
+    return cache16, cache4, torch.randint(0, vocab, (batch, 1), device=device)
+
+
 def kernel_profile(fn: Callable[[], object], device: torch.device, top: int = 20) -> dict:
     """Where one call of ``fn`` spends its time, by kernel: GPU time per kernel name (PyTorch profiler, CUDA
     activity) on a GPU; on the CPU (smoke) self CPU time per top-level op. The ``top`` largest, and the total."""
@@ -557,11 +567,7 @@ def profile_section(device: torch.device, shape: str, layers: int, prefill: tupl
                              "fp16": kernel_profile(partial(base.forward, ids, base.new_cache(batch, seq), 0), device),
                              "w4a4kv4": kernel_profile(partial(fast, ids), device)}}
     batch, ctx = decode
-    ids = torch.randint(0, vocab, (batch, ctx), device=device)
-    cache16 = base.new_cache(batch, ctx + 1)
-    base.forward(ids, cache16, 0)
-    _, cache4 = fast(ids)
-    step = torch.randint(0, vocab, (batch, 1), device=device)
+    cache16, cache4, step = _decode_state(base, fast, vocab, batch, ctx, device)
     out["decode"] = {"batch": batch, "context": ctx,
                      "fp16": kernel_profile(partial(base.forward, step, cache16, ctx), device),
                      "w4a4kv4": kernel_profile(partial(_decode_step, fast, step, cache4, ctx), device)}
@@ -592,11 +598,7 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
             row["speedup_planes"] = t16 / row["w4a4kv4_planes_ms"]
         out["prefill"].append(row)
     for batch, ctx in decode:
-        ids = torch.randint(0, vocab, (batch, ctx), device=device)
-        cache16 = base.new_cache(batch, ctx + 1)
-        base.forward(ids, cache16, 0)
-        _, cache4 = fast(ids)
-        step = torch.randint(0, vocab, (batch, 1), device=device)
+        cache16, cache4, step = _decode_state(base, fast, vocab, batch, ctx, device)
 
         t16 = bench(partial(base.forward, step, cache16, ctx), device)
         t4 = bench(partial(_decode_step, fast, step, cache4, ctx), device)
