@@ -210,8 +210,10 @@ VARIANT_QUANT = [("default", None, None, False), ("row_tile", None, None, False)
                  ("chunk1024_w4", 4, 1024, False), ("chunk2048_w8", 8, 2048, False)]
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
 VARIANT_ATTN = [(64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 3, 4)]  # 64 tokens: fewer registers than 128
-# the CUDA-core decode kernel: (block_t, num_warps, split multiplier)
-VARIANT_ATTN_CC = [(32, 8, 1), (32, 8, 2), (32, 4, 1), (64, 8, 1), (64, 4, 1), (128, 8, 1)]
+# the CUDA-core decode kernel: (block_t, num_warps, stages of its token loop, split multiplier); the default tile
+# (ops.DECODE_CC_TILE) not pipelined and pipelined first, then the other tiles
+VARIANT_ATTN_CC = [(64, 4, 1, 1), (64, 4, 2, 1), (64, 4, 3, 1), (32, 8, 3, 1), (32, 4, 3, 1), (32, 8, 1, 1),
+                   (32, 8, 1, 2), (32, 4, 1, 1), (64, 8, 1, 1), (128, 8, 1, 1)]
 
 
 class _Budget:
@@ -397,9 +399,9 @@ def variants_attention(device: torch.device, cases: list[tuple[int, int]], heads
         ref = ops.kv4_decode_attention(q, k4, v4, lengths, ctx, kernel="tc").float()
         default_bt = ops.decode_tile(1)[1]
         configs = [("default", None, None, 4, 3, "tc")]
-        for block_t, warps, mult in VARIANT_ATTN_CC:  # first: the budget may stop the list
+        for block_t, warps, stages, mult in VARIANT_ATTN_CC:  # first: the budget may stop the list
             splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
-            configs.append((f"cc_bt{block_t}_w{warps}_x{mult}", splits, block_t, warps, 3, "cc"))
+            configs.append((f"cc_bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages, "cc"))
         for block_t, warps, stages, mult in VARIANT_ATTN:
             splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
             configs.append((f"bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages, "tc"))

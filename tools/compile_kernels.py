@@ -6,7 +6,8 @@
 Writes ``OUT/<target>/<spec>.ptx`` / ``.cubin`` and ``OUT/manifest.json``; prints the manifest (JSON): per target
 and spec the MMA instructions in the PTX, shared memory, registers and spill bytes (ptxas -v), resident warps
 per SM (occupancy), TMA copies in the PTX, the main loop's machine instructions (``mma_loop``: count, MMAs, PRMT /
-LOP3 / SHF / IMAD, from the SASS), cubin size and sha256, compile seconds.
+LOP3 / SHF / IMAD, from the SASS), the largest innermost loop's (``hot_loop``: count, cp.async copies, loads, barriers,
+float / integer ops), cubin size and sha256, compile seconds.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "spill_store_bytes": res["spill_store_bytes"],
                                           "spill_load_bytes": res["spill_load_bytes"],
                                           "tma_loads": res["tma_loads"], "resident_warps": res["resident_warps"],
-                                          "mma_loop": res["mma_loop"],
+                                          "mma_loop": res["mma_loop"], "hot_loop": res["hot_loop"],
                                           "cubin_bytes": len(res["cubin"]), "sha256": res["sha256"],
                                           "seconds": round(time.perf_counter() - start, 2)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -16,7 +16,7 @@ from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.kernels.attention import decode_tile
 from infoquant_export.kernels.k_step import K_STEP_TILE
 from infoquant_export.kernels.linear import GEMM_TMA_TILES, gemm_candidates, gemm_config, gemm_tables
-from infoquant_export.kernels.resources import mma_loop, ptxas_resources, resident_warps
+from infoquant_export.kernels.resources import hot_loop, mma_loop, ptxas_resources, resident_warps
 from infoquant_export.kernels.rows import (
     PRE_NONE,
     PRE_RMSNORM,
@@ -154,11 +154,12 @@ def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
                       {"num_warps": 4, "enable_fp_fusion": True})  # as ops launches it (float attention, FMAs)
 
 
-def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps: int) -> KernelSpec:
-    """A ``kv4_decode_partial_cc_kernel`` specialisation (float16 q, 8 splits)."""
+def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps: int,
+                   stages: int = 1) -> KernelSpec:
+    """A ``kv4_decode_partial_cc_kernel`` specialisation (float16 q, 8 splits, ``stages`` in its token loop)."""
     base = _decode(name, group, head_dim)
     return KernelSpec(name, "attention", "kv4_decode_partial_cc_kernel", {**base.types, "magic_bits": "i32"},
-                      {"G": group, "D": head_dim, "BT": block_t, "SPLITS": 8}, base.divisible,
+                      {"G": group, "D": head_dim, "BT": block_t, "SPLITS": 8, "STAGES": stages}, base.divisible,
                       {"num_warps": num_warps, "enable_fp_fusion": True})
 
 
@@ -242,6 +243,8 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
                    (*_RUNTIME_DIVISIBLE, "part_ptr", "k_chunk"),  # k_chunk: a multiple of BK2
                    {"num_warps": 4, "num_stages": 4}),
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}", 1, 128, bt, w) for bt in (32, 64, 128) for w in (4, 8)),
+        *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}_s{s}", 1, 128, bt, w, s)
+          for bt, w, s in ((64, 4, 2), (64, 4, 3), (32, 8, 3), (32, 4, 3))),
     ]
 
 
@@ -266,7 +269,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
     resources = ptxas_resources(ptx, cc)
     return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma, "tma_loads": ptx.count("cp.async.bulk.tensor"),
-            "mma_loop": mma_loop(compiled.asm["cubin"]),
+            "mma_loop": mma_loop(compiled.asm["cubin"]), "hot_loop": hot_loop(compiled.asm["cubin"]),
             "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest(),
             **resources, "resident_warps": resident_warps(cc, resources["registers"], compiled.metadata.shared,
                                                           options["num_warps"])}

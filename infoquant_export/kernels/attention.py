@@ -34,6 +34,9 @@ def decode_tile(group: int) -> tuple[int, int]:
 # shape of tools/bench_kernels.py --sections variants (2026-11-27; LLaMA-2-7B heads, batch 1 / 16, context 4k / 32k:
 # 1.05 / 1.25 / 1.21 / 1.32x SDPA against 0.96 / 1.01 / 1.00 / 1.00x for the earlier static choice 32 x 8).
 DECODE_CC_TILE = (64, 4)
+# software-pipeline stages of the CUDA-core kernel's token loop: 1 (not pipelined) is what the tiles above were
+# timed with; 2-4 copy the next tiles asynchronously (same values; to be timed: tools/bench_kernels.py variants)
+DECODE_CC_STAGES = 1
 FLOAT_2_23_BITS = 0x4B000000  # the CUDA-core decode kernel's magic_bits argument (the float 2^23)
 
 
@@ -47,13 +50,15 @@ def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs:
 
 def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int,
                          splits: int | None = None, block_t: int | None = None, num_warps: int | None = None,
-                         num_stages: int = 3, check_lengths: bool = True, kernel: str | None = None) -> torch.Tensor:
+                         num_stages: int | None = None, check_lengths: bool = True,
+                         kernel: str | None = None) -> torch.Tensor:
     """Attention of one new token per row, ``q [B, Hq, D]``, over the 4-bit caches' first ``lengths[b]`` tokens.
 
     ``max_len`` (>= every length) sizes the split and is checked against ``lengths`` when ``check_lengths`` (a host
     sync on the GPU; skipped during CUDA-graph capture). The kernel clamps lengths to ``max_len``, so it never reads
     past it. Returns ``[B, Hq, D]`` in q's dtype (float32 softmax; tensor-core
-    dot products in float16 for a float16 q). ``splits`` / ``block_t`` / warps / stages override the heuristics.
+    dot products in float16 for a float16 q). ``splits`` / ``block_t`` / warps / stages override the heuristics
+    (stages: 3 for "tc", ``DECODE_CC_STAGES`` for "cc", where it sets the token loop's own pipelining).
     ``kernel``: ``"tc"`` the tensor-core kernel (a GQA group per program, 4 warps), ``"cc"`` the CUDA-core kernel
     (``kv4_decode_partial_cc_kernel``: one query head per program, float32 throughout, ``DECODE_CC_TILE``); default
     ``$INFOQUANT_DECODE_KERNEL`` or ``"tc"``.
@@ -96,6 +101,7 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     gp, default_block_t = decode_tile(g)
     block_t = block_t or (DECODE_CC_TILE[0] if kernel == "cc" else default_block_t)
     num_warps = num_warps or (DECODE_CC_TILE[1] if kernel == "cc" else 4)
+    num_stages = num_stages or (DECODE_CC_STAGES if kernel == "cc" else 3)
     programs = b * (hq if kernel == "cc" else hkv)
     target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
     splits = splits or decode_splits(programs, max_len, block_t, target)
@@ -109,7 +115,8 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
             lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)))
     if kernel == "cc":
         mod.kv4_decode_partial_cc_kernel[(programs, splits)](
-            *args, FLOAT_2_23_BITS, G=g, D=d, BT=block_t, SPLITS=splits, num_warps=num_warps, num_stages=num_stages)
+            *args, FLOAT_2_23_BITS, G=g, D=d, BT=block_t, SPLITS=splits, STAGES=num_stages, num_warps=num_warps,
+            num_stages=num_stages)
     else:
         mod.kv4_decode_partial_kernel[(programs, splits)](
             *args, G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT=_DOT[q.dtype], num_warps=num_warps,

@@ -21,6 +21,7 @@ Settings are read by the module that defines them: assign or patch them there (`
 from __future__ import annotations
 
 from infoquant_export.kernels.attention import (
+    DECODE_CC_STAGES,
     DECODE_CC_TILE,
     FLOAT_2_23_BITS,
     decode_splits,
@@ -93,5 +94,5 @@ __all__ = [
     "GEMM_TILES_SM8X", "GEMM_TMA_TILES", "SPLITK_EPILOGUE_BN", "TUNE_ERRORS", "W_PLANES_MIN_M", "PackedWeight",
     "gemm_candidates", "gemm_config", "gemm_tables", "linear_candidates", "tma_eligible", "w4a4_linear",
     # attention
-    "DECODE_CC_TILE", "FLOAT_2_23_BITS", "decode_splits", "decode_tile", "kv4_decode_attention",
+    "DECODE_CC_STAGES", "DECODE_CC_TILE", "FLOAT_2_23_BITS", "decode_splits", "decode_tile", "kv4_decode_attention",
 ]

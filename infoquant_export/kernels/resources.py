@@ -37,27 +37,52 @@ def resident_warps(cc: int, registers: int, shared_bytes: int, num_warps: int) -
     return blocks * num_warps
 
 
-def mma_loop(cubin: bytes) -> dict[str, Any] | None:
-    """The machine code (SASS, by the bundled cuobjdump) of the kernel's main loop: the innermost backward branch
-    whose body holds tensor-core instructions. Returns its instruction count, MMA instructions and the counts of the
-    byte-shuffling / integer ops (PRMT, LOP3, SHF, IMAD) -- the cost of unpacking per K step -- or None."""
-    tool = _tool("cuobjdump")
+def _sass(cubin: bytes) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
+    """(address, opcode) of every instruction and (address, target) of every backward branch in the cubin's SASS
+    (the bundled cuobjdump): the loops."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     line = r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?"
     code = [(int(a, 16), op) for a, op in re.findall(line + r"([A-Z][A-Z0-9_.]*)", sass)]
     branches = [(int(a, 16), int(t, 16)) for a, t in re.findall(line + r"BRA\s+0x([0-9a-f]+)", sass)]
+    return code, [(a, t) for a, t in branches if t < a]
+
+
+def _loop_ops(code: list[tuple[int, str]], start: int, end: int) -> Counter:
+    return Counter(op.split(".")[0] for a, op in code if start <= a <= end)
+
+
+def mma_loop(cubin: bytes) -> dict[str, Any] | None:
+    """The machine code (SASS) of the kernel's main loop: the innermost backward branch whose body holds
+    tensor-core instructions. Returns its instruction count, MMA instructions and the counts of the
+    byte-shuffling / integer ops (PRMT, LOP3, SHF, IMAD) -- the cost of unpacking per K step -- or None."""
+    code, loops = _sass(cubin)
     best = None
-    for addr, target in branches:
-        if target >= addr:
-            continue
-        ops = Counter(op.split(".")[0] for a, op in code if target <= a <= addr)
+    for addr, target in loops:
+        ops = _loop_ops(code, target, addr)
         mma = sum(n for op, n in ops.items() if op in ("IGMMA", "HGMMA", "IMMA", "HMMA", "DMMA"))
         if mma and (best is None or sum(ops.values()) < best["instructions"]):
             best = {"instructions": sum(ops.values()), "mma": mma,
                     **{op.lower(): ops.get(op, 0) for op in ("PRMT", "LOP3", "SHF", "IMAD")}}
+    return best
+
+
+def hot_loop(cubin: bytes) -> dict[str, Any] | None:
+    """The largest innermost loop of the SASS (no other loop inside it): what one iteration issues per thread.
+    ``ldgsts``: asynchronous global -> shared copies (cp.async: a software-pipelined loop), ``ldg``: loads into
+    registers (the thread waits for them in the iteration), ``bar``: block-wide barriers, ``fp32`` / ``int``: the
+    FADD / FMUL / FFMA and LOP3 / IADD3 / SHF / IMAD / PRMT instructions. None without loops."""
+    code, loops = _sass(cubin)
+    inner = [(a, t) for a, t in loops if not any(t <= t2 and a2 <= a and (a2, t2) != (a, t) for a2, t2 in loops)]
+    best = None
+    for addr, target in inner:
+        ops = _loop_ops(code, target, addr)
+        if best is None or sum(ops.values()) > best["instructions"]:
+            best = {"instructions": sum(ops.values()), "ldgsts": ops.get("LDGSTS", 0), "ldg": ops.get("LDG", 0),
+                    "bar": ops.get("BAR", 0), "fp32": sum(ops.get(op, 0) for op in ("FADD", "FMUL", "FFMA")),
+                    "int": sum(ops.get(op, 0) for op in ("LOP3", "IADD3", "SHF", "IMAD", "PRMT"))}
     return best
 
 

@@ -144,7 +144,7 @@ def kv4_decode_partial_cc_kernel(
     stride_cb, stride_ch, stride_ct, stride_sb, stride_sh,
     len_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
     num_kv_heads, chunk, max_len, qk_scale, magic_bits,
-    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SPLITS: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SPLITS: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
     """``kv4_decode_partial_kernel`` on the CUDA cores, one query head per program (grid ``(B * Hq, splits)``; a GQA
     group's KV head is read by each of its G query heads): no padding of the query to 16 tensor-core rows (15 of
@@ -156,7 +156,12 @@ def kv4_decode_partial_cc_kernel(
     ``sum_i q_i . (nibble_i - z) * s_k``; the value sums stay 8 ``[BT, D/8]`` tiles reduced over tokens once at the
     end, rescaled by the online-softmax factor only when the running max grows (otherwise the factor is exactly
     1). Same partial outputs (and combine kernel) as the tensor-core kernel; float32 rounding only, where the
-    tensor-core kernel rounds q and p * s_v to a 16-bit q's type."""
+    tensor-core kernel rounds q and p * s_v to a 16-bit q's type.
+
+    ``STAGES`` > 1 software-pipelines the token loop: the next tiles' codes, scales and zero points are copied to
+    shared memory asynchronously (cp.async) while this tile is computed. Triton pipelines a loop without a dot
+    only when the loop itself asks for stages (``tl.range(num_stages=...)``), not from the launch's ``num_stages``.
+    Same values either way."""
     W: tl.constexpr = D // 8
     bhq = tl.program_id(0)
     split = tl.program_id(1)
@@ -194,7 +199,7 @@ def kv4_decode_partial_cc_kernel(
     a5 = tl.zeros((BT, W), tl.float32)
     a6 = tl.zeros((BT, W), tl.float32)
     a7 = tl.zeros((BT, W), tl.float32)
-    for t0 in range(t_start, t_end, BT):
+    for t0 in tl.range(t_start, t_end, BT, num_stages=STAGES):
         t = t0 + tl.arange(0, BT)
         tmask = t < t_end
         w_ofs = c_base + t[:, None] * stride_tw + tl.arange(0, W)[None, :]

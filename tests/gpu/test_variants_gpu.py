@@ -159,6 +159,9 @@ def test_decode_attention_variants_close_to_default(batch, ctx):
             assert float((got - base).abs().max() / base.abs().max()) < tol, (block_t, warps, stages, mult)
     for block_t, warps in ((32, 8), (32, 4), (64, 8), (64, 4), (128, 8)):  # the CUDA-core kernel (float32)
         for qq, tol in ((q, 1e-5), (q.half(), 5e-3)):
-            got = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, None, block_t, warps, kernel="cc").float()
+            got = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, None, block_t, warps, 1, kernel="cc").float()
             base = ref if qq.dtype == torch.float32 else ops.kv4_decode_attention(qq, k4, v4, lengths, ctx).float()
             assert float((got - base).abs().max() / base.abs().max()) < tol, ("cc", block_t, warps)
+            for stages in (2, 3):  # a pipelined token loop computes the same values
+                piped = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, None, block_t, warps, stages, kernel="cc")
+                assert torch.equal(piped.float(), got), ("cc", block_t, warps, stages)
