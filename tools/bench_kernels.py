@@ -203,11 +203,14 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
               ("aplanes_swap", True, False, True, (256, 128, 64, 8, 8, 4)),
               ("wplanes", False, True, False, (128, 256, 64, 8, 8, 4))],
 }
-# quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes); "default" is
-# ops.quantize_rows itself (the runtime's choice: chunked above ops.CHUNKED_ABOVE), "row_tile" the one-pass kernel
-VARIANT_QUANT = [("default", None, None, False), ("row_tile", None, None, False), ("warps1", 1, None, False),
-                 ("warps2", 2, None, False), ("warps8", 8, None, False), ("planes", None, None, True),
-                 ("chunk1024_w4", 4, 1024, False), ("chunk2048_w8", 8, 2048, False)]
+# quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes, chunk-loop stages);
+# "default" is ops.quantize_rows itself (the runtime's choice: chunked above ops.CHUNKED_ABOVE), "row_tile" the
+# one-pass kernel
+VARIANT_QUANT = [("default", None, None, False, None), ("row_tile", None, None, False, None),
+                 ("chunk1024_w4_s2", 4, 1024, False, 2), ("chunk1024_w4_s3", 4, 1024, False, 3),
+                 ("warps1", 1, None, False, None), ("warps2", 2, None, False, None), ("warps8", 8, None, False, None),
+                 ("planes", None, None, True, None), ("chunk1024_w4", 4, 1024, False, 1),
+                 ("chunk2048_w8", 8, 2048, False, 1)]
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
 VARIANT_ATTN = [(64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 3, 4)]  # 64 tokens: fewer registers than 128
 # the CUDA-core decode kernel: (block_t, num_warps, stages of its token loop, split multiplier); the default tile
@@ -311,14 +314,14 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
         moved = x.numel() * 2 + x.numel() // 2 + m * 5
         ref = ops.quantize_rows(x, 4, 0.9, None, blocks)
         tile = ops.row_tile(n, blocks or 1, blocks is not None)
-        for name, warps, chunk, planes in VARIANT_QUANT:
+        for name, warps, chunk, planes, stages in VARIANT_QUANT:
             if budget.over() or (chunk is not None and blocks is not None and (tile.k > 1 or chunk % tile.p)):
                 continue  # the chunked kernel rotates power-of-two blocks no larger than its chunk
             fn = partial(ops.quantize_rows_variant, x, 4, 0.9, None, blocks, num_warps=warps, chunk=chunk,
-                         planes=planes)
+                         planes=planes, stages=stages)
             if name == "default":
                 fn = partial(ops.quantize_rows, x, 4, 0.9, None, blocks)
-            v: dict = {"name": name, "num_warps": warps, "chunk": chunk, "planes": planes}
+            v: dict = {"name": name, "num_warps": warps, "chunk": chunk, "planes": planes, "stages": stages}
             _try(v, "ms", lambda fn=fn: _timed(fn, device))
             if "ms" in v:
                 out = fn()

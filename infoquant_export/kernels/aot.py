@@ -117,7 +117,7 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
 
 
 def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: bool = True, x: str = "fp16",
-             row_scale: float = 1.0) -> KernelSpec:
+             row_scale: float = 1.0, stages: int = 1) -> KernelSpec:
     """A ``quantize_rows_chunked_kernel`` specialisation (``quant=False``: float32 out)."""
     types = {"x_ptr": f"*{x}", "stride_xr": "i32", "codes_ptr": "*u8" if quant else "*fp32", "stride_cr": "i32",
              "scale_ptr": "*fp32", "zero_ptr": "*u8", "n": "i32", "clip": "fp32", "clip_min": "fp32",
@@ -125,8 +125,9 @@ def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: 
     return KernelSpec(name, "quantize", "quantize_rows_chunked_kernel", types,
                       {"CH": chunk, "PLANES": False, "PRE": pre, "ROUND": pre == PRE_SWIGLU, "ROW_SCALE": row_scale,
                        "ROT_P": rot_p, "LOG2P": max(rot_p, 1).bit_length() - 1,
-                       "ROT_SCALE": rot_p ** -0.5 if rot_p and quant else 1.0, "QUANT": quant},
-                      ("x_ptr", "codes_ptr", "stride_xr", "stride_cr"), {"num_warps": 4})
+                       "ROT_SCALE": rot_p ** -0.5 if rot_p and quant else 1.0, "QUANT": quant, "STAGES": stages},
+                      # n: the JIT marks 4096 / 11008 / 14336 divisible by 16 at run time (vector loads under the mask)
+                      ("x_ptr", "codes_ptr", "stride_xr", "stride_cr", "n", "up_offset"), {"num_warps": 4})
 
 
 def k_step_spec(name: str, k: int, p: int) -> KernelSpec:
@@ -235,6 +236,8 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _rows("hadamard_quantize_5632_k44", 5632, 1, True, False, "fp16", cc=cc),
         _chunked("quantize_chunked_2048", 2048),
         _chunked("hadamard_quantize_chunked_43x256_1024", 1024, rot_p=256),
+        *(_chunked(f"quantize_chunked_1024_s{s}", 1024, stages=s) for s in (1, 2, 3)),
+        _chunked("hadamard_quantize_chunked_43x256_1024_s2", 1024, rot_p=256, stages=2),
         *(gemm_tma_specs() if cc == 90 else []),
         KernelSpec("w4a4_gemm_splitk_m1_k4096", "gemm", "w4a4_gemm_splitk_kernel",
                    {"a_ptr": "*u8", "w_ptr": "*u8", "part_ptr": "*i32", "M": "i32", "N": "i32", "K2": "i32",

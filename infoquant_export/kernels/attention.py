@@ -87,6 +87,8 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     for name, value, least in (("splits", splits, 1), ("block_t", block_t, 16)):
         if value is not None and (value < least or value & (value - 1)):
             raise KernelInputError(f"{name}={value} is not a power of two >= {least}", f"pass a valid {name} or None")
+    if num_stages is not None and num_stages < 1:
+        raise KernelInputError(f"num_stages={num_stages} is below 1", "pass num_stages >= 1 or None")
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if check_lengths and not capturing and lengths.numel() and (int(lengths.max()) > max_len or
                                                                 int(lengths.min()) < 1):

@@ -248,14 +248,16 @@ def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None
 
 def _launch_chunked(x2: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int,
                     pre: Prologue, chunk: int, *, rot_p: int = 0, rot_scale: float = 1.0, clip: float = 1.0,
-                    clip_min: float = 1.0, planes: bool = False, quant: bool = True, num_warps: int = 4) -> None:
+                    clip_min: float = 1.0, planes: bool = False, quant: bool = True, num_warps: int = 4,
+                    stages: int | None = None) -> None:
     """``quantize_rows_chunked_kernel`` over the rows ``x2`` (row length ``n`` after the prologue ``pre``): the
-    4-bit codes to ``out`` with ``scale`` / ``zero``, or (``quant=False``) the rotated rows as float32 to ``out``."""
+    4-bit codes to ``out`` with ``scale`` / ``zero``, or (``quant=False``) the rotated rows as float32 to ``out``.
+    ``stages``: software-pipeline stages of its chunk loops (default ``CHUNK_STAGES``)."""
     kernel_module("quantize").quantize_rows_chunked_kernel[(x2.shape[0],)](
         x2, x2.stride(0), out, out.stride(0), scale, zero, n, _f32(clip), _f32(clip_min), pre.up_offset,
         pre.operands(scale)[0], CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale,
-        ROT_P=rot_p, LOG2P=max(rot_p, 1).bit_length() - 1, ROT_SCALE=rot_scale, QUANT=quant, num_warps=num_warps,
-        enable_fp_fusion=False)
+        ROT_P=rot_p, LOG2P=max(rot_p, 1).bit_length() - 1, ROT_SCALE=rot_scale, QUANT=quant,
+        STAGES=stages or CHUNK_STAGES, num_warps=num_warps, enable_fp_fusion=False)
 
 
 def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
@@ -275,6 +277,11 @@ CHUNK_ROTATED = True
 blocks of 256) through the chunked kernel (same bits, no padding of 43 blocks to 64). H200, 4096 x 11008 with 43
 blocks of 256 (``tools/bench_kernels.py --sections variants``, 2026-11-27): 23 % of copy bandwidth chunked (1024,
 4 warps) vs 15 % for the one-pass row kernel."""
+CHUNK_STAGES = 1
+"""Software-pipeline stages of the chunked kernel's two chunk loops: 1 (not pipelined) is what the figures above
+measured; 2-3 copy the next chunks to shared memory by cp.async while one is reduced / quantized (same bits; on
+sm_90 and sm_86 the loop then holds LDGSTS instead of LDG, tests/kernels/test_aot.py). To be timed on a GPU
+(``tools/bench_kernels.py --sections variants``: ``chunk1024_w4_s2`` / ``_s3``) before it changes."""
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
@@ -330,14 +337,16 @@ def _apply_prologue(x2: torch.Tensor, n: int, pre: Prologue, blocks: int = 1) ->
 def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,
                           hadamard_blocks: int | None = None, *, num_warps: int | None = None,
                           planes: bool = False, chunk: int | None = None,
-                          prologue: Prologue | None = None, chunk_rotated: bool = True) -> PackedRows:
+                          prologue: Prologue | None = None, chunk_rotated: bool = True,
+                          stages: int | None = None) -> PackedRows:
     """``quantize_rows`` with the kernel variants (same codes, scales and zero points):
 
     ``planes``: 4-bit codes written unpacked as int8 planes (``PackedRows.planes``; the prefill GEMM operand);
     ``chunk``: rows without rotation go through the two-pass chunked kernel with chunks of ``chunk`` values
     (a power of two >= 64; default ``QUANT_CHUNK``), ``num_warps`` then applies to it (default 4); so do rows
     with a Hadamard of power-of-two blocks no larger than ``chunk`` when ``chunk_rotated``. An RMSNorm prologue
-    needs the whole row: those rows always go through the row-tile kernel.
+    needs the whole row: those rows always go through the row-tile kernel. ``stages``: the chunked kernel's
+    software-pipeline stages (default ``CHUNK_STAGES``).
     """
     _check_bits(bits)
     if planes and bits != 4:
@@ -345,6 +354,8 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     chunk = QUANT_CHUNK if chunk is None else chunk
     if chunk is not None and (chunk < 64 or chunk & (chunk - 1)):
         raise KernelInputError(f"chunk={chunk} is not a power of two >= 64", "pass a valid chunk or None")
+    if stages is not None and stages < 1:
+        raise KernelInputError(f"stages={stages} is below 1", "pass stages >= 1 (1: not pipelined) or None")
     x2 = _rows(x, "x")
     _check_device(x2)
     n, pre = _row_prologue(x2, prologue)
@@ -367,7 +378,7 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     if chunk is not None and chunkable and bits == 4 and pre.kind in (PRE_NONE, PRE_SWIGLU, PRE_SCALE):
         _launch_chunked(x2, codes, scale, zero, n, pre, chunk, rot_p=rot_p,
                         rot_scale=_inv_sqrt(rot_p) if rot_p else 1.0, clip=clip, clip_min=clip_min, planes=planes,
-                        num_warps=num_warps or 4)
+                        num_warps=num_warps or 4, stages=stages)
         return PackedRows(codes, scale, zero, bits, planes)
     block_bytes = tile.n_block // 2 if bits == 4 else tile.n_block
     _launch_rows(x2, tile, quant=True, per_block=False, bits=bits, clip=clip,

@@ -269,7 +269,7 @@ def quantize_rows_chunked_kernel(
     CH: tl.constexpr, PLANES: tl.constexpr, PRE: tl.constexpr = 0, ROUND: tl.constexpr = False,
     ROW_SCALE: tl.constexpr = 1.0,
     ROT_P: tl.constexpr = 0, LOG2P: tl.constexpr = 0, ROT_SCALE: tl.constexpr = 1.0,
-    QUANT: tl.constexpr = True,
+    QUANT: tl.constexpr = True, STAGES: tl.constexpr = 1,
 ):
     """Per-row 4-bit quantization in chunks of ``CH`` values (a variant of ``hadamard_quantize_kernel`` with
     PER_BLOCK=False, BITS=4; same bits). ``ROT_P`` > 0: a block-diagonal Hadamard of power-of-two blocks of ROT_P
@@ -284,6 +284,9 @@ def quantize_rows_chunked_kernel(
 
     ``QUANT=False``: one pass that writes the (prologue and) rotated rows as float32 to ``codes_ptr`` instead: the
     FWHT step of a Hadamard whose K step follows in ``hadamard_k_step_kernel`` (ROT_SCALE 1.0).
+
+    ``STAGES`` > 1 software-pipelines both passes' chunk loops (the next chunks copied to shared memory by
+    cp.async while this one is reduced / quantized); same values.
     """
     tl.static_assert(PRE == PRE_NONE or PRE == PRE_SWIGLU or PRE == PRE_SCALE)
     r = tl.program_id(0).to(tl.int64)
@@ -300,7 +303,7 @@ def quantize_rows_chunked_kernel(
         return
     mn = tl.zeros((CH,), tl.float32)
     mx = tl.zeros((CH,), tl.float32)
-    for c0 in range(0, n, CH):
+    for c0 in tl.range(0, n, CH, num_stages=STAGES):
         x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
         if ROT_P > 0:  # masked blocks are all 0 (n is a multiple of ROT_P) and rotate to 0
             x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,)) * ROT_SCALE
@@ -314,7 +317,7 @@ def quantize_rows_chunked_kernel(
     zero_int = zero.to(tl.int32)
     half = tl.arange(0, CH // 2)
     c_row = codes_ptr + r * stride_cr
-    for c0 in range(0, n, CH):
+    for c0 in tl.range(0, n, CH, num_stages=STAGES):
         x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
         if ROT_P > 0:  # masked blocks are all 0 (n is a multiple of ROT_P) and rotate to 0
             x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,)) * ROT_SCALE

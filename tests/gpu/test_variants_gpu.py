@@ -137,6 +137,11 @@ def test_quantize_variants_same_bits(n, blocks):
             codes = _unplane(got.codes) if planes else got.codes
             assert torch.equal(codes, ref.codes) and torch.equal(got.scale, ref.scale), (warps, chunk, planes)
             assert torch.equal(got.zero, ref.zero)
+        if blocks is None or blocks > 1:  # the chunked kernel with its chunk loops pipelined (cp.async)
+            for stages in (2, 3):
+                got = ops.quantize_rows_variant(xx, 4, 0.9, None, blocks, num_warps=4, chunk=1024, stages=stages)
+                assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale), stages
+                assert torch.equal(got.zero, ref.zero)
 
 
 @pytest.mark.parametrize("batch,ctx", [(1, 4096), (16, 4096), (2, 32768)])

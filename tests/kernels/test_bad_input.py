@@ -239,3 +239,11 @@ def test_decode_splits_not_power_of_two():
     except KernelInputError:
         return
     assert torch.allclose(out, ops.kv4_decode_attention(q, k, v, lengths, 64, splits=1).cpu(), atol=1e-5)
+
+
+def test_decode_stages_below_one():
+    k, v = caches(cap=64)
+    q = torch.randn(1, 1, 64, device=DEVICE)
+    lengths = torch.tensor([64], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(KernelInputError, match="num_stages=0 is below 1"):
+        ops.kv4_decode_attention(q, k, v, lengths, 64, num_stages=0, kernel="cc")

@@ -40,6 +40,8 @@ def test_quantize_variants_same_bits(n, blocks):
         assert torch.equal(got.codes, _planes(ref.codes) if planes else ref.codes), (chunk, planes)
         assert torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
     assert ops.quantize_rows_variant(x.to(DEVICE), 4, 0.9, None, blocks, chunk=64).k2 == n // 2
+    piped = ops.quantize_rows_variant(x.to(DEVICE), 4, 0.9, None, blocks, chunk=64, stages=3)  # cp.async on a GPU
+    assert torch.equal(piped.codes, ref.codes) and torch.equal(piped.scale, ref.scale)
 
 
 def test_weight_planes():
@@ -89,6 +91,8 @@ def test_variant_bad_input():
     x = torch.randn(4, 64)
     with pytest.raises(ops.KernelInputError, match="power of two"):
         ops.quantize_rows_variant(x, 4, chunk=100)
+    with pytest.raises(ops.KernelInputError, match="stages=0 is below 1"):
+        ops.quantize_rows_variant(x, 4, chunk=64, stages=0)
     with pytest.raises(ops.KernelInputError, match="4-bit"):
         ops.quantize_rows_variant(x, 8, planes=True)
     act = ops.quantize_rows(x.to(DEVICE), 4)
