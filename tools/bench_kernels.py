@@ -2,6 +2,7 @@
 
     python tools/bench_kernels.py [--sections gemm,quantize,attention,e2e,profile,sweep,variants] [--e2e-layers 4]
         [--out r.json]     # sections run in the order given; --out is rewritten after each one
+        [--variant-kinds attention,quantize,gemm,k_step] [--variants-budget-s 170]   # --sections variants
     python tools/bench_kernels.py --smoke      # tiny shapes in Triton's interpreter on the CPU (checks the script)
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) in milliseconds, kernels and
@@ -434,19 +435,31 @@ def variants_attention(device: torch.device, cases: list[tuple[int, int]], heads
     return rows
 
 
-def variants_section(device: torch.device, smoke: bool, budget_s: float) -> dict:
+VARIANT_KINDS = ("gemm", "quantize", "k_step", "attention")
+
+
+def variants_section(device: torch.device, smoke: bool, budget_s: float,
+                     kinds: tuple[str, ...] = VARIANT_KINDS) -> dict:
     """Every variant next to the default and the FP16 / copy baselines; ``same_bits`` compares its output with
-    the default's on the GPU (GEMM, quantize: must be true). Stops starting measurements after ``budget_s``."""
+    the default's on the GPU (GEMM, quantize: must be true). ``kinds``: which variants, in that order (the budget
+    may stop the later ones). Stops starting measurements after ``budget_s``."""
     budget = _Budget(budget_s)
-    shapes = [(128, 256)] if smoke else GEMM_SHAPES
-    out = {"gemm": variants_gemm(device, shapes, [1, 32] if smoke else [1, 16, 256, 2048], budget)}
-    sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43)]
-    out["quantize"] = variants_quantize(device, 4 if smoke else 4096, sizes, budget)
-    out["k_step"] = [variants_k_step(device, 4 if smoke else 4096, budget, k, p) for k, p in K_STEP_SHAPES]
-    # decode sizes: does the kernel or torch's float64 matmul do the default K step faster for 1 / 16 rows?
-    out["k_step"] += [variants_k_step(device, m, budget, *K_STEP_SHAPES[0]) for m in ((2,) if smoke else (1, 16))]
-    cases = [(1, 256)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
-    out["attention"] = variants_attention(device, cases, 4 if smoke else 32, 64 if smoke else 128, budget)
+    out: dict = {}
+    for kind in kinds:
+        if kind == "gemm":
+            shapes = [(128, 256)] if smoke else GEMM_SHAPES
+            out["gemm"] = variants_gemm(device, shapes, [1, 32] if smoke else [1, 16, 256, 2048], budget)
+        elif kind == "quantize":
+            sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43)]
+            out["quantize"] = variants_quantize(device, 4 if smoke else 4096, sizes, budget)
+        elif kind == "k_step":
+            out["k_step"] = [variants_k_step(device, 4 if smoke else 4096, budget, k, p) for k, p in K_STEP_SHAPES]
+            # decode sizes: does the kernel or torch's float64 matmul do the default K step faster for 1 / 16 rows?
+            out["k_step"] += [variants_k_step(device, m, budget, *K_STEP_SHAPES[0])
+                              for m in ((2,) if smoke else (1, 16))]
+        else:
+            cases = [(1, 256)] if smoke else [(1, 4096), (16, 4096), (1, 32768), (16, 32768)]
+            out["attention"] = variants_attention(device, cases, 4 if smoke else 32, 64 if smoke else 128, budget)
     return out
 
 
@@ -657,7 +670,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--variants-budget-s", type=float, default=170.0,
                    help="--sections variants starts no new measurement after this many seconds")
+    p.add_argument("--variant-kinds", default=",".join(VARIANT_KINDS),
+                   help="--sections variants: which variants, in this order, from " + ",".join(VARIANT_KINDS))
     args = p.parse_args(argv)
+    kinds = tuple(k for k in args.variant_kinds.split(",") if k)
+    if not kinds or any(k not in VARIANT_KINDS for k in kinds):
+        print(f"error: --variant-kinds {args.variant_kinds!r}: choose from {','.join(VARIANT_KINDS)}", file=sys.stderr)
+        return 2
     smoke = args.smoke
     device = torch.device("cpu" if smoke else "cuda")
     if not smoke and not torch.cuda.is_available():
@@ -702,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": lambda: sweep_section(device, gemm_shapes, [1, 16, 256, 2048] if not smoke else [1, 32]),
         "quantize": run_quantize,
         "attention": run_attention,
-        "variants": lambda: variants_section(device, smoke, args.variants_budget_s),
+        "variants": lambda: variants_section(device, smoke, args.variants_budget_s, kinds),
         "e2e": lambda: e2e_section(device, "smollm2-135m" if smoke else "llama2-7b", 1 if smoke else args.e2e_layers,
                                    [(1, 16)] if smoke else [(1, 2048), (4, 512)],
                                    [(1, 16)] if smoke else [(1, 2048), (16, 2048)]),

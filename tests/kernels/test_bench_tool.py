@@ -46,9 +46,10 @@ def test_bench_kernels_without_gpu_exits_2():
 
 def test_bench_kernels_variants_smoke():
     """--sections variants: every variant runs and gives the default's bits (GEMM, quantize) in the interpreter."""
-    proc = _smoke("variants")
+    proc = _smoke("variants", "--variant-kinds", "attention,gemm,quantize,k_step")
     assert proc.returncode == 0, proc.stderr[-2000:]
     v = json.loads(proc.stdout)["variants"]
+    assert list(v) == ["attention", "gemm", "quantize", "k_step"]  # in the order asked
     gemm = [x for row in v["gemm"] for x in row["variants"]]
     quant = [x for row in v["quantize"] for x in row["variants"]]
     assert len(gemm) >= 5 and all(x["same_bits"] for x in gemm)
@@ -56,7 +57,16 @@ def test_bench_kernels_variants_smoke():
     assert [(x["M"], x["K"], x["p"]) for x in v["k_step"]] == [(4, 172, 64), (4, 344, 32), (2, 172, 64)]
     k_step = [x for row in v["k_step"] for x in row["variants"]]
     assert len(k_step) == 12 and all(x["same_bits"] for x in k_step)  # every tile equals the torch float64 K step
-    assert v["attention"][0]["variants"][0]["name"] == "default" and v["attention"][0]["variants"][0]["same_bits"]
+    attn = {x["name"]: x for x in v["attention"][0]["variants"]}
+    assert v["attention"][0]["variants"][0]["name"] == "default" and attn["default"]["same_bits"]
+    # the CUDA-core kernel's token loop pipelined (2, 3 stages) computes what the plain loop does
+    flat = attn["cc_bt64_w4_s1_x1"]["max_rel_diff"]
+    assert attn["cc_bt64_w4_s2_x1"]["max_rel_diff"] == attn["cc_bt64_w4_s3_x1"]["max_rel_diff"] == flat < 1e-3
+
+
+def test_bench_kernels_unknown_variant_kind_exits_2():
+    proc = _smoke("variants", "--variant-kinds", "attention,gemmm", timeout=300)
+    assert proc.returncode == 2 and "--variant-kinds 'attention,gemmm'" in proc.stderr and not proc.stdout
 
 
 def test_bench_kernels_profile_smoke():
