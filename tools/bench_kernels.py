@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from infoquant_export.kernels import linear, ops
+from infoquant_export.kernels import attention, linear, ops
 from infoquant_export.kernels.timing import gpu_ms, graphed
 
 GEMM_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): qkv/o, gate/up, down
@@ -214,10 +214,15 @@ VARIANT_QUANT = [("default", None, None, False, None), ("row_tile", None, None, 
                  ("chunk2048_w8", 8, 2048, False, 1)]
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
 VARIANT_ATTN = [(64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 3, 4)]  # 64 tokens: fewer registers than 128
-# the CUDA-core decode kernel: (block_t, num_warps, stages of its token loop, split multiplier); the default tile
-# (ops.DECODE_CC_TILE) not pipelined and pipelined first, then the other tiles
-VARIANT_ATTN_CC = [(64, 4, 1, 1), (64, 4, 2, 1), (64, 4, 3, 1), (32, 8, 3, 1), (32, 4, 3, 1), (32, 8, 1, 1),
-                   (32, 8, 1, 2), (32, 4, 1, 1), (64, 8, 1, 1), (128, 8, 1, 1)]
+# the CUDA-core decode kernel: (kernel "cc" / "ccs" (a running max per token slot), block_t, num_warps, stages of
+# its token loop, split multiplier); the default tile (ops.DECODE_CC_TILE) plain, pipelined and per slot first
+VARIANT_ATTN_CC = [("cc", 64, 4, 1, 1), ("cc", 64, 4, 2, 1), ("cc", 64, 4, 3, 1), ("ccs", 64, 4, 1, 1),
+                   ("ccs", 64, 4, 3, 1), ("ccs", 32, 8, 1, 1), ("ccs", 32, 8, 3, 1), ("cc", 32, 8, 3, 1),
+                   ("cc", 32, 4, 3, 1), ("cc", 32, 8, 1, 1), ("cc", 32, 8, 1, 2), ("cc", 32, 4, 1, 1),
+                   ("cc", 64, 8, 1, 1), ("cc", 128, 8, 1, 1)]
+# e2e decode as served (CUDA graph) with the CUDA-core kernels: (row name, kernel, attention.DECODE_CC_STAGES)
+SERVED_DECODE_VARIANTS = [("cc", "cc", 1), ("ccs", "ccs", 1), ("ccs_s3", "ccs", 3)]
+CC_STAGES_DEFAULT = attention.DECODE_CC_STAGES
 
 
 class _Budget:
@@ -403,9 +408,10 @@ def variants_attention(device: torch.device, cases: list[tuple[int, int]], heads
         ref = ops.kv4_decode_attention(q, k4, v4, lengths, ctx, kernel="tc").float()
         default_bt = ops.decode_tile(1)[1]
         configs = [("default", None, None, 4, 3, "tc")]
-        for block_t, warps, stages, mult in VARIANT_ATTN_CC:  # first: the budget may stop the list
+        for kernel, block_t, warps, stages, mult in VARIANT_ATTN_CC:  # first: the budget may stop the list
             splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
-            configs.append((f"cc_bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages, "cc"))
+            configs.append((f"{kernel}_bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages,
+                            kernel))
         for block_t, warps, stages, mult in VARIANT_ATTN:
             splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
             configs.append((f"bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages, "tc"))
@@ -646,15 +652,19 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
                     row["served_speedup_vs_fp16_graph"] = row["graph_fp16_ms"] / served_ms
             except Exception as exc:
                 row["served_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            os.environ["INFOQUANT_DECODE_KERNEL"] = "cc"  # served with the CUDA-core decode attention
-            try:  # a model of its own: the cache's graph is recaptured with the cc kernel
-                served_cc = KernelCausalLM(model, torch.float16)
-                row["w4a4kv4_served_cc_ms"] = bench(partial(_decode_step, served_cc, step, cache4, ctx), device)
-                del served_cc
-            except Exception as exc:
-                row["served_cc_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            finally:
-                os.environ.pop("INFOQUANT_DECODE_KERNEL")
+            for name, kernel, stages in SERVED_DECODE_VARIANTS:  # served with a CUDA-core decode attention
+                os.environ["INFOQUANT_DECODE_KERNEL"] = kernel
+                attention.DECODE_CC_STAGES = stages
+                try:  # a model of its own: the cache's graph is recaptured with that kernel
+                    served_cc = KernelCausalLM(model, torch.float16)
+                    row[f"w4a4kv4_served_{name}_ms"] = bench(partial(_decode_step, served_cc, step, cache4, ctx),
+                                                             device)
+                    del served_cc
+                except Exception as exc:
+                    row[f"served_{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                finally:
+                    os.environ.pop("INFOQUANT_DECODE_KERNEL")
+                    attention.DECODE_CC_STAGES = CC_STAGES_DEFAULT
         out["decode"].append(row)
         del cache4, cache16
         if device.type == "cuda":

@@ -156,11 +156,13 @@ def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
 
 
 def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps: int,
-                   stages: int = 1) -> KernelSpec:
-    """A ``kv4_decode_partial_cc_kernel`` specialisation (float16 q, 8 splits, ``stages`` in its token loop)."""
+                   stages: int = 1, slots: bool = False) -> KernelSpec:
+    """A ``kv4_decode_partial_cc_kernel`` specialisation (float16 q, 8 splits, ``stages`` in its token loop,
+    ``slots``: a running max per token slot)."""
     base = _decode(name, group, head_dim)
     return KernelSpec(name, "attention", "kv4_decode_partial_cc_kernel", {**base.types, "magic_bits": "i32"},
-                      {"G": group, "D": head_dim, "BT": block_t, "SPLITS": 8, "STAGES": stages}, base.divisible,
+                      {"G": group, "D": head_dim, "BT": block_t, "SPLITS": 8, "STAGES": stages, "SLOTS": slots},
+                      base.divisible,
                       {"num_warps": num_warps, "enable_fp_fusion": True})
 
 
@@ -248,6 +250,8 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}", 1, 128, bt, w) for bt in (32, 64, 128) for w in (4, 8)),
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}_s{s}", 1, 128, bt, w, s)
           for bt, w, s in ((64, 4, 2), (64, 4, 3), (32, 8, 3), (32, 4, 3))),
+        *(decode_cc_spec(f"kv4_decode_ccs_g1_d128_bt{bt}_w{w}_s{s}", 1, 128, bt, w, s, slots=True)
+          for bt, w, s in ((64, 4, 1), (64, 4, 3), (32, 8, 1), (32, 8, 3))),
     ]
 
 

@@ -60,7 +60,8 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     dot products in float16 for a float16 q). ``splits`` / ``block_t`` / warps / stages override the heuristics
     (stages: 3 for "tc", ``DECODE_CC_STAGES`` for "cc", where it sets the token loop's own pipelining).
     ``kernel``: ``"tc"`` the tensor-core kernel (a GQA group per program, 4 warps), ``"cc"`` the CUDA-core kernel
-    (``kv4_decode_partial_cc_kernel``: one query head per program, float32 throughout, ``DECODE_CC_TILE``); default
+    (``kv4_decode_partial_cc_kernel``: one query head per program, float32 throughout, ``DECODE_CC_TILE``), ``"ccs"``
+    the same with a running max per token slot (``SLOTS``: no block-wide reduction per tile); default
     ``$INFOQUANT_DECODE_KERNEL`` or ``"tc"``.
     """
     kernel = kernel or os.environ.get("INFOQUANT_DECODE_KERNEL", "tc")
@@ -94,8 +95,11 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
                                                                 int(lengths.min()) < 1):
         raise KernelInputError(f"lengths {lengths.tolist()} outside 1..max_len={max_len}",
                                "pass max_len >= every length (and every length >= 1)")
-    if kernel not in ("tc", "cc"):
-        raise KernelInputError(f"kernel={kernel!r} is not 'tc' or 'cc'", "pass kernel='tc' (tensor cores) or 'cc'")
+    if kernel not in ("tc", "cc", "ccs"):
+        raise KernelInputError(f"kernel={kernel!r} is not 'tc', 'cc' or 'ccs'",
+                               "pass kernel='tc' (tensor cores), 'cc' or 'ccs' (CUDA cores)")
+    slots = kernel == "ccs"
+    kernel = "cc" if slots else kernel
     if kernel == "cc" and (k.codes.data_ptr() % 4 or v.codes.data_ptr() % 4):
         raise KernelInputError("kernel='cc' reads the cache codes as 32-bit words; these start at an offset that "
                                "is not a multiple of 4 bytes", "allocate the caches with KVCache4.empty")
@@ -117,8 +121,8 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
             lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)))
     if kernel == "cc":
         mod.kv4_decode_partial_cc_kernel[(programs, splits)](
-            *args, FLOAT_2_23_BITS, G=g, D=d, BT=block_t, SPLITS=splits, STAGES=num_stages, num_warps=num_warps,
-            num_stages=num_stages)
+            *args, FLOAT_2_23_BITS, G=g, D=d, BT=block_t, SPLITS=splits, STAGES=num_stages, SLOTS=slots,
+            num_warps=num_warps, num_stages=num_stages)
     else:
         mod.kv4_decode_partial_kernel[(programs, splits)](
             *args, G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT=_DOT[q.dtype], num_warps=num_warps,

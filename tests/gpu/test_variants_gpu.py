@@ -170,3 +170,6 @@ def test_decode_attention_variants_close_to_default(batch, ctx):
             for stages in (2, 3):  # a pipelined token loop computes the same values
                 piped = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, None, block_t, warps, stages, kernel="cc")
                 assert torch.equal(piped.float(), got), ("cc", block_t, warps, stages)
+            for stages in (1, 3):  # a running max per token slot: the same up to float32 rounding
+                slot = ops.kv4_decode_attention(qq, k4, v4, lengths, ctx, None, block_t, warps, stages, kernel="ccs")
+                assert float((slot.float() - base).abs().max() / base.abs().max()) < tol, ("ccs", block_t, stages)
