@@ -184,6 +184,7 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
               ("splitk4", False, False, False, (16, 64, 128, 1, 4, 4)),
               ("splitk8", False, False, False, (16, 64, 128, 1, 4, 4))],
     "mid": [("default", False, False, False, None),
+            ("tma_planes_persistent", True, True, False, (128, 128, 64, 8, 8, 4)),  # one program per SM
             ("int_mm", True, True, False, (32, 128, 32, 1, 4, 1)),  # torch._int_mm + epilogue (BM, BN used)
             ("tma_packed", False, False, False, (128, 64, 64, 8, 4, 4)),
             ("tma_packed", False, False, False, (128, 128, 64, 8, 8, 5)),
@@ -193,6 +194,11 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
             ("aplanes_swap", True, False, True, (128, 64, 64, 8, 4, 4)),
             ("wplanes", False, True, False, (128, 64, 64, 8, 4, 4))],
     "large": [("default", False, False, False, None),
+              # one program per SM looping over the tiles (shared memory <= 227 KB: 2 stages at 128 x 256)
+              ("tma_planes_persistent", True, True, False, (128, 256, 64, 8, 8, 2)),
+              ("tma_planes_persistent", True, True, False, (128, 128, 64, 8, 8, 4)),
+              ("tma_packed_persistent", False, False, False, (128, 256, 64, 8, 8, 3)),
+              ("tma_packed_persistent", False, False, False, (128, 128, 128, 8, 8, 3)),
               ("int_mm", True, True, False, (32, 128, 32, 1, 4, 1)),
               ("tma_packed", False, False, False, (128, 256, 64, 8, 8, 4)),
               ("tma_packed", False, False, False, (256, 128, 64, 8, 8, 4)),
@@ -279,6 +285,8 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
                 cfg = {**cfg, "W_PLANES": int(w_planes), "SWAP": int(swap)}
                 if name.startswith("tma"):  # w4a4_gemm_tma_kernel (tensor descriptors; TMA on sm_90)
                     cfg["TMA"] = 1
+                    if name.endswith("_persistent"):
+                        cfg["PERSISTENT"] = 1
                 if name.startswith("splitk"):
                     cfg["SPLITS"] = int(name.removeprefix("splitk"))
                 if name == "int_mm":

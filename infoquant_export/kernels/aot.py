@@ -93,7 +93,7 @@ def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_p
              "y_desc": f"tensordesc<{out}[{cfg['BM']}, {cfg['BN']}]>", "M": "i32", "N": "i32", "K2": "i32"}
     return KernelSpec(name, "gemm", "w4a4_gemm_tma_kernel", types,
                       {"HAS_BIAS": False, "HAS_RES": True, "WORDS": True, "A_PLANES": a_planes,
-                       "W_PLANES": w_planes, **cfg},
+                       "W_PLANES": w_planes, "PERSISTENT": False, "NUM_SMS": 1, **cfg},
                       _RUNTIME_DIVISIBLE, opts)
 
 
@@ -193,6 +193,20 @@ def default_specs(cc: int = 90) -> list[KernelSpec]:
     ]
 
 
+def gemm_tma_persistent_specs(sms: int = 132) -> list[KernelSpec]:
+    """The persistent tensor-descriptor GEMM variants of ``tools/bench_kernels.py`` (``PERSISTENT``, one program per
+    SM of an H100 / H200 (132), M = 2048 tiles)."""
+    keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
+    specs = []
+    for layout, planes, t in (("planes", True, (128, 256, 64, 8, 8, 2)), ("planes", True, (128, 128, 64, 8, 8, 4)),
+                              ("packed", False, (128, 256, 64, 8, 8, 3)), ("packed", False, (128, 128, 128, 8, 8, 3))):
+        spec = gemm_tma_spec("w4a4_gemm_tma_persistent_{}_{}x{}x{}_w{}_s{}".format(layout, *t[:3], *t[4:]),
+                             dict(zip(keys, t, strict=True)), "fp16", planes, planes)
+        specs.append(KernelSpec(spec.name, spec.module, spec.kernel, spec.types,
+                                {**spec.constexprs, "PERSISTENT": True, "NUM_SMS": sms}, spec.divisible, spec.options))
+    return specs
+
+
 def gemm_tma_specs() -> list[KernelSpec]:
     """Every ``GEMM_TMA_TILES`` tile with each operand layout (packed / activation planes / both planes), fp16 out."""
     keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
@@ -240,7 +254,7 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _chunked("hadamard_quantize_chunked_43x256_1024", 1024, rot_p=256),
         *(_chunked(f"quantize_chunked_1024_s{s}", 1024, stages=s) for s in (1, 2, 3)),
         _chunked("hadamard_quantize_chunked_43x256_1024_s2", 1024, rot_p=256, stages=2),
-        *(gemm_tma_specs() if cc == 90 else []),
+        *(gemm_tma_specs() + gemm_tma_persistent_specs() if cc == 90 else []),
         KernelSpec("w4a4_gemm_splitk_m1_k4096", "gemm", "w4a4_gemm_splitk_kernel",
                    {"a_ptr": "*u8", "w_ptr": "*u8", "part_ptr": "*i32", "M": "i32", "N": "i32", "K2": "i32",
                     "k_chunk": "i32", "stride_am": "i32", "stride_wn": "i32"},

@@ -204,7 +204,8 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
     sm_90, ``GEMM_TMA_TILES`` (``INFOQUANT_GEMM_AUTOTUNE=0`` keeps the default); ``config`` forces one. Planar
     operands (``act.planes``; ``weight.planes`` when M >= ``W_PLANES_MIN_M``) run ``w4a4_gemm_v2_kernel`` with the
     plane tiles (same bits); a ``config`` may also set ``"W_PLANES"`` (0/1: use the weight's planes), ``"SWAP"``
-    (0/1), ``"TMA"`` (1: ``w4a4_gemm_tma_kernel``), ``"SPLITS"`` (2, 4, ...: split-K, ``GEMM_SPLITK``) and
+    (0/1), ``"TMA"`` (1: ``w4a4_gemm_tma_kernel``; with ``"PERSISTENT": 1`` one program per SM looping over the
+    output tiles), ``"SPLITS"`` (2, 4, ...: split-K, ``GEMM_SPLITK``) and
     ``"INT_MM"`` (1: ``torch._int_mm`` on both operands' planes + the epilogue kernel, ``GEMM_INT_MM_EPILOGUE``).
     """
     if act.bits != 4:
@@ -250,6 +251,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         use_wp = bool(cfg.pop("W_PLANES", w_planes_default))
         swap = bool(cfg.pop("SWAP", act.planes and not use_wp))
         tma = bool(cfg.pop("TMA", 0))
+        persistent = bool(cfg.pop("PERSISTENT", 0))
         splits = int(cfg.pop("SPLITS", 1))
         int_mm = bool(cfg.pop("INT_MM", 0))
         if use_wp and weight.planes is None:
@@ -271,6 +273,8 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
                 SPLITS=splits, HAS_BIAS=common["HAS_BIAS"], HAS_RES=common["HAS_RES"], BM=bm, BN=bn, num_warps=4,
                 enable_fp_fusion=False)
 
+        if persistent and not tma:
+            raise KernelInputError("config PERSISTENT=1 is a mode of the tensor-descriptor kernel", "add TMA=1")
         if tma:
             if swap or not tma_eligible(act, weight, y, residual):
                 raise KernelInputError("config TMA=1 needs SWAP=0, 16-byte aligned tensors and rows of a multiple "
@@ -279,11 +283,14 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
 
             w_codes = weight.planes if use_wp else weight.codes
             tiles = ([cfg["BM"], cfg["BK2"]], [cfg["BN"], cfg["BK2"]], [cfg["BM"], cfg["BN"]])
-            kernel_module("gemm").w4a4_gemm_tma_kernel[grid](
+            # PERSISTENT: one program per SM (3 in the interpreter, so that a program takes several tiles)
+            sms = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 3
+            kernel_module("gemm").w4a4_gemm_tma_kernel[(min(grid[0], sms),) if persistent else grid](
                 TensorDescriptor.from_tensor(act.codes, tiles[0]), act.scale, act.zero,
                 TensorDescriptor.from_tensor(w_codes, tiles[1]), weight.scale, weight.rowsum, bias,
                 TensorDescriptor.from_tensor(res, tiles[2]), TensorDescriptor.from_tensor(y, tiles[2]), m, n, k2,
-                A_PLANES=act.planes, W_PLANES=use_wp, **common, **cfg)
+                A_PLANES=act.planes, W_PLANES=use_wp, PERSISTENT=persistent, NUM_SMS=sms if persistent else 1,
+                **common, **cfg)
             return
         if int_mm:  # the library's int8 GEMM (cuBLASLt IMMA on a GPU) on the planes, then the epilogue kernel
             if not (act.planes and weight.planes is not None) or (y.is_cuda and m <= 16):

@@ -24,7 +24,12 @@ from .common import unpack_a, unpack_w
 @triton.jit
 def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program: grouped ordering, GROUP_M row tiles share weight tiles in L2."""
-    pid = tl.program_id(0)
+    return tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
+
+
+@triton.jit
+def tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number ``pid`` in ``grouped_tile``'s order."""
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
     group = pid // (GROUP_M * grid_n)
@@ -211,26 +216,11 @@ def w4a4_gemm_v2_kernel(
 
 
 @triton.jit
-def w4a4_gemm_tma_kernel(
-    a_desc, a_scale_ptr, a_zero_ptr,     # activation codes: descriptor of packed [M, K/2] uint8 or planes [M, K] int8
-    w_desc, w_scale_ptr, w_rowsum_ptr,   # weight codes: descriptor of packed [N, K/2] uint8 or planes [N, K] int8
-    bias_ptr, res_desc, y_desc,          # residual / output: descriptors of [M, N], block [BM, BN]
-    M, N, K2,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
-    A_PLANES: tl.constexpr, W_PLANES: tl.constexpr,
-    WORDS: tl.constexpr = False,
-):
-    """``w4a4_gemm_v2_kernel`` (same bits) with every tile moved through tensor descriptors: on sm_90 the Tensor
-    Memory Accelerator copies each operand tile ``[rows, BK2]`` to shared memory (``cp.async.bulk.tensor``,
-    pipelined over ``num_stages``) and the residual / output tiles in and out, so the kernel holds no per-element
-    pointer tensors (the register pressure that makes the pointer kernels spill at M = 2048; see
-    ``kernels.resources``). Rows past M / N read as zeros and are not written (the descriptors' bounds).
-    A plane operand is one int8 row per token or channel, ``[even-k codes (K/2) | odd-k codes (K/2)]``: its low
-    plane at column ``k``, its high plane at ``K/2 + k``. sm_80-89 have no TMA (Triton lowers descriptor loads to
-    plain loads there): ``ops`` offers this kernel on sm_90.
-    """
-    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
+def _tma_tile(a_desc, a_scale_ptr, a_zero_ptr, w_desc, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_desc, y_desc,
+              M, N, K2, pid_m, pid_n, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, BK2: tl.constexpr, A_PLANES: tl.constexpr, W_PLANES: tl.constexpr,
+              WORDS: tl.constexpr):
+    """One output tile of ``w4a4_gemm_tma_kernel``: the K loop, the epilogue, the store."""
     off_m = pid_m * BM
     off_n = pid_n * BN
     acc = tl.zeros((BM, BN), dtype=tl.int32)
@@ -252,3 +242,39 @@ def w4a4_gemm_tma_kernel(
     if HAS_RES:
         y = res_desc.load([off_m, off_n]).to(tl.float32) + y
     y_desc.store([off_m, off_n], y.to(y_desc.dtype))
+
+
+@triton.jit
+def w4a4_gemm_tma_kernel(
+    a_desc, a_scale_ptr, a_zero_ptr,     # activation codes: descriptor of packed [M, K/2] uint8 or planes [M, K] int8
+    w_desc, w_scale_ptr, w_rowsum_ptr,   # weight codes: descriptor of packed [N, K/2] uint8 or planes [N, K] int8
+    bias_ptr, res_desc, y_desc,          # residual / output: descriptors of [M, N], block [BM, BN]
+    M, N, K2,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
+    A_PLANES: tl.constexpr, W_PLANES: tl.constexpr,
+    WORDS: tl.constexpr = False, PERSISTENT: tl.constexpr = False, NUM_SMS: tl.constexpr = 1,
+):
+    """``w4a4_gemm_v2_kernel`` (same bits) with every tile moved through tensor descriptors: on sm_90 the Tensor
+    Memory Accelerator copies each operand tile ``[rows, BK2]`` to shared memory (``cp.async.bulk.tensor``,
+    pipelined over ``num_stages``) and the residual / output tiles in and out, so the kernel holds no per-element
+    pointer tensors (the register pressure that makes the pointer kernels spill at M = 2048; see
+    ``kernels.resources``). Rows past M / N read as zeros and are not written (the descriptors' bounds).
+    A plane operand is one int8 row per token or channel, ``[even-k codes (K/2) | odd-k codes (K/2)]``: its low
+    plane at column ``k``, its high plane at ``K/2 + k``. sm_80-89 have no TMA (Triton lowers descriptor loads to
+    plain loads there): ``ops`` offers this kernel on sm_90.
+
+    ``PERSISTENT``: a grid of at most ``NUM_SMS`` programs, each looping over output tiles ``pid, pid + NUM_SMS,
+    ...`` in the grouped order; the loop is flattened (``tl.range(..., flatten=True)``) so that the next tile's
+    operand loads are in flight during this tile's epilogue. Each tile computes the same bits.
+    """
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+            pid_m, pid_n = tile_of(tile, M, N, BM, BN, GROUP_M)
+            _tma_tile(a_desc, a_scale_ptr, a_zero_ptr, w_desc, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_desc, y_desc,
+                      M, N, K2, pid_m, pid_n, HAS_BIAS, HAS_RES, BM, BN, BK2, A_PLANES, W_PLANES, WORDS)
+    else:
+        pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
+        _tma_tile(a_desc, a_scale_ptr, a_zero_ptr, w_desc, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_desc, y_desc,
+                  M, N, K2, pid_m, pid_n, HAS_BIAS, HAS_RES, BM, BN, BK2, A_PLANES, W_PLANES, WORDS)

@@ -79,6 +79,11 @@ def test_gemm_variants_same_bits(n, k):
         if cc == 90:
             configs += [{**t, "W_PLANES": wp, "SWAP": 0, "TMA": 1}
                         for t in ops.gemm_candidates(m, k // 2, ops.GEMM_TMA_TILES) for wp in (0, 1)]
+            keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")  # the persistent variants of the bench
+            configs += [{**dict(zip(keys, t, strict=True)), "W_PLANES": wp, "SWAP": 0, "TMA": 1, "PERSISTENT": 1}
+                        for t, wp in (((128, 256, 64, 8, 8, 2), 1), ((128, 128, 64, 8, 8, 4), 1),
+                                      ((128, 256, 64, 8, 8, 3), 0), ((128, 128, 128, 8, 8, 3), 0))
+                        if (k // 2) % t[2] == 0]
         for cfg, a in itertools.product(configs, (act, act_p)):
             got = ops.w4a4_linear(a, w, out_dtype=torch.float16, config=cfg)
             assert torch.equal(got, ref), (m, cfg, a.planes)
@@ -120,6 +125,8 @@ def test_gemm_variants_bias_residual_against_primitives():
     configs = [None, {**ops.gemm_config(m, k // 2), "W_PLANES": 0}]
     if ops.device_cc(torch.device(CUDA)) == 90:
         configs.append({**ops.gemm_candidates(m, k // 2, ops.GEMM_TMA_TILES)[0], "SWAP": 0, "TMA": 1})
+        configs.append({**ops.gemm_candidates(m, k // 2, ops.GEMM_TMA_TILES)[0], "SWAP": 0, "TMA": 1,
+                        "PERSISTENT": 1})  # bias and residual through the persistent loop
     for a, cfg in [(act_p, c) for c in configs] + [(act, None)]:
         assert torch.equal(ops.w4a4_linear(a, weight, resid.to(CUDA), config=cfg).cpu(), ref)
 

@@ -64,10 +64,10 @@ def test_gemm_layouts_same_bits(m, k):
         cfg = {**SMALL, "W_PLANES": int(w_planes), "SWAP": int(swap)}
         got = ops.w4a4_linear(act_p if a_planes else act, w, res, config=cfg).cpu()
         assert torch.equal(got, ref), (a_planes, w_planes, swap)
-    for a_planes, w_planes in itertools.product((False, True), (False, True)):  # the tensor-descriptor kernel
-        cfg = {**SMALL, "W_PLANES": int(w_planes), "SWAP": 0, "TMA": 1}
+    for a_planes, w_planes, persistent in itertools.product((False, True), (False, True), (0, 1)):  # descriptors
+        cfg = {**SMALL, "W_PLANES": int(w_planes), "SWAP": 0, "TMA": 1, "PERSISTENT": persistent}
         got = ops.w4a4_linear(act_p if a_planes else act, w, res, config=cfg).cpu()
-        assert torch.equal(got, ref), ("tma", a_planes, w_planes)
+        assert torch.equal(got, ref), ("tma", a_planes, w_planes, persistent)
     for out_dtype in (torch.float32, torch.float16):  # the library's int8 GEMM on the planes + the epilogue kernel
         cfg = {**ops.GEMM_INT_MM_EPILOGUE, "INT_MM": 1}
         got = ops.w4a4_linear(act_p, w, res.to(out_dtype), out_dtype=out_dtype, config=cfg).cpu()
@@ -101,6 +101,8 @@ def test_variant_bad_input():
         ops.w4a4_linear(act, w, config={**SMALL, "W_PLANES": 1})
     with pytest.raises(ops.KernelInputError, match="TMA=1"):
         ops.w4a4_linear(act, w, config={**SMALL, "TMA": 1, "SWAP": 1})
+    with pytest.raises(ops.KernelInputError, match="PERSISTENT=1 is a mode of the tensor-descriptor kernel"):
+        ops.w4a4_linear(act, w, config={**SMALL, "PERSISTENT": 1})
     odd = ops.PackedWeight.from_codes(torch.zeros(6, 64, dtype=torch.int8), torch.ones(6)).to(DEVICE)
     with pytest.raises(ops.KernelInputError, match="16 bytes"):  # fp16 rows of 6 outputs: 12 bytes
         ops.w4a4_linear(act, odd, out_dtype=torch.float16, config={**SMALL, "TMA": 1})
