@@ -7,15 +7,16 @@
 # 2. tools/bench_kernels.py --sections SECTIONS, in that order (default: e2e,profile,variants -- the
 #    LLaMA-2-7B-shaped end-to-end prefill / decode incl. the CUDA-graph step generate runs and the plane prefill;
 #    GPU time per kernel of one prefill and one decode step; then each variant next to the default and the
-#    FP16 / copy baselines in the order VARIANT_KINDS (default attention,quantize,gemm,k_step: the CUDA-core
-#    decode kernel's pipelined token loop and the pipelined chunked quantize first), no variant started after
+#    FP16 / copy baselines in the order VARIANT_KINDS (default attention,quantize: the CUDA-core decode kernels
+#    "cc" / "ccs" with their pipelined token loops, the pipelined chunked quantize), no variant started after
 #    VARIANTS_BUDGET_S seconds)
 #    -> bench.json (rewritten after each section), bench.log
 # Time limits: TEST_TIMEOUT (default 270 s), BENCH_TIMEOUT (default 300 s), VARIANTS_BUDGET_S (default 120 s):
 # at most ~10 min, one device call.
 # Measured (H200, 2026-11-27): tests/gpu/test_kernels_gpu, test_plugins_gpu and test_prologues_gpu (50 tests) in
 # ~220 s with their compiles; test_variants_gpu.py needs another ~4 min (the GEMM tile sweep ~60 s, the decode
-# attention variants the rest), so it has a call of its own: TESTS=tests/gpu/test_variants_gpu.py SECTIONS=quantize.
+# attention variants the rest), so it has a call of its own, with the GEMM variants (the persistent TMA GEMM):
+#   TESTS=tests/gpu/test_variants_gpu.py SECTIONS=variants VARIANT_KINDS=gemm,k_step bash tools/gpu_check.sh OUT
 # e2e + variants: ~130 s.
 set -u
 OUT=${1:-/tmp/gpu-out}
@@ -39,7 +40,7 @@ tail -25 "$OUT/pytest.txt"
 echo "tests took $(( $(date +%s) - start )) s"
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-300}" python3 tools/bench_kernels.py --sections "${SECTIONS:-e2e,profile,variants}" \
-  --variants-budget-s "${VARIANTS_BUDGET_S:-120}" --variant-kinds "${VARIANT_KINDS:-attention,quantize,gemm,k_step}" \
+  --variants-budget-s "${VARIANTS_BUDGET_S:-120}" --variant-kinds "${VARIANT_KINDS:-attention,quantize}" \
   --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? took $(( $(date +%s) - start )) s"
 tail -c 1500 "$OUT/bench.log"
