@@ -138,6 +138,12 @@ def _zero_magic(z, i: tl.constexpr):
 
 
 @triton.jit
+def _times(a0, a1, a2, a3, a4, a5, a6, a7, f):
+    """The CUDA-core kernel's eight value-sum tiles, each times ``f``."""
+    return a0 * f, a1 * f, a2 * f, a3 * f, a4 * f, a5 * f, a6 * f, a7 * f
+
+
+@triton.jit
 def kv4_decode_partial_cc_kernel(
     q_ptr, stride_qb, stride_qh,
     kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
@@ -245,23 +251,9 @@ def kv4_decode_partial_cc_kernel(
         vz = tl.load(vz_ptr + s_base + t, mask=tmask, other=0).to(tl.float32)[:, None]
         pv = (p * v_s)[:, None]
         if SLOTS:  # every slot rescaled by its own factor (1 where its max did not grow)
-            a0 = a0 * alpha[:, None]
-            a1 = a1 * alpha[:, None]
-            a2 = a2 * alpha[:, None]
-            a3 = a3 * alpha[:, None]
-            a4 = a4 * alpha[:, None]
-            a5 = a5 * alpha[:, None]
-            a6 = a6 * alpha[:, None]
-            a7 = a7 * alpha[:, None]
+            a0, a1, a2, a3, a4, a5, a6, a7 = _times(a0, a1, a2, a3, a4, a5, a6, a7, alpha[:, None])
         elif m_new > m_i:  # else alpha == 1 exactly: the rescale would change nothing
-            a0 = a0 * alpha
-            a1 = a1 * alpha
-            a2 = a2 * alpha
-            a3 = a3 * alpha
-            a4 = a4 * alpha
-            a5 = a5 * alpha
-            a6 = a6 * alpha
-            a7 = a7 * alpha
+            a0, a1, a2, a3, a4, a5, a6, a7 = _times(a0, a1, a2, a3, a4, a5, a6, a7, alpha)
         a0 = a0 + pv * _nibble(vw, 0, _zero_magic(vz, 0), magic_bits)
         a1 = a1 + pv * _nibble(vw, 1, _zero_magic(vz, 1), magic_bits)
         a2 = a2 + pv * _nibble(vw, 2, _zero_magic(vz, 2), magic_bits)
@@ -277,14 +269,7 @@ def kv4_decode_partial_cc_kernel(
         m_i = tl.max(m_slots, axis=0)
         w = tl.exp2(m_slots - tl.where(m_i > float("-inf"), m_i, 0.0))  # 0 for the slots that saw no token
         l_i = tl.sum(l_i * w, axis=0)
-        a0 = a0 * w[:, None]
-        a1 = a1 * w[:, None]
-        a2 = a2 * w[:, None]
-        a3 = a3 * w[:, None]
-        a4 = a4 * w[:, None]
-        a5 = a5 * w[:, None]
-        a6 = a6 * w[:, None]
-        a7 = a7 * w[:, None]
+        a0, a1, a2, a3, a4, a5, a6, a7 = _times(a0, a1, a2, a3, a4, a5, a6, a7, w[:, None])
     ml_ofs = bhq.to(tl.int64) * SPLITS + split
     tl.store(part_m_ptr + ml_ofs, m_i)
     tl.store(part_l_ptr + ml_ofs, l_i)
