@@ -53,6 +53,7 @@ from infoquant_export.kernels.linear import (
 from infoquant_export.kernels.rows import (
     CHUNK,
     CHUNK_ROTATED,
+    CHUNK_STAGES,
     CHUNKED_ABOVE,
     FLOAT64_TENSOR_CORES,
     FUSED_K_ROWS,
@@ -81,10 +82,10 @@ __all__ = [
     # checks
     "FLOAT_DTYPES", "KernelInputError", "device_cc", "triton_cdiv",
     # rows
-    "CHUNK", "CHUNK_ROTATED", "CHUNKED_ABOVE", "FLOAT64_TENSOR_CORES", "FUSED_K_ROWS", "MAX_ROW_TILE", "PRE_NONE",
-    "PRE_RMSNORM", "PRE_ROPE", "PRE_SCALE", "PRE_SWIGLU", "QUANT_CHUNK", "SCRATCH_BYTES", "SWIGLU", "PackedRows",
-    "Prologue", "RowTile", "hadamard", "k_dot", "quantize_rows", "quantize_rows_variant", "rmsnorm_prologue",
-    "row_tile", "row_warps",
+    "CHUNK", "CHUNK_ROTATED", "CHUNK_STAGES", "CHUNKED_ABOVE", "FLOAT64_TENSOR_CORES", "FUSED_K_ROWS", "MAX_ROW_TILE",
+    "PRE_NONE", "PRE_RMSNORM", "PRE_ROPE", "PRE_SCALE", "PRE_SWIGLU", "QUANT_CHUNK", "SCRATCH_BYTES", "SWIGLU",
+    "PackedRows", "Prologue", "RowTile", "hadamard", "k_dot", "quantize_rows", "quantize_rows_variant",
+    "rmsnorm_prologue", "row_tile", "row_warps",
     # k_step
     "K_STEP_TILE", "MAX_GRID_Y", "k_step",
     # kv

@@ -267,7 +267,7 @@ def kv4_decode_partial_cc_kernel(
     if SLOTS:  # merge the slots: weights 2^(m_r - M), 0 for slots that saw no token
         m_slots = m_i
         m_i = tl.max(m_slots, axis=0)
-        w = tl.exp2(m_slots - tl.where(m_i > float("-inf"), m_i, 0.0))  # 0 for the slots that saw no token
+        w = tl.exp2(m_slots - tl.where(m_i > float("-inf"), m_i, 0.0))
         l_i = tl.sum(l_i * w, axis=0)
         a0, a1, a2, a3, a4, a5, a6, a7 = _times(a0, a1, a2, a3, a4, a5, a6, a7, w[:, None])
     ml_ofs = bhq.to(tl.int64) * SPLITS + split
