@@ -224,9 +224,10 @@ VARIANT_ATTN = [(128, 4, 3, 4)]  # 4x the splits (64-token tiles: 0.86-0.98x of 
 # its token loop, split multiplier); the default tile (ops.DECODE_CC_TILE) plain, pipelined and per slot first
 # (The tiles the H200 measured slower than 64 x 4 in stop 19 -- 32 x 8 at 2x splits, 32 x 4, 64 x 8, 128 x 8 --
 # and the tensor-core kernel's 64-token tiles are left out: docs/bench/h200-stop19.json.)
+# ccs 32 x 4 and 64 x 8: 16 resident warps at the issue limit of 64 x 4 (12 warps; sm_90 hot loops, BENCHMARKS.md)
 VARIANT_ATTN_CC = [("cc", 64, 4, 1, 1), ("cc", 64, 4, 2, 1), ("cc", 64, 4, 3, 1), ("ccs", 64, 4, 1, 1),
-                   ("ccs", 64, 4, 3, 1), ("ccs", 32, 8, 1, 1), ("ccs", 32, 8, 3, 1), ("cc", 32, 8, 1, 1),
-                   ("cc", 32, 8, 3, 1), ("cc", 32, 4, 3, 1)]
+                   ("ccs", 64, 4, 3, 1), ("ccs", 32, 4, 1, 1), ("ccs", 64, 8, 1, 1), ("ccs", 32, 8, 1, 1),
+                   ("ccs", 32, 8, 3, 1), ("cc", 32, 8, 1, 1), ("cc", 32, 8, 3, 1), ("cc", 32, 4, 3, 1)]
 # e2e decode as served (CUDA graph) with the CUDA-core kernels: (row name, kernel, attention.DECODE_CC_STAGES)
 SERVED_DECODE_VARIANTS = [("cc", "cc", 1), ("ccs", "ccs", 1), ("ccs_s3", "ccs", 3)]
 CC_STAGES_DEFAULT = attention.DECODE_CC_STAGES
