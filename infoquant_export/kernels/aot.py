@@ -265,7 +265,7 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}_s{s}", 1, 128, bt, w, s)
           for bt, w, s in ((64, 4, 2), (64, 4, 3), (32, 8, 3), (32, 4, 3))),
         *(decode_cc_spec(f"kv4_decode_ccs_g1_d128_bt{bt}_w{w}_s{s}", 1, 128, bt, w, s, slots=True)
-          for bt, w, s in ((64, 4, 1), (64, 4, 3), (32, 8, 1), (32, 8, 3))),
+          for bt, w, s in ((64, 4, 1), (64, 4, 3), (32, 4, 1), (64, 8, 1), (32, 8, 1), (32, 8, 3))),
     ]
 
 
