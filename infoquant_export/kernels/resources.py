@@ -50,6 +50,12 @@ def _sass(cubin: bytes) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
     return code, [(a, t) for a, t in branches if t < a]
 
 
+def sass_opcodes(cubin: bytes) -> Counter:
+    """How many times each SASS opcode (without modifiers) appears in the cubin: e.g. ``MUFU`` (the special-function
+    unit: reciprocals of ``div.rn``, exponentials) or ``BSSY`` (a divergent region such as a slow path)."""
+    return Counter(op.split(".")[0] for _, op in _sass(cubin)[0])
+
+
 def _loop_ops(code: list[tuple[int, str]], start: int, end: int) -> Counter:
     return Counter(op.split(".")[0] for a, op in code if start <= a <= end)
 

@@ -26,7 +26,7 @@ product ``(g * sigmoid64(g)) * u`` of a fused gate/up output, or RoPE of one q/k
 import triton
 import triton.language as tl
 
-from .common import quantize_code, round_half_even
+from .common import div_by, quantize_code, round_half_even
 
 
 @triton.jit
@@ -222,13 +222,16 @@ def hadamard_quantize_kernel(
         scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, qmax, tl.float32)), 1e-8)
         zero = tl.minimum(tl.maximum(round_half_even(tl.div_rn(-lo, scale)), 0.0), qmax)
         zero_int = zero.to(tl.int32)
+        inv_scale = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
         if PER_BLOCK:
             s3 = scale[:, None, None]
+            i3 = inv_scale[:, None, None]
             z3 = zero_int[:, None, None]
         else:
             s3 = scale
+            i3 = inv_scale
             z3 = zero_int
-        q = quantize_code(tl.div_rn(x, s3), z3, qmax)
+        q = quantize_code(div_by(x, s3, i3), z3, qmax)
 
         b = r // seq_len
         if POS_PTR:
@@ -315,13 +318,14 @@ def quantize_rows_chunked_kernel(
     scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, qmax, tl.float32)), 1e-8)
     zero = tl.minimum(tl.maximum(round_half_even(tl.div_rn(-lo, scale)), 0.0), qmax)
     zero_int = zero.to(tl.int32)
+    inv_scale = tl.div_rn(1.0, scale)
     half = tl.arange(0, CH // 2)
     c_row = codes_ptr + r * stride_cr
     for c0 in tl.range(0, n, CH, num_stages=STAGES):
         x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
         if ROT_P > 0:  # masked blocks are all 0 (n is a multiple of ROT_P) and rotate to 0
             x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,)) * ROT_SCALE
-        q = quantize_code(tl.div_rn(x, scale), zero_int, qmax)
+        q = quantize_code(div_by(x, scale, inv_scale), zero_int, qmax)
         lo_c, hi_c = tl.split(tl.reshape(q, (CH // 2, 2)))
         byte = c0 // 2 + half
         bmask = byte < n // 2

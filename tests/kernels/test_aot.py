@@ -69,6 +69,26 @@ def test_compile_sm90_and_sm80(tmp_path):
             assert "0x0F0F0F0F" in (out / target / f"{spec}.ptx").read_text()
 
 
+def test_quantize_divides_without_div_rn(tmp_path):
+    """The compiled quantize kernels divide by the row's scale with ``common.div_by`` (a multiply and two FMAs,
+    exact: tests/kernels/test_div_by.py), not ``div.rn.f32`` per element (a reciprocal on the special-function
+    unit, four FMAs and a slow-path branch): on sm_80 and sm_90 few MUFU and no divergent region are left."""
+    sys.path.insert(0, str(REPO))
+    from infoquant_export.kernels.resources import sass_opcodes
+
+    out = tmp_path / "kernels"
+    specs = ["quantize_4096", "hadamard_quantize_4096", "rmsnorm_quantize_4096"]
+    proc = compile_kernels(tmp_path, out, "sm_80,sm_90", specs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for target in ("sm_80", "sm_90"):
+        for spec in specs:
+            ops = sass_opcodes((out / target / f"{spec}.cubin").read_bytes())
+            # measured sm_90: MUFU 5 / 5 / 10, BSSY 0 (with div.rn per element: 36 / 36 / 41 and 35 BSSY each);
+            # static counts 768 / 1576 / 1304 instructions against 1080 / 1888 / 1616
+            assert ops["MUFU"] <= 12 and ops["BSSY"] <= 1, (target, spec, ops["MUFU"], ops["BSSY"])
+            assert "fma.rn.f32" in (out / target / f"{spec}.ptx").read_text(), (target, spec)
+
+
 def test_k_step_float64_tensor_cores(tmp_path):
     """The 11008 = 172 x 64 Hadamard's K step is a float64 GEMM, and so is the row kernel's fused K step (1536 =
     12 x 128): DMMA on sm_80 / sm_90 (float64 tensor cores), none on sm_89; no spills anywhere. The FWHT before
