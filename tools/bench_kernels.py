@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from infoquant_export.kernels import attention, linear, ops
+from infoquant_export.kernels import rows as row_kernels
 from infoquant_export.kernels.timing import gpu_ms, graphed
 
 GEMM_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): qkv/o, gate/up, down
@@ -212,8 +213,9 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
 }
 # quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes, chunk-loop stages);
 # "default" is ops.quantize_rows itself (the runtime's choice: chunked above ops.CHUNKED_ABOVE), "row_tile" the
-# one-pass kernel
-VARIANT_QUANT = [("default", None, None, False, None), ("row_tile", None, None, False, None),
+# one-pass kernel, "default_div_rn" the default with div.rn.f32 per element (rows.FAST_DIV = False)
+VARIANT_QUANT = [("default", None, None, False, None), ("default_div_rn", None, None, False, None),
+                 ("row_tile", None, None, False, None),
                  ("chunk1024_w4_s2", 4, 1024, False, 2), ("chunk1024_w4_s3", 4, 1024, False, 3),
                  ("warps1", 1, None, False, None), ("warps2", 2, None, False, None), ("warps8", 8, None, False, None),
                  ("planes", None, None, True, None), ("chunk1024_w4", 4, 1024, False, 1),
@@ -315,6 +317,15 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
     return rows
 
 
+def _quantize_div_rn(x: torch.Tensor, blocks: int | None) -> ops.PackedRows:
+    """``ops.quantize_rows`` with ``div.rn.f32`` per element instead of ``common.div_by`` (same codes)."""
+    fast, row_kernels.FAST_DIV = row_kernels.FAST_DIV, False
+    try:
+        return ops.quantize_rows(x, 4, 0.9, None, blocks)
+    finally:
+        row_kernels.FAST_DIV = fast
+
+
 def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int | None]],
                       budget: _Budget) -> list[dict]:
     rows = []
@@ -337,6 +348,8 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
                          planes=planes, stages=stages)
             if name == "default":
                 fn = partial(ops.quantize_rows, x, 4, 0.9, None, blocks)
+            if name == "default_div_rn":
+                fn = partial(_quantize_div_rn, x, blocks)
             v: dict = {"name": name, "num_warps": warps, "chunk": chunk, "planes": planes, "stages": stages}
             _try(v, "ms", lambda fn=fn: _timed(fn, device))
             if "ms" in v:

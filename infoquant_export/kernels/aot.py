@@ -18,6 +18,7 @@ from infoquant_export.kernels.k_step import K_STEP_TILE
 from infoquant_export.kernels.linear import GEMM_TMA_TILES, gemm_candidates, gemm_config, gemm_tables
 from infoquant_export.kernels.resources import hot_loop, mma_loop, ptxas_resources, resident_warps
 from infoquant_export.kernels.rows import (
+    FAST_DIV,
     PRE_NONE,
     PRE_RMSNORM,
     PRE_ROPE,
@@ -112,7 +113,7 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
                       {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
                        "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
-                       "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc), "SLICED": False},
+                       "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc), "SLICED": False, "FAST_DIV": FAST_DIV},
                       ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
 
 
@@ -125,7 +126,8 @@ def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: 
     return KernelSpec(name, "quantize", "quantize_rows_chunked_kernel", types,
                       {"CH": chunk, "PLANES": False, "PRE": pre, "ROUND": pre == PRE_SWIGLU, "ROW_SCALE": row_scale,
                        "ROT_P": rot_p, "LOG2P": max(rot_p, 1).bit_length() - 1,
-                       "ROT_SCALE": rot_p ** -0.5 if rot_p and quant else 1.0, "QUANT": quant, "STAGES": stages},
+                       "ROT_SCALE": rot_p ** -0.5 if rot_p and quant else 1.0, "QUANT": quant, "STAGES": stages,
+                       "FAST_DIV": FAST_DIV},
                       # n: the JIT marks 4096 / 11008 / 14336 divisible by 16 at run time (vector loads under the mask)
                       ("x_ptr", "codes_ptr", "stride_xr", "stride_cr", "n", "up_offset"), {"num_warps": 4})
 

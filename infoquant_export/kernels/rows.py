@@ -10,7 +10,7 @@ from functools import cache
 
 import torch
 
-from infoquant_export.kernels import kernel_module
+from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.kernels.checks import (
     FLOAT_DTYPES,
     KernelInputError,
@@ -200,7 +200,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
             *scale_strides, _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset, row0,
             **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
             ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None, K_DOT=k_dot(device_cc(x2.device)),
-            SLICED=per_launch < rows, num_warps=num_warps or row_warps(tile.elements),
+            SLICED=per_launch < rows, FAST_DIV=_fast_div(), num_warps=num_warps or row_warps(tile.elements),
             enable_fp_fusion=False)
 
 
@@ -257,7 +257,7 @@ def _launch_chunked(x2: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, ze
         x2, x2.stride(0), out, out.stride(0), scale, zero, n, _f32(clip), _f32(clip_min), pre.up_offset,
         pre.operands(scale)[0], CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale,
         ROT_P=rot_p, LOG2P=max(rot_p, 1).bit_length() - 1, ROT_SCALE=rot_scale, QUANT=quant,
-        STAGES=stages or CHUNK_STAGES, num_warps=num_warps, enable_fp_fusion=False)
+        STAGES=stages or CHUNK_STAGES, FAST_DIV=_fast_div(), num_warps=num_warps, enable_fp_fusion=False)
 
 
 def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
@@ -282,6 +282,18 @@ CHUNK_STAGES = 1
 measured; 2-3 copy the next chunks to shared memory by cp.async while one is reduced / quantized (same bits; on
 sm_90 and sm_86 the loop then holds LDGSTS instead of LDG, tests/kernels/test_aot.py). To be timed on a GPU
 (``tools/bench_kernels.py --sections variants``: ``chunk1024_w4_s2`` / ``_s3``) before it changes."""
+
+
+FAST_DIV = True
+"""Compiled quantize kernels divide each value by its row's scale as ``q0 = x * RN(1/s)``, ``r = fma(-q0, s, x)``,
+``fma(r, RN(1/s), q0)`` (``common.div_by``): the IEEE quotient by Markstein's theorem, so the same codes, in 3
+instructions instead of ``div.rn.f32``'s reciprocal, FMAs and slow-path branch (sm_90: ``quantize_4096`` 1080 ->
+768 SASS instructions; tests/kernels/test_div_by.py, docs/numerics.md section 8). False: ``div.rn.f32``. The
+interpreter always divides (its ``tl.fma`` rounds twice)."""
+
+
+def _fast_div() -> bool:
+    return FAST_DIV and not interpreted()
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,

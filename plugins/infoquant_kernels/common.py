@@ -1,13 +1,7 @@
 """Device helpers shared by the kernels."""
 
-import os
-
 import triton
 import triton.language as tl
-
-# Compiled code divides by a row's scale with Markstein's correction (``div_by``); Triton's interpreter, whose
-# ``tl.fma`` rounds the product and the sum separately, keeps IEEE division. Read once, when the module is imported.
-FAST_DIV = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 # 1.5 * 2^23: adding and subtracting it rounds a float32 of magnitude < 2^22 to an integer, half to even (the FPU's
 # rounding mode), in compiled code and in the interpreter alike (libdevice ``rint`` has no interpreter version).
@@ -90,16 +84,17 @@ def unpack_w(packed, WORDS: tl.constexpr):
 
 
 @triton.jit
-def div_by(x, s, inv_s):
+def div_by(x, s, inv_s, FAST: tl.constexpr):
     """``x / s`` rounded to nearest even (IEEE float32 division, ``tl.div_rn``) for float32 ``x``, given
-    ``inv_s = div_rn(1, s)``. Compiled (``FAST_DIV``): ``q0 = x * inv_s``, the exact residual ``r = fma(-q0, s, x)``
+    ``inv_s = div_rn(1, s)``. ``FAST`` (compiled code only: Triton's interpreter rounds inside ``tl.fma``, so it
+    passes False): ``q0 = x * inv_s``, the exact residual ``r = fma(-q0, s, x)``
     and ``fma(r, inv_s, q0)`` -- three instructions where ``div.rn.f32`` is a reciprocal, four FMAs, a range check
     and a branch. Markstein's theorem: with ``inv_s`` within half an ulp of ``1/s`` and ``q0`` within one ulp of
     ``x/s``, that last FMA is the correctly rounded quotient, as long as nothing underflows. Below |x| = 2^-100 the
     residual can underflow and the quotient be one ulp off; with a scale >= 1e-8 such a quotient is below 2^-73
     and its code the same. tests/kernels/test_div_by.py checks it in exact arithmetic; the GPU tests compare the
     compiled kernels' codes with the primitives'."""
-    if FAST_DIV:
+    if FAST:
         q0 = x * inv_s
         return tl.fma(tl.fma(-q0, s, x), inv_s, q0)
     else:

@@ -193,6 +193,7 @@ def hadamard_quantize_kernel(
     POS_PTR: tl.constexpr = False,       # the position from device memory (a CUDA-graph decode step)
     K_DOT: tl.constexpr = True,          # the K step (K > 1) as a float64 tl.dot (see _rotate)
     SLICED: tl.constexpr = False,        # one of several launches over the rows (row0 > 0 possible)
+    FAST_DIV: tl.constexpr = False,      # x / scale as common.div_by's exact multiply-and-correct (compiled only)
 ):
     program = tl.program_id(0).to(tl.int64)
     r = row0 + program if SLICED else program  # row0 only when sliced: its 64-bit row math costs registers
@@ -231,7 +232,7 @@ def hadamard_quantize_kernel(
             s3 = scale
             i3 = inv_scale
             z3 = zero_int
-        q = quantize_code(div_by(x, s3, i3), z3, qmax)
+        q = quantize_code(div_by(x, s3, i3, FAST_DIV), z3, qmax)
 
         b = r // seq_len
         if POS_PTR:
@@ -272,7 +273,7 @@ def quantize_rows_chunked_kernel(
     CH: tl.constexpr, PLANES: tl.constexpr, PRE: tl.constexpr = 0, ROUND: tl.constexpr = False,
     ROW_SCALE: tl.constexpr = 1.0,
     ROT_P: tl.constexpr = 0, LOG2P: tl.constexpr = 0, ROT_SCALE: tl.constexpr = 1.0,
-    QUANT: tl.constexpr = True, STAGES: tl.constexpr = 1,
+    QUANT: tl.constexpr = True, STAGES: tl.constexpr = 1, FAST_DIV: tl.constexpr = False,
 ):
     """Per-row 4-bit quantization in chunks of ``CH`` values (a variant of ``hadamard_quantize_kernel`` with
     PER_BLOCK=False, BITS=4; same bits). ``ROT_P`` > 0: a block-diagonal Hadamard of power-of-two blocks of ROT_P
@@ -289,7 +290,7 @@ def quantize_rows_chunked_kernel(
     FWHT step of a Hadamard whose K step follows in ``hadamard_k_step_kernel`` (ROT_SCALE 1.0).
 
     ``STAGES`` > 1 software-pipelines both passes' chunk loops (the next chunks copied to shared memory by
-    cp.async while this one is reduced / quantized); same values.
+    cp.async while this one is reduced / quantized); same values. ``FAST_DIV``: as in ``hadamard_quantize_kernel``.
     """
     tl.static_assert(PRE == PRE_NONE or PRE == PRE_SWIGLU or PRE == PRE_SCALE)
     r = tl.program_id(0).to(tl.int64)
@@ -325,7 +326,7 @@ def quantize_rows_chunked_kernel(
         x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
         if ROT_P > 0:  # masked blocks are all 0 (n is a multiple of ROT_P) and rotate to 0
             x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,)) * ROT_SCALE
-        q = quantize_code(div_by(x, scale, inv_scale), zero_int, qmax)
+        q = quantize_code(div_by(x, scale, inv_scale, FAST_DIV), zero_int, qmax)
         lo_c, hi_c = tl.split(tl.reshape(q, (CH // 2, 2)))
         byte = c0 // 2 + half
         bmask = byte < n // 2

@@ -93,6 +93,23 @@ def test_quantize_ties_round_half_even():
     assert torch.equal(got.codes.cpu(), pack_uint4(quantize_activation(x, s, z, 4)))
 
 
+@pytest.mark.parametrize("n,blocks", [(4096, None), (4096, 1), (11008, None), (11008, 43), (128, 32)])
+def test_fast_division_same_codes(monkeypatch, n, blocks):
+    """``rows.FAST_DIV`` (x / scale as common.div_by's multiply and two FMAs) against div.rn.f32 per element, both
+    compiled: the same codes, scales and zero points, on rows whose quotients sit on and next to half-integers
+    (scale exactly 1 with k + 0.5 values, then those values nudged by one float32 ulp) and on wide-range rows."""
+    ties = _ties(256, n)
+    nudged = torch.nextafter(ties, torch.where(torch.rand_like(ties) < 0.5, -1e9, 1e9))
+    wide = torch.randn(256, n) * 10.0 ** torch.randint(-6, 5, (256, 1)).float()
+    x = torch.cat([ties, nudged, wide]).to(CUDA)
+    monkeypatch.setattr(rows, "FAST_DIV", False)
+    ref = ops.quantize_rows(x, 4, 0.9, None, blocks)
+    monkeypatch.setattr(rows, "FAST_DIV", True)
+    got = ops.quantize_rows(x, 4, 0.9, None, blocks)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
+    assert torch.equal(got.zero, ref.zero)
+
+
 def test_hadamard_bit_identical():
     for n, blocks in ((4096, 1), (1536, 1), (11008, 1), (128, 1)):
         x = torch.randn(64, n)
