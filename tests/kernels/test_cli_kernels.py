@@ -27,9 +27,10 @@ def test_generate_with_kernels_matches_fake_quant(tiny_artifact, capsys):
     fast = run([*base, "--kernels", "on", "--kernel-dtype", "float32"], capsys)
     assert "[kernels, float32]" in fast["config"] and "kernels" not in ref["config"]
     assert fast["tokens"] == ref["tokens"]  # float32 kernel model: same greedy tokens (measured: all 6 equal)
-    cc = run([*base, "--kernels", "on", "--kernel-dtype", "float32", "--decode-attention", "cc"], capsys)
-    assert "decode attention cc" in cc["config"]
-    assert cc["tokens"] == ref["tokens"]  # the CUDA-core decode kernel too (measured: all 6 equal)
+    for kernel in ("cc", "ccs"):  # the CUDA-core decode kernels too (measured: all 6 equal, both)
+        cc = run([*base, "--kernels", "on", "--kernel-dtype", "float32", "--decode-attention", kernel], capsys)
+        assert f"decode attention {kernel}" in cc["config"]
+        assert cc["tokens"] == ref["tokens"], kernel
 
 
 def test_eval_with_kernels_matches_fake_quant(tiny_artifact, capsys):
