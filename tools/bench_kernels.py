@@ -468,13 +468,17 @@ VARIANT_KINDS = ("gemm", "quantize", "k_step", "attention")
 
 
 def variants_section(device: torch.device, smoke: bool, budget_s: float,
-                     kinds: tuple[str, ...] = VARIANT_KINDS) -> dict:
+                     kinds: tuple[str, ...] = VARIANT_KINDS,
+                     progress: Callable[[dict], None] | None = None) -> dict:
     """Every variant next to the default and the FP16 / copy baselines; ``same_bits`` compares its output with
     the default's on the GPU (GEMM, quantize: must be true). ``kinds``: which variants, in that order (the budget
-    may stop the later ones). Stops starting measurements after ``budget_s``."""
+    may stop the later ones). Stops starting measurements after ``budget_s``. ``progress`` gets the result so far
+    after each kind (``main`` saves it, so that a time limit keeps the kinds already measured)."""
     budget = _Budget(budget_s)
     out: dict = {}
     for kind in kinds:
+        if out and progress is not None:
+            progress(out)
         if kind == "gemm":
             shapes = [(128, 256)] if smoke else GEMM_SHAPES
             out["gemm"] = variants_gemm(device, shapes, [1, 32] if smoke else [1, 16, 256, 2048], budget)
@@ -755,7 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": lambda: sweep_section(device, gemm_shapes, [1, 16, 256, 2048] if not smoke else [1, 32]),
         "quantize": run_quantize,
         "attention": run_attention,
-        "variants": lambda: variants_section(device, smoke, args.variants_budget_s, kinds),
+        "variants": lambda: variants_section(device, smoke, args.variants_budget_s, kinds,
+                                             lambda so_far: (result.update(variants=so_far), save())),
         "e2e": lambda: e2e_section(device, "smollm2-135m" if smoke else "llama2-7b", 1 if smoke else args.e2e_layers,
                                    [(1, 16)] if smoke else [(1, 2048), (4, 512)],
                                    [(1, 16)] if smoke else [(1, 2048), (16, 2048)]),

@@ -44,10 +44,12 @@ def test_bench_kernels_without_gpu_exits_2():
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
 
 
-def test_bench_kernels_variants_smoke():
-    """--sections variants: every variant runs and gives the default's bits (GEMM, quantize) in the interpreter."""
-    proc = _smoke("variants", "--variant-kinds", "attention,gemm,quantize,k_step")
+def test_bench_kernels_variants_smoke(tmp_path):
+    """--sections variants: every variant runs and gives the default's bits (GEMM, quantize) in the interpreter;
+    --out is rewritten after each kind of variant and ends equal to the printed JSON."""
+    proc = _smoke("variants", "--variant-kinds", "attention,gemm,quantize,k_step", "--out", str(tmp_path / "v.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "v.json").read_text()) == json.loads(proc.stdout)
     v = json.loads(proc.stdout)["variants"]
     assert list(v) == ["attention", "gemm", "quantize", "k_step"]  # in the order asked
     gemm = [x for row in v["gemm"] for x in row["variants"]]
