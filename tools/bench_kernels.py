@@ -232,7 +232,6 @@ VARIANT_ATTN_CC = [("cc", 64, 4, 1, 1), ("cc", 64, 4, 2, 1), ("cc", 64, 4, 3, 1)
                    ("ccs", 32, 8, 3, 1), ("cc", 32, 8, 1, 1), ("cc", 32, 8, 3, 1), ("cc", 32, 4, 3, 1)]
 # e2e decode as served (CUDA graph) with the CUDA-core kernels: (row name, kernel, attention.DECODE_CC_STAGES)
 SERVED_DECODE_VARIANTS = [("cc", "cc", 1), ("ccs", "ccs", 1), ("ccs_s3", "ccs", 3)]
-CC_STAGES_DEFAULT = attention.DECODE_CC_STAGES
 
 
 class _Budget:
@@ -680,6 +679,7 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
                     row["served_speedup_vs_fp16_graph"] = row["graph_fp16_ms"] / served_ms
             except Exception as exc:
                 row["served_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            cc_stages = attention.DECODE_CC_STAGES
             for name, kernel, stages in SERVED_DECODE_VARIANTS:  # served with a CUDA-core decode attention
                 os.environ["INFOQUANT_DECODE_KERNEL"] = kernel
                 attention.DECODE_CC_STAGES = stages
@@ -692,7 +692,7 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
                     row[f"served_{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 finally:
                     os.environ.pop("INFOQUANT_DECODE_KERNEL")
-                    attention.DECODE_CC_STAGES = CC_STAGES_DEFAULT
+                    attention.DECODE_CC_STAGES = cc_stages
         out["decode"].append(row)
         del cache4, cache16
         if device.type == "cuda":

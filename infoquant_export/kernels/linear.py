@@ -284,12 +284,14 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
             w_codes = weight.planes if use_wp else weight.codes
             tiles = ([cfg["BM"], cfg["BK2"]], [cfg["BN"], cfg["BK2"]], [cfg["BM"], cfg["BN"]])
             # PERSISTENT: one program per SM (3 in the interpreter, so that a program takes several tiles)
-            sms = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 3
+            sms = 1
+            if persistent:
+                sms = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 3
             kernel_module("gemm").w4a4_gemm_tma_kernel[(min(grid[0], sms),) if persistent else grid](
                 TensorDescriptor.from_tensor(act.codes, tiles[0]), act.scale, act.zero,
                 TensorDescriptor.from_tensor(w_codes, tiles[1]), weight.scale, weight.rowsum, bias,
                 TensorDescriptor.from_tensor(res, tiles[2]), TensorDescriptor.from_tensor(y, tiles[2]), m, n, k2,
-                A_PLANES=act.planes, W_PLANES=use_wp, PERSISTENT=persistent, NUM_SMS=sms if persistent else 1,
+                A_PLANES=act.planes, W_PLANES=use_wp, PERSISTENT=persistent, NUM_SMS=sms,
                 **common, **cfg)
             return
         if int_mm:  # the library's int8 GEMM (cuBLASLt IMMA on a GPU) on the planes, then the epilogue kernel

@@ -17,12 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 SPECS = ["w4a4_gemm_m2048_k4096", "w4a4_gemm_m1_k4096", "hadamard_quantize_4096"]
 
 
-def compile_kernels(tmp_path: Path, out: Path, targets: str, specs: list[str] = SPECS) -> subprocess.CompletedProcess:
+def compile_kernels(tmp_path: Path, out: Path, targets: str, specs: list[str] = SPECS,
+                    variants: bool = False) -> subprocess.CompletedProcess:
     """The tool in a fresh process. TRITON_INTERPRET=1 is inherited on purpose (this test process sets it when there
-    is no GPU): the tool must switch it off itself. A private Triton cache makes it really compile."""
+    is no GPU): the tool must switch it off itself. A private Triton cache makes it really compile. ``variants``:
+    the specs may name performance variants (``--variants``)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
     return subprocess.run([sys.executable, str(REPO / "tools" / "compile_kernels.py"), "--out", str(out),
-                           "--targets", targets, "--only", ",".join(specs)],
+                           "--targets", targets, *(["--variants"] if variants else []), "--only", ",".join(specs)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -119,11 +121,7 @@ def test_loops_pipelined_by_stages(tmp_path):
     pairs = [("kv4_decode_cc_g1_d128_bt64_w4", "kv4_decode_cc_g1_d128_bt64_w4_s3"),
              ("quantize_chunked_1024_s1", "quantize_chunked_1024_s3")]
     slots = "kv4_decode_ccs_g1_d128_bt64_w4_s1"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "compile_kernels.py"), "--out", str(out),
-                           "--targets", "sm_90,sm_86", "--variants", "--only",
-                           ",".join([*(n for p in pairs for n in p), slots])],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = compile_kernels(tmp_path, out, "sm_90,sm_86", [*(n for p in pairs for n in p), slots], variants=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for target, entries in json.loads(proc.stdout)["targets"].items():
         for flat_name, piped_name in pairs:
@@ -152,10 +150,7 @@ def test_persistent_tma_gemm_fits_sm90(tmp_path):
     from infoquant_export.kernels.aot import gemm_tma_persistent_specs
 
     names = [s.name for s in gemm_tma_persistent_specs()]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "compile_kernels.py"), "--out", str(tmp_path / "k"),
-                           "--targets", "sm_90", "--variants", "--only", ",".join(names)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = compile_kernels(tmp_path, tmp_path / "k", "sm_90", names, variants=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     entries = json.loads(proc.stdout)["targets"]["sm_90"]
     assert sorted(entries) == sorted(names)
