@@ -8,7 +8,10 @@ process with ``TRITON_INTERPRET=0`` (the interpreter's kernels cannot be compile
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +33,7 @@ from infoquant_export.kernels.rows import (
     row_warps,
 )
 
+COMPILE_DEFAULTS = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False}  # a spec's options override them
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_87": 87, "sm_89": 89, "sm_90": 90}  # A100, RTX 30, Orin, RTX 40, H100
 
 
@@ -61,9 +65,11 @@ def _gemm(name: str, m: int, k: int, out: str, cc: int = 90, cfg: dict[str, int]
     types = {"a_ptr": "*u8", "a_scale_ptr": "*fp32", "a_zero_ptr": "*u8", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
              "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "M": "i32",
              "N": "i32", "K2": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_ym": "i32"}
-    return KernelSpec(name, "gemm", "w4a4_gemm_kernel", types,
-                      {"HAS_BIAS": False, "HAS_RES": True, "WORDS": True, **cfg},
-                      _RUNTIME_DIVISIBLE, opts)
+    consts = {"HAS_BIAS": False, "HAS_RES": True, "WORDS": True, **cfg}
+    if m == 1:  # the JIT turns an integer argument equal to 1 into a constant
+        del types["M"]
+        consts["M"] = 1
+    return KernelSpec(name, "gemm", "w4a4_gemm_kernel", types, consts, _RUNTIME_DIVISIBLE, opts)
 
 
 def _gemm_v2(name: str, m: int, k: int, out: str, a_planes: bool, w_planes: bool, swap: bool,
@@ -98,38 +104,54 @@ def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_p
                       _RUNTIME_DIVISIBLE, opts)
 
 
+# What the JIT marks divisible by 16 in a row-kernel launch of 2048 prefill tokens (the AOT row specs' shape): every
+# pointer, the row / code / scale strides, 2048 rows, position 0 and the first row 0 (a KV cache of 4096 positions
+# adds t_cap). tests/kernels/test_aot_specs.py checks each spec against its wrapper's recorded launch.
+_ROWS_DIVISIBLE = ("x_ptr", "hk_ptr", "scratch_ptr", "codes_ptr", "scale_ptr", "zero_ptr", "y_ptr", "pos_ptr",
+                   "aux_ptr", "aux2_ptr", "stride_xr", "stride_yr", "seq_len", "pos0", "stride_cb", "stride_ct",
+                   "stride_cj", "stride_sb", "stride_st", "stride_sj", "up_offset", "row0")
+
+
 def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str, pre: int = PRE_NONE,
           quant: bool = True, cc: int = 90) -> KernelSpec:
-    """A ``hadamard_quantize_kernel`` specialisation for ``cc``; ``pre``: its prologue (RMSNorm: float64 eps
-    operand)."""
+    """A ``hadamard_quantize_kernel`` specialisation for ``cc`` at 2048 prefill tokens; ``pre``: its prologue
+    (RMSNorm: float64 eps operand). The wrappers pass the scale tensor (quantizing) or the output (not) for the
+    pointers a launch does not use; a quantized row's scale has stride 1 over tokens (a constant to the JIT)."""
     tile = row_tile(n, blocks, rotate)
-    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp32", "scratch_ptr": "*fp32", "inv_sqrt": "fp32",
-             "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8", "y_ptr": f"*{x}", "stride_yr": "i32",
+    unused = "*fp32" if quant else f"*{x}"
+    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp32" if tile.k > 1 else unused,
+             "scratch_ptr": "*fp32", "inv_sqrt": "fp32", "codes_ptr": "*u8" if quant else unused, "scale_ptr": unused,
+             "zero_ptr": "*u8" if quant else unused, "y_ptr": unused if quant else f"*{x}", "stride_yr": "i32",
              "seq_len": "i32", "pos0": "i32", "pos_ptr": "*i32", "t_cap": "i32",
              "stride_cb": "i32", "stride_ct": "i32", "stride_cj": "i32", "stride_sb": "i32", "stride_st": "i32",
              "stride_sj": "i32", "clip": "fp32", "clip_min": "fp32",
              "aux_ptr": "*fp32", "aux2_ptr": "*fp64" if pre == PRE_RMSNORM else "*fp32", "up_offset": "i32",
              "row0": "i32"}
-    return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types,
-                      {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
-                       "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
-                       "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc), "SLICED": False, "FAST_DIV": FAST_DIV},
-                      ("x_ptr", "codes_ptr", "stride_xr"), {"num_warps": row_warps(tile.elements)})
+    consts = {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
+              "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
+              "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc), "SLICED": False, "FAST_DIV": FAST_DIV}
+    if quant:
+        del types["stride_st"]
+        consts["stride_st"] = 1
+    divisible = _ROWS_DIVISIBLE + (("t_cap",) if per_block else ())
+    return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types, consts, divisible,
+                      {"num_warps": row_warps(tile.elements)})
 
 
 def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: bool = True, x: str = "fp16",
              row_scale: float = 1.0, stages: int = 1) -> KernelSpec:
     """A ``quantize_rows_chunked_kernel`` specialisation (``quant=False``: float32 out)."""
     types = {"x_ptr": f"*{x}", "stride_xr": "i32", "codes_ptr": "*u8" if quant else "*fp32", "stride_cr": "i32",
-             "scale_ptr": "*fp32", "zero_ptr": "*u8", "n": "i32", "clip": "fp32", "clip_min": "fp32",
-             "up_offset": "i32", "aux_ptr": "*fp32"}
+             "scale_ptr": "*fp32", "zero_ptr": "*u8" if quant else "*fp32", "n": "i32", "clip": "fp32",
+             "clip_min": "fp32", "up_offset": "i32", "aux_ptr": "*fp32"}
     return KernelSpec(name, "quantize", "quantize_rows_chunked_kernel", types,
                       {"CH": chunk, "PLANES": False, "PRE": pre, "ROUND": pre == PRE_SWIGLU, "ROW_SCALE": row_scale,
                        "ROT_P": rot_p, "LOG2P": max(rot_p, 1).bit_length() - 1,
                        "ROT_SCALE": rot_p ** -0.5 if rot_p and quant else 1.0, "QUANT": quant, "STAGES": stages,
                        "FAST_DIV": FAST_DIV},
                       # n: the JIT marks 4096 / 11008 / 14336 divisible by 16 at run time (vector loads under the mask)
-                      ("x_ptr", "codes_ptr", "stride_xr", "stride_cr", "n", "up_offset"), {"num_warps": 4})
+                      ("x_ptr", "codes_ptr", "scale_ptr", "zero_ptr", "aux_ptr", "stride_xr", "stride_cr", "n",
+                       "up_offset"), {"num_warps": 4})
 
 
 def k_step_spec(name: str, k: int, p: int) -> KernelSpec:
@@ -139,7 +161,7 @@ def k_step_spec(name: str, k: int, p: int) -> KernelSpec:
                       {"y_ptr": "*fp32", "out_ptr": "*fp32", "ht_ptr": "*fp32", "n_cols": "i32", "out_scale": "fp32"},
                       {"K": k, "P": p, "LOG2P": p.bit_length() - 1, "KB": -(-k // bk) * bk, "BA": ba, "BK": bk,
                        "BC": bc, "SCALE": False},
-                      ("y_ptr", "out_ptr", "ht_ptr"), {"num_warps": warps})
+                      ("y_ptr", "out_ptr", "ht_ptr", "n_cols"), {"num_warps": warps})  # n_cols: rows x p
 
 
 def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
@@ -151,9 +173,11 @@ def _decode(name: str, group: int, head_dim: int) -> KernelSpec:
              "chunk": "i32", "max_len": "i32", "qk_scale": "fp32"}
     return KernelSpec(name, "attention", "kv4_decode_partial_kernel", types,
                       {"G": group, "GP": gp, "D": head_dim, "BT": bt, "SPLITS": 8, "DOT": 1},
-                      # what the JIT sees at run time: every pointer and cache stride a multiple of 16 (capacity % 16)
-                      ("q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr", "stride_qb", "stride_qh",
-                       "stride_cb", "stride_ch", "stride_ct", "stride_sb", "stride_sh"),
+                      # what the JIT sees at run time: every pointer and cache stride a multiple of 16 (capacity % 16),
+                      # the split's chunk of tokens and max_len (a context of 4096)
+                      ("q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr", "len_ptr", "part_o_ptr",
+                       "part_m_ptr", "part_l_ptr", "stride_qb", "stride_qh", "stride_cb", "stride_ch", "stride_ct",
+                       "stride_sb", "stride_sh", "chunk", "max_len"),
                       {"num_warps": 4, "enable_fp_fusion": True})  # as ops launches it (float attention, FMAs)
 
 
@@ -286,7 +310,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
         raise ValueError(f"{spec.name}: no type or constexpr for {missing}")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible if a in fn.arg_names}
     src = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
-    options = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False, **spec.options}
+    options = {**COMPILE_DEFAULTS, **spec.options}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
@@ -297,6 +321,74 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
             **resources, "resident_warps": resident_warps(cc, resources["registers"], compiled.metadata.shared,
                                                           options["num_warps"])}
 
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a wrapper makes it: ``infoquant_kernels.<module>.<kernel>[grid](*args, **kwargs)``."""
+
+    module: str
+    kernel: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@contextmanager
+def recorded_launches(*modules: str) -> Iterator[list[Launch]]:
+    """Inside the block, launches of every kernel of ``infoquant_kernels.<module>`` are appended to the yielded
+    list instead of run (their outputs stay unwritten): what the wrappers pass at a shape, without executing it."""
+    launches: list[Launch] = []
+    patched = []
+
+    class _Recorder:
+        def __init__(self, module: str, kernel: str) -> None:
+            self.where = (module, kernel)
+
+        def __getitem__(self, grid: Any) -> Any:
+            return lambda *args, **kwargs: launches.append(Launch(*self.where, args, kwargs))
+
+    for module in modules:
+        mod = kernel_module(module)
+        for kernel, fn in list(vars(mod).items()):
+            if hasattr(fn, "arg_names") and hasattr(fn, "fn"):  # a jit function (compiled or interpreted)
+                patched.append((mod, kernel, fn))
+                setattr(mod, kernel, _Recorder(module, kernel))
+    try:
+        yield launches
+    finally:
+        for mod, kernel, fn in patched:
+            setattr(mod, kernel, fn)
+
+
+def jit_spec(name: str, launch: Launch) -> KernelSpec:
+    """The specialisation Triton's JIT compiles for ``launch`` on a CUDA device, by Triton's own rules
+    (``native_specialize_impl``): an integer equal to 1 becomes a constant, pointers (16-byte aligned data) and
+    integers that are multiples of 16 are marked divisible, other values keep their type. ``num_stages`` is left
+    to the compiler's default unless the launch passes it."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import native_specialize_impl
+
+    module, kernel = launch.module, launch.kernel
+    fn = getattr(kernel_module(module), kernel).fn
+    params = inspect.signature(fn).parameters
+    bound = inspect.signature(fn).bind(*launch.args, **{k: v for k, v in launch.kwargs.items() if k in params})
+    bound.apply_defaults()
+    types: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    divisible: list[str] = []
+    for arg, value in bound.arguments.items():
+        if "constexpr" in str(params[arg].annotation):
+            constexprs[arg] = value
+            continue
+        kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+        if kind == "constexpr":
+            constexprs[arg] = attr
+            continue
+        types[arg] = kind
+        if attr == "D":
+            divisible.append(arg)
+    options = {k: v for k, v in launch.kwargs.items() if k not in params}
+    return KernelSpec(name, module, kernel, types, constexprs, tuple(divisible), options)
 
 def hadamard_aot_spec(size: int, num_blocks: int) -> KernelSpec:
     """The AOT-plugin Hadamard kernel for ``size`` = ``num_blocks`` power-of-two blocks (float32 in and out)."""

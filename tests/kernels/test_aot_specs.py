@@ -1,0 +1,127 @@
+"""The AOT specialisations (infoquant_export/kernels/aot.py) are the ones Triton's JIT compiles on a GPU.
+
+Every figure compiled on the CPU (registers, occupancy, SASS loops, instruction counts in BENCHMARKS.md) is only
+the GPU's if the spec declares what the JIT derives from the real launch: which pointers and integers are multiples
+of 16 (vector loads and stores), which integers equal 1 (folded constants), the constexprs and launch options.
+Each spec of ``default_specs`` is compared here with the launch its wrapper makes at that shape (recorded, not run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from infoquant_export.kernels import aot, rows  # noqa: E402
+from infoquant_export.kernels.attention import kv4_decode_attention  # noqa: E402
+from infoquant_export.kernels.kv import KVCache4, quantize_kv, rope_rows  # noqa: E402
+from infoquant_export.kernels.linear import PackedWeight, gemm_config, w4a4_linear  # noqa: E402
+from infoquant_export.kernels.rows import SWIGLU, PackedRows, rmsnorm_prologue  # noqa: E402
+
+TOKENS = 2048  # the prefill rows the row specs stand for (an integer the JIT marks divisible by 16)
+# constexprs set from the device: FAST_DIV and WORDS (inline PTX) are off in the interpreter, K_DOT follows the cc
+CC_DEPENDENT = ("K_DOT", "FAST_DIV", "WORDS")
+JIT_OPTIONS = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": True}  # Triton's CUDAOptions defaults
+
+
+def _x(n: int, dtype: torch.dtype = torch.float16, tokens: int = TOKENS) -> torch.Tensor:
+    return torch.empty(tokens, n, dtype=dtype)
+
+
+def _heads(tokens: int = TOKENS, heads: int = 32, dim: int = 128) -> torch.Tensor:
+    return torch.empty(1, tokens, heads, dim, dtype=torch.float16)
+
+
+def _rope(tokens: int = TOKENS, dim: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(tokens, dim), torch.empty(tokens, dim)
+
+
+def _cache(capacity: int = 4096, heads: int = 32, dim: int = 128) -> KVCache4:
+    return KVCache4.empty(1, heads, capacity, dim, "cpu")
+
+
+def _gemm(m: int) -> None:
+    act = PackedRows(torch.empty(m, 2048, dtype=torch.uint8), torch.empty(m), torch.empty(m, dtype=torch.uint8))
+    weight = PackedWeight(torch.empty(4096, 2048, dtype=torch.uint8), torch.empty(4096),
+                          torch.empty(4096, dtype=torch.int32))
+    w4a4_linear(act, weight, residual=torch.empty(m, 4096, dtype=torch.float16), out_dtype=torch.float16,
+                config=gemm_config(m, 2048, 90))
+
+
+def _decode(group: int, dim: int) -> None:
+    kv_heads, capacity = 8, 4096
+    k, v = _cache(capacity, kv_heads, dim), _cache(capacity, kv_heads, dim)
+    q = torch.empty(1, kv_heads * group, dim, dtype=torch.float16)
+    kv4_decode_attention(q, k, v, torch.full((1,), capacity, dtype=torch.int32), capacity, splits=8,
+                         check_lengths=False, kernel="tc")
+
+
+# spec name -> (module, kernel, the wrapper call that launches it); the chunked 11008 path launches three kernels
+LAUNCHES: dict[str, tuple[str, str, Callable[[], object]]] = {
+    "w4a4_gemm_m1_k4096": ("gemm", "w4a4_gemm_kernel", lambda: _gemm(1)),
+    "w4a4_gemm_m64_k4096": ("gemm", "w4a4_gemm_kernel", lambda: _gemm(64)),
+    "w4a4_gemm_m2048_k4096": ("gemm", "w4a4_gemm_kernel", lambda: _gemm(2048)),
+    "quantize_4096": ("quantize", "hadamard_quantize_kernel", lambda: rows.quantize_rows(_x(4096))),
+    "hadamard_quantize_4096": ("quantize", "hadamard_quantize_kernel",
+                               lambda: rows.quantize_rows(_x(4096), hadamard_blocks=1)),
+    "hadamard_quantize_1536_k12": ("quantize", "hadamard_quantize_kernel",
+                                   lambda: rows.quantize_rows(_x(1536, torch.float32), hadamard_blocks=1)),
+    "kv_hadamard_quantize_32x128": ("quantize", "hadamard_quantize_kernel",
+                                    lambda: quantize_kv(_heads(), _cache(), 0, 1.0, rotate=True)),
+    "rmsnorm_quantize_4096": ("quantize", "hadamard_quantize_kernel",
+                              lambda: rows.quantize_rows(_x(4096), prologue=rmsnorm_prologue(torch.ones(4096), 1e-5))),
+    "rope_hadamard_q_32x128": ("quantize", "hadamard_quantize_kernel",
+                               lambda: rope_rows(_heads(), *_rope(), rotate=True)),
+    "kv_rope_hadamard_quantize_32x128": ("quantize", "hadamard_quantize_kernel",
+                                         lambda: quantize_kv(_heads(), _cache(), 0, 1.0, rotate=True, rope=_rope())),
+    "swiglu_hadamard_quantize_1536_k12": ("quantize", "hadamard_quantize_kernel",
+                                          lambda: rows.quantize_rows(_x(3072), hadamard_blocks=1, prologue=SWIGLU)),
+    "swiglu_fwht_11008_172x64": ("quantize", "quantize_rows_chunked_kernel",
+                                 lambda: rows.quantize_rows(_x(22016), hadamard_blocks=1, prologue=SWIGLU)),
+    "hadamard_k_step_172x64": ("quantize", "hadamard_k_step_kernel",
+                               lambda: rows.quantize_rows(_x(22016), hadamard_blocks=1, prologue=SWIGLU)),
+    "scale_quantize_11008": ("quantize", "quantize_rows_chunked_kernel",
+                             lambda: rows.quantize_rows(_x(22016), hadamard_blocks=1, prologue=SWIGLU)),
+    "kv4_decode_g1_d128": ("attention", "kv4_decode_partial_kernel", lambda: _decode(1, 128)),
+    "kv4_decode_g3_d64": ("attention", "kv4_decode_partial_kernel", lambda: _decode(3, 64)),
+}
+LAUNCH_INDEX = {"scale_quantize_11008": -1}  # the second chunked launch of the 11008 path (the first: FWHT out)
+
+
+def recorded_spec(name: str) -> aot.KernelSpec:
+    """The JIT's specialisation of the launch ``LAUNCHES[name]`` makes."""
+    module, kernel, call = LAUNCHES[name]
+    with aot.recorded_launches(module) as launches:
+        call()
+    mine = [launch for launch in launches if launch.kernel == kernel]
+    assert mine, f"{name}: the wrapper launched no {kernel}"
+    return aot.jit_spec(name, mine[LAUNCH_INDEX.get(name, 0)])
+
+
+def spec_differences(spec: aot.KernelSpec, jit: aot.KernelSpec) -> dict[str, object]:
+    """What the hand-written ``spec`` declares differently from the JIT's ``jit`` (empty when they agree)."""
+    out: dict[str, object] = {}
+    types = {k: (spec.types.get(k), v) for k, v in jit.types.items() if spec.types.get(k) != v}
+    consts = {k: (spec.constexprs.get(k), v) for k, v in jit.constexprs.items()
+              if k not in CC_DEPENDENT and spec.constexprs.get(k) != v}
+    divisible = (set(spec.divisible) & set(jit.types)) ^ set(jit.divisible)
+    aot_options, jit_options = {**aot.COMPILE_DEFAULTS, **spec.options}, {**JIT_OPTIONS, **jit.options}
+    options = {k: (aot_options[k], v) for k, v in jit_options.items() if aot_options.get(k) != v}
+    for key, value in (("types", types), ("constexprs", consts), ("divisible", sorted(divisible)),
+                       ("options", options)):
+        if value:
+            out[key] = value
+    return out
+
+
+def test_every_default_spec_has_a_launch():
+    assert sorted(LAUNCHES) == sorted(s.name for s in aot.default_specs(90))
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHES))
+def test_spec_is_what_the_jit_compiles(name):
+    spec = next(s for s in aot.default_specs(90) if s.name == name)
+    assert spec_differences(spec, recorded_spec(name)) == {}
