@@ -213,8 +213,10 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
 }
 # quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes, chunk-loop stages);
 # "default" is ops.quantize_rows itself (the runtime's choice: chunked above ops.CHUNKED_ABOVE), "row_tile" the
-# one-pass kernel, "default_div_rn" the default with div.rn.f32 per element (rows.FAST_DIV = False)
-VARIANT_QUANT = [("default", None, None, False, None), ("default_div_rn", None, None, False, None),
+# one-pass kernel, "default_div_rn" the default with div.rn.f32 per element (rows.FAST_DIV = False),
+# "fwht_two_pass" the default with a single block's FWHT in two passes (rows.FWHT_TWO_PASS = True)
+VARIANT_QUANT = [("default", None, None, False, None), ("fwht_two_pass", None, None, False, None),
+                 ("default_div_rn", None, None, False, None),
                  ("row_tile", None, None, False, None),
                  ("chunk1024_w4_s2", 4, 1024, False, 2), ("chunk1024_w4_s3", 4, 1024, False, 3),
                  ("warps1", 1, None, False, None), ("warps2", 2, None, False, None), ("warps8", 8, None, False, None),
@@ -316,13 +318,15 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
     return rows
 
 
-def _quantize_div_rn(x: torch.Tensor, blocks: int | None) -> ops.PackedRows:
-    """``ops.quantize_rows`` with ``div.rn.f32`` per element instead of ``common.div_by`` (same codes)."""
-    fast, row_kernels.FAST_DIV = row_kernels.FAST_DIV, False
+def _quantize_with(x: torch.Tensor, blocks: int | None, knob: str, value: bool) -> ops.PackedRows:
+    """``ops.quantize_rows`` with the module switch ``rows.<knob>`` set to ``value`` (same codes either way):
+    ``FAST_DIV`` False divides by ``div.rn.f32`` per element, ``FWHT_TWO_PASS`` True splits the FWHT."""
+    found = getattr(row_kernels, knob)
+    setattr(row_kernels, knob, value)
     try:
         return ops.quantize_rows(x, 4, 0.9, None, blocks)
     finally:
-        row_kernels.FAST_DIV = fast
+        setattr(row_kernels, knob, found)
 
 
 def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int | None]],
@@ -348,7 +352,11 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
             if name == "default":
                 fn = partial(ops.quantize_rows, x, 4, 0.9, None, blocks)
             if name == "default_div_rn":
-                fn = partial(_quantize_div_rn, x, blocks)
+                fn = partial(_quantize_with, x, blocks, "FAST_DIV", False)
+            if name == "fwht_two_pass":
+                if blocks != 1 or tile.k > 1 or tile.p < 64:
+                    continue  # the same kernel as the default: the split applies to one power-of-two block
+                fn = partial(_quantize_with, x, blocks, "FWHT_TWO_PASS", True)
             v: dict = {"name": name, "num_warps": warps, "chunk": chunk, "planes": planes, "stages": stages}
             _try(v, "ms", lambda fn=fn: _timed(fn, device))
             if "ms" in v:

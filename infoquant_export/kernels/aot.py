@@ -28,6 +28,7 @@ from infoquant_export.kernels.rows import (
     PRE_SCALE,
     PRE_SWIGLU,
     _inv_sqrt,
+    fwht_split,
     k_dot,
     row_tile,
     row_warps,
@@ -129,7 +130,8 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
              "row0": "i32"}
     consts = {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
               "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
-              "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc), "SLICED": False, "FAST_DIV": FAST_DIV}
+              "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc), "SLICED": False, "FAST_DIV": FAST_DIV,
+              "FWHT_SPLIT": fwht_split(quant)}
     if quant:
         del types["stride_st"]
         consts["stride_st"] = 1

@@ -200,7 +200,8 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
             *scale_strides, _f32(clip), _f32(clip_min), aux, aux2, pre.up_offset, row0,
             **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
             ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None, K_DOT=k_dot(device_cc(x2.device)),
-            SLICED=per_launch < rows, FAST_DIV=_fast_div(), num_warps=num_warps or row_warps(tile.elements),
+            SLICED=per_launch < rows, FAST_DIV=_fast_div(), FWHT_SPLIT=fwht_split(quant),
+            num_warps=num_warps or row_warps(tile.elements),
             enable_fp_fusion=False)
 
 
@@ -294,6 +295,20 @@ interpreter always divides (its ``tl.fma`` rounds twice)."""
 
 def _fast_div() -> bool:
     return FAST_DIV and not interpreted()
+
+
+FWHT_TWO_PASS = False
+"""Whether the row kernel runs a single block's FWHT as two passes before quantizing (``_fwht``'s ``SPLIT``; same
+bits). Off: compiled as the JIT specialises it, the one-pass form is the shorter code before the quantization
+(sm_90 ``hadamard_quantize_4096``: 1464 against 1760 SASS instructions, 32 against 24 resident warps;
+BENCHMARKS.md), and the H200 measured 0.35 of copy with one pass (stop 15) against 0.32 with two (stop 19). Rows
+that are not quantized keep two passes (704 against 760 instructions). ``tools/bench_kernels.py`` times both
+(``fwht_two_pass``)."""
+
+
+def fwht_split(quant: bool) -> bool:
+    """The row kernel's ``FWHT_SPLIT`` for a launch that quantizes (``quant``) or writes the rotated rows."""
+    return FWHT_TWO_PASS or not quant
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: float | None = None,

@@ -42,15 +42,18 @@ def _fwht_stages(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
 
 
 @triton.jit
-def _fwht(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
-    """``_fwht_stages``, for one block of P >= 64 as two passes (same stages in the same order, so the same float32
-    bits): the row as a [P1, P2] matrix (index = i1 * P2 + i2), the stages on the low bits (h = 1 .. P2/2) along
-    the last axis, a transpose, the stages on the high bits (h = P2 .. P/2) along the last axis again, a transpose
-    back. Compiled for sm_90 at P = 4096 / 4 warps the fused quantize kernel needs 13 barriers per row instead of
-    31 (each butterfly stage whose pairs sit in different threads is a shared-memory round trip). With several
-    blocks per tile (R > 1) the one-pass form compiles better (43 blocks of 256: 109 barriers / 164 registers
-    against 133 / 236), so it stays there."""
-    if LOG2P < 6 or R > 1:
+def _fwht(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr, SPLIT: tl.constexpr = True):
+    """``_fwht_stages``; with ``SPLIT``, one block of P >= 64 as two passes (same stages in the same order, so the
+    same float32 bits): the row as a [P1, P2] matrix (index = i1 * P2 + i2), the stages on the low bits (h = 1 ..
+    P2/2) along the last axis, a transpose, the stages on the high bits (h = P2 .. P/2) along the last axis again,
+    a transpose back. Alone (float32 out: the AOT plugin's kernel) the two passes compile better (sm_90, 4096, 4
+    warps: 704 against 760 SASS instructions, 5 against 39 barriers). Followed by the quantization they compile
+    worse, as the JIT specialises the launch (16-byte code stores): 1760 against 1464 instructions, 80 against 63
+    registers, 16 against 4 KB of shared memory, 24 against 32 resident warps -- the store's layout reaches back
+    into the second pass, which Triton then partly recomputes (614 against 454 FADD). With several blocks per tile
+    (R > 1) the one-pass form is used either way (43 blocks of 256: 109 barriers / 164 registers against 133 /
+    236)."""
+    if LOG2P < 6 or R > 1 or not SPLIT:
         return _fwht_stages(x, R, P, LOG2P)
     L2: tl.constexpr = (LOG2P + 1) // 2
     L1: tl.constexpr = LOG2P - L2
@@ -65,7 +68,7 @@ def _fwht(x, R: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
 
 @triton.jit
 def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-            P: tl.constexpr, LOG2P: tl.constexpr, K_DOT: tl.constexpr):
+            P: tl.constexpr, LOG2P: tl.constexpr, K_DOT: tl.constexpr, FWHT_SPLIT: tl.constexpr):
     """numerics.md section 1 on a [NBP, KP, P] tile: FWHT over P, H_K^T over K in float64, * 1/sqrt(n).
 
     The K step multiplies by ``blockdiag(H_K^T, ...)`` ([R, R], R = NBP*KP, zero padded, float32 +-1 / 0, widened)
@@ -77,7 +80,7 @@ def _rotate(x, hk_ptr, scratch_ptr, inv_sqrt, NBP: tl.constexpr, K: tl.constexpr
     product is exact, so both are the primitives' float64 sum rounded once; the tile is then reloaded.
     """
     R: tl.constexpr = NBP * KP
-    x = _fwht(tl.reshape(x, (R, P)), R, P, LOG2P)
+    x = _fwht(tl.reshape(x, (R, P)), R, P, LOG2P, FWHT_SPLIT)
     if K > 1:
         rows = tl.arange(0, R)
         cols = tl.arange(0, P)
@@ -194,6 +197,7 @@ def hadamard_quantize_kernel(
     K_DOT: tl.constexpr = True,          # the K step (K > 1) as a float64 tl.dot (see _rotate)
     SLICED: tl.constexpr = False,        # one of several launches over the rows (row0 > 0 possible)
     FAST_DIV: tl.constexpr = False,      # x / scale as common.div_by's exact multiply-and-correct (compiled only)
+    FWHT_SPLIT: tl.constexpr = False,    # a single block's FWHT as two passes (see _fwht)
 ):
     program = tl.program_id(0).to(tl.int64)
     r = row0 + program if SLICED else program  # row0 only when sliced: its 64-bit row math costs registers
@@ -205,7 +209,8 @@ def hadamard_quantize_kernel(
     x = _prologue(x_ptr, r * stride_xr, j * N_BLOCK + col, mask, aux_ptr, aux2_ptr, up_offset, r % seq_len,
                   PRE, NB * N_BLOCK, N_BLOCK, ROUND, ROW_SCALE)
     if ROTATE:
-        x = _rotate(x, hk_ptr, scratch_ptr + program * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P, K_DOT)
+        x = _rotate(x, hk_ptr, scratch_ptr + program * (NBP * KP * P), inv_sqrt, NBP, K, KP, P, LOG2P, K_DOT,
+                    FWHT_SPLIT)
     if not QUANT:
         y_dtype = y_ptr.dtype.element_ty
         tl.store(y_ptr + r * stride_yr + j * N_BLOCK + col, _round_to(x, y_dtype).to(y_dtype), mask=mask)

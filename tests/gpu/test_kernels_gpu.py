@@ -110,6 +110,20 @@ def test_fast_division_same_codes(monkeypatch, n, blocks):
     assert torch.equal(got.zero, ref.zero)
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_fwht_passes_bit_identical(monkeypatch, two_pass):
+    """The Hadamard(4096) + quantize row kernel with its FWHT in one pass (the default) and in two
+    (``rows.FWHT_TWO_PASS``): the primitives' codes, scales and zero points either way, outlier rows included."""
+    x = torch.randn(512, 4096)
+    x[::7, :64] += 40.0
+    monkeypatch.setattr(rows, "FWHT_TWO_PASS", two_pass)
+    got = ops.quantize_rows(x.to(CUDA), 4, 0.9, None, 1)
+    xr = apply_hadamard(x, 1)
+    s, z = activation_qparams(xr, 4, 0.9)
+    assert torch.equal(got.codes.cpu(), pack_uint4(quantize_activation(xr, s, z, 4)))
+    assert torch.equal(got.scale.cpu(), s.squeeze(-1)) and torch.equal(got.zero.cpu(), z.squeeze(-1).to(torch.uint8))
+
+
 def test_hadamard_bit_identical():
     for n, blocks in ((4096, 1), (1536, 1), (11008, 1), (128, 1)):
         x = torch.randn(64, n)

@@ -60,6 +60,10 @@ def test_compile_sm90_and_sm80(tmp_path):
             assert all(".s8.s8" in m for m in mma)
         assert manifest["targets"][target]["hadamard_quantize_4096"]["mma"] == []
         assert manifest["targets"][target]["w4a4_gemm_m1_k4096"]["mma"]  # the M=1 GEMM uses tensor cores too
+    # the Hadamard(4096) + quantize kernel as the JIT specialises it, with its FWHT in one pass (rows.FWHT_TWO_PASS):
+    # measured sm_90 63 registers / 32 resident warps (two passes: 80 / 24)
+    assert manifest["targets"]["sm_90"]["hadamard_quantize_4096"]["resident_warps"] >= 32
+    assert manifest["targets"]["sm_90"]["hadamard_quantize_4096"]["registers"] <= 72
     # the nibbles are unpacked four bytes per instruction (inline PTX), not byte by byte: no PRMT in the main loop, and
     # a short loop. Measured instructions per K step (bytes -> words): sm_90 M=2048 1353 -> 334, M=1 675 -> 160;
     # sm_80 M=2048 523, M=1 172.

@@ -71,6 +71,16 @@ def test_quantize_rows_bit_identical(case):
     assert_rows_equal(x, 4, 0.9, None, blocks)
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_fwht_one_or_two_passes_same_bits(monkeypatch, two_pass):
+    """A single power-of-two block's FWHT before quantizing, in one pass (the default) or two
+    (``rows.FWHT_TWO_PASS``): the same stages in the same order, so the primitives' bits either way."""
+    monkeypatch.setattr(rows, "FWHT_TWO_PASS", two_pass)
+    x = torch.randn(3, 1024) * 3
+    x[1, :64] += 10.0
+    assert_rows_equal(x, 4, 0.9, None, 1)
+
+
 @pytest.mark.parametrize("k_dot", [True, False])
 @pytest.mark.parametrize("n,blocks", [(1536, 1), (384, 2), (5632, 1)])
 def test_fused_k_step_forms(monkeypatch, n, blocks, k_dot):
