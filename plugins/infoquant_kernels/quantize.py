@@ -113,6 +113,11 @@ PRE_SCALE = tl.constexpr(4)
 
 
 @triton.jit
+def _min_max(lo_a, hi_a, lo_b, hi_b):
+    return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+
+
+@triton.jit
 def _round_to(x, dtype: tl.constexpr):
     """float32 ``x`` rounded to ``dtype`` (nearest, ties to even) and returned as float32. bfloat16 is rounded with
     integer operations on the bits (Triton's interpreter truncates float32 -> bfloat16; compiled code rounds)."""
@@ -218,11 +223,11 @@ def hadamard_quantize_kernel(
         qmax: tl.constexpr = (1 << BITS) - 1
         # padded elements are 0, and the range includes 0 anyway, so they never change min/max
         if PER_BLOCK:
-            lo = tl.min(tl.min(x, axis=2), axis=1)
-            hi = tl.max(tl.max(x, axis=2), axis=1)
+            lo, hi = tl.reduce((x, x), 2, _min_max)
+            lo, hi = tl.reduce((lo, hi), 1, _min_max)
         else:
-            lo = tl.min(tl.reshape(x, (NBP * KP * P,)), axis=0)
-            hi = tl.max(tl.reshape(x, (NBP * KP * P,)), axis=0)
+            flat = tl.reshape(x, (NBP * KP * P,))
+            lo, hi = tl.reduce((flat, flat), 0, _min_max)
         lo = tl.minimum(lo, 0.0) * clip_min
         hi = tl.maximum(hi, 0.0) * clip
         scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, qmax, tl.float32)), 1e-8)
@@ -319,8 +324,9 @@ def quantize_rows_chunked_kernel(
         mn = tl.minimum(mn, x)
         mx = tl.maximum(mx, x)
     qmax: tl.constexpr = 15
-    lo = tl.minimum(tl.min(mn, axis=0), 0.0) * clip_min
-    hi = tl.maximum(tl.max(mx, axis=0), 0.0) * clip
+    lo, hi = tl.reduce((mn, mx), 0, _min_max)
+    lo = tl.minimum(lo, 0.0) * clip_min
+    hi = tl.maximum(hi, 0.0) * clip
     scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, qmax, tl.float32)), 1e-8)
     zero = tl.minimum(tl.maximum(round_half_even(tl.div_rn(-lo, scale)), 0.0), qmax)
     zero_int = zero.to(tl.int32)
