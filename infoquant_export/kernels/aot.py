@@ -190,8 +190,8 @@ def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps
     base = _decode(name, group, head_dim)
     return KernelSpec(name, "attention", "kv4_decode_partial_cc_kernel", {**base.types, "magic_bits": "i32"},
                       {"G": group, "D": head_dim, "BT": block_t, "SPLITS": 8, "STAGES": stages, "SLOTS": slots},
-                      base.divisible,
-                      {"num_warps": num_warps, "enable_fp_fusion": True})
+                      (*base.divisible, "magic_bits"),  # the float 2^23 (0x4B000000)
+                      {"num_warps": num_warps, "num_stages": stages, "enable_fp_fusion": True})
 
 
 def default_specs(cc: int = 90) -> list[KernelSpec]:
@@ -284,11 +284,11 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _chunked("hadamard_quantize_chunked_43x256_1024_s2", 1024, rot_p=256, stages=2),
         *(gemm_tma_specs() + gemm_tma_persistent_specs() if cc == 90 else []),
         KernelSpec("w4a4_gemm_splitk_m1_k4096", "gemm", "w4a4_gemm_splitk_kernel",
-                   {"a_ptr": "*u8", "w_ptr": "*u8", "part_ptr": "*i32", "M": "i32", "N": "i32", "K2": "i32",
+                   {"a_ptr": "*u8", "w_ptr": "*u8", "part_ptr": "*i32", "N": "i32", "K2": "i32",
                     "k_chunk": "i32", "stride_am": "i32", "stride_wn": "i32"},
-                   {"BM": 16, "BN": 32, "BK2": 128, "GROUP_M": 1, "WORDS": True},
+                   {"BM": 16, "BN": 32, "BK2": 128, "GROUP_M": 1, "WORDS": True, "M": 1},  # M = 1: a constant
                    (*_RUNTIME_DIVISIBLE, "part_ptr", "k_chunk"),  # k_chunk: a multiple of BK2
-                   {"num_warps": 4, "num_stages": 4}),
+                   {"num_warps": 4, "num_stages": 4, "enable_fp_fusion": True}),  # integer only
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}", 1, 128, bt, w) for bt in (32, 64, 128) for w in (4, 8)),
         *(decode_cc_spec(f"kv4_decode_cc_g1_d128_bt{bt}_w{w}_s{s}", 1, 128, bt, w, s)
           for bt, w, s in ((64, 4, 2), (64, 4, 3), (32, 8, 3), (32, 4, 3))),

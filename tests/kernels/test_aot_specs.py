@@ -18,7 +18,13 @@ pytest.importorskip("triton")
 from infoquant_export.kernels import aot, rows  # noqa: E402
 from infoquant_export.kernels.attention import kv4_decode_attention  # noqa: E402
 from infoquant_export.kernels.kv import KVCache4, quantize_kv, rope_rows  # noqa: E402
-from infoquant_export.kernels.linear import PackedWeight, gemm_config, w4a4_linear  # noqa: E402
+from infoquant_export.kernels.linear import (  # noqa: E402
+    PackedWeight,
+    gemm_candidates,
+    gemm_config,
+    gemm_tables,
+    w4a4_linear,
+)
 from infoquant_export.kernels.rows import SWIGLU, PackedRows, rmsnorm_prologue  # noqa: E402
 
 TOKENS = 2048  # the prefill rows the row specs stand for (an integer the JIT marks divisible by 16)
@@ -51,12 +57,32 @@ def _gemm(m: int) -> None:
                 config=gemm_config(m, 2048, 90))
 
 
-def _decode(group: int, dim: int) -> None:
+def _gemm_planes(m: int, swap: bool = False, w_planes: bool = True) -> None:
+    act = PackedRows(torch.empty(m, 4096, dtype=torch.int8), torch.empty(m), torch.empty(m, dtype=torch.uint8),
+                     planes=True)
+    weight = PackedWeight(torch.empty(4096, 2048, dtype=torch.uint8), torch.empty(4096),
+                          torch.empty(4096, dtype=torch.int32),
+                          planes=torch.empty(4096, 4096, dtype=torch.int8) if w_planes else None)
+    cfg = {**gemm_candidates(m, 2048, gemm_tables(90)[1])[0], "W_PLANES": int(w_planes), "SWAP": int(swap)}
+    w4a4_linear(act, weight, residual=torch.empty(m, 4096, dtype=torch.float16), out_dtype=torch.float16,
+                config=cfg)
+
+
+def _gemm_splitk() -> None:
+    act = PackedRows(torch.empty(1, 2048, dtype=torch.uint8), torch.empty(1), torch.empty(1, dtype=torch.uint8))
+    weight = PackedWeight(torch.empty(4096, 2048, dtype=torch.uint8), torch.empty(4096),
+                          torch.empty(4096, dtype=torch.int32))
+    w4a4_linear(act, weight, out_dtype=torch.float16,
+                config={"BM": 16, "BN": 32, "BK2": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4, "SPLITS": 4})
+
+
+def _decode(group: int, dim: int, kernel: str = "tc", block_t: int | None = None, warps: int | None = None,
+            stages: int | None = None) -> None:
     kv_heads, capacity = 8, 4096
     k, v = _cache(capacity, kv_heads, dim), _cache(capacity, kv_heads, dim)
     q = torch.empty(1, kv_heads * group, dim, dtype=torch.float16)
     kv4_decode_attention(q, k, v, torch.full((1,), capacity, dtype=torch.int32), capacity, splits=8,
-                         check_lengths=False, kernel="tc")
+                         check_lengths=False, kernel=kernel, block_t=block_t, num_warps=warps, num_stages=stages)
 
 
 # spec name -> (module, kernel, the wrapper call that launches it); the chunked 11008 path launches three kernels
@@ -88,12 +114,28 @@ LAUNCHES: dict[str, tuple[str, str, Callable[[], object]]] = {
     "kv4_decode_g1_d128": ("attention", "kv4_decode_partial_kernel", lambda: _decode(1, 128)),
     "kv4_decode_g3_d64": ("attention", "kv4_decode_partial_kernel", lambda: _decode(3, 64)),
 }
+# the performance variants whose compiled figures BENCHMARKS.md quotes (aot.variant_specs)
+VARIANT_LAUNCHES: dict[str, tuple[str, str, Callable[[], object]]] = {
+    "w4a4_gemm_v2_planes_m2048": ("gemm", "w4a4_gemm_v2_kernel", lambda: _gemm_planes(2048)),
+    "w4a4_gemm_v2_planes_m256": ("gemm", "w4a4_gemm_v2_kernel", lambda: _gemm_planes(256)),
+    "w4a4_gemm_splitk_m1_k4096": ("gemm", "w4a4_gemm_splitk_kernel", _gemm_splitk),
+    "hadamard_quantize_chunked_43x256_1024": ("quantize", "quantize_rows_chunked_kernel",
+                                              lambda: rows.quantize_rows_variant(_x(11008), 4, 1.0, None, 43,
+                                                                                 chunk=1024, num_warps=4)),
+    **{f"quantize_chunked_1024_s{s}": ("quantize", "quantize_rows_chunked_kernel",
+                                       lambda s=s: rows.quantize_rows_variant(_x(11008), chunk=1024, num_warps=4,
+                                                                              stages=s)) for s in (1, 2, 3)},
+    **{f"kv4_decode_{k}_g1_d128_bt{bt}_w{w}{'' if k == 'cc' and s == 1 and not st else f'_s{s}'}":
+       ("attention", "kv4_decode_partial_cc_kernel", lambda k=k, bt=bt, w=w, s=s: _decode(1, 128, k, bt, w, s))
+       for k, bt, w, s, st in (("cc", 64, 4, 1, False), ("cc", 64, 4, 3, True), ("ccs", 64, 4, 1, True),
+                               ("ccs", 64, 4, 3, True), ("ccs", 32, 4, 1, True))},
+}
 LAUNCH_INDEX = {"scale_quantize_11008": -1}  # the second chunked launch of the 11008 path (the first: FWHT out)
 
 
 def recorded_spec(name: str) -> aot.KernelSpec:
     """The JIT's specialisation of the launch ``LAUNCHES[name]`` makes."""
-    module, kernel, call = LAUNCHES[name]
+    module, kernel, call = {**LAUNCHES, **VARIANT_LAUNCHES}[name]
     with aot.recorded_launches(module) as launches:
         call()
     mine = [launch for launch in launches if launch.kernel == kernel]
@@ -124,4 +166,10 @@ def test_every_default_spec_has_a_launch():
 @pytest.mark.parametrize("name", sorted(LAUNCHES))
 def test_spec_is_what_the_jit_compiles(name):
     spec = next(s for s in aot.default_specs(90) if s.name == name)
+    assert spec_differences(spec, recorded_spec(name)) == {}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANT_LAUNCHES))
+def test_variant_spec_is_what_the_jit_compiles(name):
+    spec = next(s for s in aot.variant_specs(90) if s.name == name)
     assert spec_differences(spec, recorded_spec(name)) == {}
