@@ -214,14 +214,18 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
 # quantize: (name, num_warps or None = row_warps, chunk or None = one-pass row tile, planes, chunk-loop stages);
 # "default" is ops.quantize_rows itself (the runtime's choice: chunked above ops.CHUNKED_ABOVE), "row_tile" the
 # one-pass kernel, "default_div_rn" the default with div.rn.f32 per element (rows.FAST_DIV = False),
-# "fwht_two_pass" the default with a single block's FWHT in two passes (rows.FWHT_TWO_PASS = True)
+# "fwht_two_pass" the default with a single block's FWHT in two passes (rows.FWHT_TWO_PASS = True),
+# "few_rows_off" the default with a few rows routed like many (rows.FEW_ROWS = 0; only rows below FEW_ROWS)
 VARIANT_QUANT = [("default", None, None, False, None), ("fwht_two_pass", None, None, False, None),
+                 ("few_rows_off", None, None, False, None),
                  ("default_div_rn", None, None, False, None),
                  ("row_tile", None, None, False, None),
                  ("chunk1024_w4_s2", 4, 1024, False, 2), ("chunk1024_w4_s3", 4, 1024, False, 3),
                  ("warps1", 1, None, False, None), ("warps2", 2, None, False, None), ("warps8", 8, None, False, None),
                  ("planes", None, None, True, None), ("chunk1024_w4", 4, 1024, False, 1),
                  ("chunk2048_w8", 8, 2048, False, 1)]
+# a decode step's rows (1 and 16): the few-rows routes against the many-rows kernels, pipelined or not
+DECODE_QUANT_VARIANTS = ("default", "few_rows_off", "chunk1024_w4_s3", "warps8")
 # decode attention: (block_t, num_warps, num_stages, split multiplier of 4 programs per SM)
 VARIANT_ATTN = [(128, 4, 3, 4)]  # 4x the splits (64-token tiles: 0.86-0.98x of SDPA on the H200, left out)
 # the CUDA-core decode kernel: (kernel "cc" / "ccs" (a running max per token slot), block_t, num_warps, stages of
@@ -232,8 +236,13 @@ VARIANT_ATTN = [(128, 4, 3, 4)]  # 4x the splits (64-token tiles: 0.86-0.98x of 
 VARIANT_ATTN_CC = [("cc", 64, 4, 1, 1), ("cc", 64, 4, 2, 1), ("cc", 64, 4, 3, 1), ("ccs", 64, 4, 1, 1),
                    ("ccs", 64, 4, 3, 1), ("ccs", 32, 4, 1, 1), ("ccs", 64, 8, 1, 1), ("ccs", 32, 8, 1, 1),
                    ("ccs", 32, 8, 3, 1), ("cc", 32, 8, 1, 1), ("cc", 32, 8, 3, 1), ("cc", 32, 4, 3, 1)]
-# e2e decode as served (CUDA graph) with the CUDA-core kernels: (row name, kernel, attention.DECODE_CC_STAGES)
-SERVED_DECODE_VARIANTS = [("cc", "cc", 1), ("ccs", "ccs", 1), ("ccs_s3", "ccs", 3)]
+# e2e decode as served (CUDA graph) with other settings: (row name, decode kernel or None for the default,
+# module settings {(module, name): value}): the CUDA-core decode attentions, and the decode step without the
+# few-rows routes of the row kernels (rows.FEW_ROWS = 0: the chunked kernels a prefill takes)
+SERVED_DECODE_VARIANTS = [("cc", "cc", {(attention, "DECODE_CC_STAGES"): 1}),
+                          ("ccs", "ccs", {(attention, "DECODE_CC_STAGES"): 1}),
+                          ("ccs_s3", "ccs", {(attention, "DECODE_CC_STAGES"): 3}),
+                          ("few_rows_off", None, {(row_kernels, "FEW_ROWS"): 0})]
 
 
 class _Budget:
@@ -318,9 +327,10 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
     return rows
 
 
-def _quantize_with(x: torch.Tensor, blocks: int | None, knob: str, value: bool) -> ops.PackedRows:
-    """``ops.quantize_rows`` with the module switch ``rows.<knob>`` set to ``value`` (same codes either way):
-    ``FAST_DIV`` False divides by ``div.rn.f32`` per element, ``FWHT_TWO_PASS`` True splits the FWHT."""
+def _quantize_with(x: torch.Tensor, blocks: int | None, knob: str, value: object) -> ops.PackedRows:
+    """``ops.quantize_rows`` with the module setting ``rows.<knob>`` set to ``value`` (same codes either way):
+    ``FAST_DIV`` False divides by ``div.rn.f32`` per element, ``FWHT_TWO_PASS`` True splits the FWHT,
+    ``FEW_ROWS`` 0 routes a few rows like many."""
     found = getattr(row_kernels, knob)
     setattr(row_kernels, knob, value)
     try:
@@ -330,7 +340,8 @@ def _quantize_with(x: torch.Tensor, blocks: int | None, knob: str, value: bool) 
 
 
 def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int | None]],
-                      budget: _Budget) -> list[dict]:
+                      budget: _Budget, only: tuple[str, ...] | None = None) -> list[dict]:
+    """The ``VARIANT_QUANT`` variants (``only``: these names) of ``m`` rows of each (n, Hadamard blocks)."""
     rows = []
     for n, blocks in sizes:
         x = torch.randn(m, n, dtype=torch.float16, device=device)
@@ -345,6 +356,8 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
         ref = ops.quantize_rows(x, 4, 0.9, None, blocks)
         tile = ops.row_tile(n, blocks or 1, blocks is not None)
         for name, warps, chunk, planes, stages in VARIANT_QUANT:
+            if only is not None and name not in only:
+                continue
             if budget.over() or (chunk is not None and blocks is not None and (tile.k > 1 or chunk % tile.p)):
                 continue  # the chunked kernel rotates power-of-two blocks no larger than its chunk
             fn = partial(ops.quantize_rows_variant, x, 4, 0.9, None, blocks, num_warps=warps, chunk=chunk,
@@ -353,6 +366,10 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
                 fn = partial(ops.quantize_rows, x, 4, 0.9, None, blocks)
             if name == "default_div_rn":
                 fn = partial(_quantize_with, x, blocks, "FAST_DIV", False)
+            if name == "few_rows_off":
+                if m >= row_kernels.FEW_ROWS:
+                    continue  # the same kernels as the default
+                fn = partial(_quantize_with, x, blocks, "FEW_ROWS", 0)
             if name == "fwht_two_pass":
                 if blocks != 1 or tile.k > 1 or tile.p < 64:
                     continue  # the same kernel as the default: the split applies to one power-of-two block
@@ -492,6 +509,10 @@ def variants_section(device: torch.device, smoke: bool, budget_s: float,
         elif kind == "quantize":
             sizes = [(256, None), (256, 1)] if smoke else [(4096, None), (4096, 1), (11008, None), (11008, 43)]
             out["quantize"] = variants_quantize(device, 4 if smoke else 4096, sizes, budget)
+            # a decode step's rows: the few-rows routes (rows.FEW_ROWS) against the many-rows kernels
+            for m in (1,) if smoke else (1, 16):
+                out["quantize"] += variants_quantize(device, m, [(11008, None)] if smoke else
+                                                     [(11008, None), (11008, 1)], budget, DECODE_QUANT_VARIANTS)
         elif kind == "k_step":
             out["k_step"] = [variants_k_step(device, 4 if smoke else 4096, budget, k, p) for k, p in K_STEP_SHAPES]
             # decode sizes: does the kernel or torch's float64 matmul do the default K step faster for 1 / 16 rows?
@@ -687,20 +708,23 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
                     row["served_speedup_vs_fp16_graph"] = row["graph_fp16_ms"] / served_ms
             except Exception as exc:
                 row["served_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            cc_stages = attention.DECODE_CC_STAGES
-            for name, kernel, stages in SERVED_DECODE_VARIANTS:  # served with a CUDA-core decode attention
-                os.environ["INFOQUANT_DECODE_KERNEL"] = kernel
-                attention.DECODE_CC_STAGES = stages
-                try:  # a model of its own: the cache's graph is recaptured with that kernel
-                    served_cc = KernelCausalLM(model, torch.float16)
-                    row[f"w4a4kv4_served_{name}_ms"] = bench(partial(_decode_step, served_cc, step, cache4, ctx),
+            for name, kernel, settings in SERVED_DECODE_VARIANTS:
+                found = {key: getattr(*key) for key in settings}
+                if kernel is not None:
+                    os.environ["INFOQUANT_DECODE_KERNEL"] = kernel
+                for (module, attr), value in settings.items():
+                    setattr(module, attr, value)
+                try:  # a model of its own: the cache's graph is recaptured with these settings
+                    served_v = KernelCausalLM(model, torch.float16)
+                    row[f"w4a4kv4_served_{name}_ms"] = bench(partial(_decode_step, served_v, step, cache4, ctx),
                                                              device)
-                    del served_cc
+                    del served_v
                 except Exception as exc:
                     row[f"served_{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 finally:
-                    os.environ.pop("INFOQUANT_DECODE_KERNEL")
-                    attention.DECODE_CC_STAGES = cc_stages
+                    os.environ.pop("INFOQUANT_DECODE_KERNEL", None)
+                    for (module, attr), value in found.items():
+                        setattr(module, attr, value)
         out["decode"].append(row)
         del cache4, cache16
         if device.type == "cuda":

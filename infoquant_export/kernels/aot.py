@@ -141,8 +141,9 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
 
 
 def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: bool = True, x: str = "fp16",
-             row_scale: float = 1.0, stages: int = 1) -> KernelSpec:
-    """A ``quantize_rows_chunked_kernel`` specialisation (``quant=False``: float32 out)."""
+             row_scale: float = 1.0, stages: int = 1, chunk_grid: bool = False) -> KernelSpec:
+    """A ``quantize_rows_chunked_kernel`` specialisation (``quant=False``: float32 out; ``chunk_grid``: a program
+    per chunk, as for the few rows of a decode step)."""
     types = {"x_ptr": f"*{x}", "stride_xr": "i32", "codes_ptr": "*u8" if quant else "*fp32", "stride_cr": "i32",
              "scale_ptr": "*fp32", "zero_ptr": "*u8" if quant else "*fp32", "n": "i32", "clip": "fp32",
              "clip_min": "fp32", "up_offset": "i32", "aux_ptr": "*fp32"}
@@ -150,7 +151,7 @@ def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: 
                       {"CH": chunk, "PLANES": False, "PRE": pre, "ROUND": pre == PRE_SWIGLU, "ROW_SCALE": row_scale,
                        "ROT_P": rot_p, "LOG2P": max(rot_p, 1).bit_length() - 1,
                        "ROT_SCALE": rot_p ** -0.5 if rot_p and quant else 1.0, "QUANT": quant, "STAGES": stages,
-                       "FAST_DIV": FAST_DIV},
+                       "FAST_DIV": FAST_DIV, "CHUNK_GRID": chunk_grid},
                       # n: the JIT marks 4096 / 11008 / 14336 divisible by 16 at run time (vector loads under the mask)
                       ("x_ptr", "codes_ptr", "scale_ptr", "zero_ptr", "aux_ptr", "stride_xr", "stride_cr", "n",
                        "up_offset"), {"num_warps": 4})
@@ -279,6 +280,8 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _rows("swiglu_hadamard_quantize_14336_k28", 14336, 1, True, False, "fp16", PRE_SWIGLU, cc=cc),
         _rows("hadamard_quantize_5632_k44", 5632, 1, True, False, "fp16", cc=cc),
         _chunked("quantize_chunked_2048", 2048),
+        # a decode step's FWHT pass of the 11008 Hadamard: a program per chunk (rows.FEW_ROWS)
+        _chunked("swiglu_fwht_11008_172x64_decode", 1024, PRE_SWIGLU, 64, quant=False, chunk_grid=True),
         _chunked("hadamard_quantize_chunked_43x256_1024", 1024, rot_p=256),
         *(_chunked(f"quantize_chunked_1024_s{s}", 1024, stages=s) for s in (1, 2, 3)),
         _chunked("hadamard_quantize_chunked_43x256_1024_s2", 1024, rot_p=256, stages=2),

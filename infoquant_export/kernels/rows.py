@@ -21,6 +21,7 @@ from infoquant_export.kernels.checks import (
     _f32,
     _pow2,
     device_cc,
+    triton_cdiv,
 )
 from infoquant_export.kernels.k_step import _hk_t_padded, k_step
 from infoquant_export.transforms.hadamard import hadamard_factors
@@ -240,7 +241,7 @@ def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None
         x2, pre = _apply_prologue(x2, n, pre), Prologue()
     fwht = torch.empty(m, n, dtype=torch.float32, device=x2.device)
     chunk = max(CHUNK, tile.p)
-    _launch_chunked(x2, fwht, fwht, fwht, n, pre, chunk, rot_p=tile.p, quant=False)
+    _launch_chunked(x2, fwht, fwht, fwht, n, pre, chunk, rot_p=tile.p, quant=False, chunk_grid=m < FEW_ROWS)
     out = torch.empty_like(fwht)
     k_step(fwht.view(m * tile.nb, tile.n_block), out.view(m * tile.nb, tile.n_block), tile.k, tile.p,
            _inv_sqrt(tile.n_block) if scale else None)
@@ -250,15 +251,18 @@ def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None
 def _launch_chunked(x2: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int,
                     pre: Prologue, chunk: int, *, rot_p: int = 0, rot_scale: float = 1.0, clip: float = 1.0,
                     clip_min: float = 1.0, planes: bool = False, quant: bool = True, num_warps: int = 4,
-                    stages: int | None = None) -> None:
+                    stages: int | None = None, chunk_grid: bool = False) -> None:
     """``quantize_rows_chunked_kernel`` over the rows ``x2`` (row length ``n`` after the prologue ``pre``): the
     4-bit codes to ``out`` with ``scale`` / ``zero``, or (``quant=False``) the rotated rows as float32 to ``out``.
-    ``stages``: software-pipeline stages of its chunk loops (default ``CHUNK_STAGES``)."""
-    kernel_module("quantize").quantize_rows_chunked_kernel[(x2.shape[0],)](
+    ``stages``: software-pipeline stages of its chunk loops (default ``CHUNK_STAGES``); ``chunk_grid`` (not
+    ``quant``): a program per chunk instead of per row."""
+    grid = (x2.shape[0], triton_cdiv(n, chunk)) if chunk_grid else (x2.shape[0],)
+    kernel_module("quantize").quantize_rows_chunked_kernel[grid](
         x2, x2.stride(0), out, out.stride(0), scale, zero, n, _f32(clip), _f32(clip_min), pre.up_offset,
         pre.operands(scale)[0], CH=chunk, PLANES=planes, PRE=pre.kind, ROUND=pre.round, ROW_SCALE=pre.row_scale,
         ROT_P=rot_p, LOG2P=max(rot_p, 1).bit_length() - 1, ROT_SCALE=rot_scale, QUANT=quant,
-        STAGES=stages or CHUNK_STAGES, FAST_DIV=_fast_div(), num_warps=num_warps, enable_fp_fusion=False)
+        STAGES=stages or CHUNK_STAGES, FAST_DIV=_fast_div(), CHUNK_GRID=chunk_grid, num_warps=num_warps,
+        enable_fp_fusion=False)
 
 
 def _rotate_unfused(x2: torch.Tensor, tile: RowTile) -> torch.Tensor:
@@ -270,6 +274,20 @@ CHUNKED_ABOVE, CHUNK = 8192, 1024
 """Rows longer than CHUNKED_ABOVE quantized without a fused rotation use the two-pass chunked kernel with chunks of
 CHUNK (H200, 4096 x 11008: 0.066 vs 0.146 ms, 44 % vs 20 % of copy bandwidth: no padding to 16384). Same bits
 (tests/gpu/test_variants_gpu.py)."""
+FEW_ROWS, FEW_ROWS_WARPS = 128, 16
+"""Below FEW_ROWS rows (a decode step: fewer rows than an H100 / H200 has SMs, so most SMs idle and each row's
+latency is the time) the row kernels trade throughput for latency, computing the same values:
+
+- the FWHT pass of an unfused Hadamard (``_k_step_unfused``: 11008 = 172 x 64) gives each chunk its own program
+  instead of looping over a row's chunks in one program (11 programs on 11 SMs, each waiting for one load, rather
+  than one program waiting for 11 in turn; the chunks are independent);
+- rows longer than CHUNKED_ABOVE are quantized by the one-pass row-tile kernel with FEW_ROWS_WARPS warps (every
+  load of the row in flight at once) instead of the chunked kernel's two passes of serial chunk loads (22 at
+  11008). sm_90, 11008 float32 rows padded to 16384, 16 warps: 720 SASS instructions per thread, 63 registers,
+  no loop (4 warps: 1648 / 128).
+
+Not timed on a GPU yet: ``tools/bench_kernels.py`` times both at 1 and 16 rows (quantize variants ``few_rows_off``)
+and in the served decode step (``w4a4kv4_served_few_rows_off_ms``)."""
 QUANT_CHUNK: int | None = None
 """Default chunk of the two-pass quantize-only kernel (``quantize_rows_chunked_kernel``) for rows without
 rotation, or None for the one-pass row-tile kernel. Either computes the same bits."""
@@ -322,7 +340,11 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
     ``planes``: the codes as int8 planes (``PackedRows.planes``), the operand of the plane GEMMs.
     """
     width = x.shape[-1] // (2 if prologue is not None and prologue.kind == PRE_SWIGLU else 1) if x.dim() else 0
-    chunk = CHUNK if width > CHUNKED_ABOVE and QUANT_CHUNK is None else None
+    long_rows = width > CHUNKED_ABOVE
+    few = x.dim() > 0 and x.numel() < FEW_ROWS * x.shape[-1]
+    chunk = CHUNK if long_rows and QUANT_CHUNK is None and not few else None
+    if long_rows and few and num_warps is None:
+        num_warps = FEW_ROWS_WARPS
     return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps, chunk=chunk,
                                  prologue=prologue, chunk_rotated=CHUNK_ROTATED, planes=planes)
 

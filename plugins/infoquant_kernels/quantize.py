@@ -274,6 +274,17 @@ def hadamard_quantize_kernel(
 
 
 @triton.jit
+def _rotated_chunk(x_row, out_row, c0, offs, n, aux_ptr, up_offset, CH: tl.constexpr, PRE: tl.constexpr,
+                   ROUND: tl.constexpr, ROW_SCALE: tl.constexpr, ROT_P: tl.constexpr, LOG2P: tl.constexpr,
+                   ROT_SCALE: tl.constexpr):
+    """One chunk of ``quantize_rows_chunked_kernel(QUANT=False)``: prologue, FWHT of its ROT_P blocks, float32 out."""
+    x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND, ROW_SCALE)
+    if ROT_P > 0:
+        x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,)) * ROT_SCALE
+    tl.store(out_row + c0 + offs, x, mask=c0 + offs < n)
+
+
+@triton.jit
 def quantize_rows_chunked_kernel(
     x_ptr, stride_xr,                    # rows [M, n] (float32 / float16 / bfloat16)
     codes_ptr, stride_cr,                # 4-bit codes: packed [M, n/2] uint8, or int8 planes [M, n] (PLANES)
@@ -284,6 +295,7 @@ def quantize_rows_chunked_kernel(
     ROW_SCALE: tl.constexpr = 1.0,
     ROT_P: tl.constexpr = 0, LOG2P: tl.constexpr = 0, ROT_SCALE: tl.constexpr = 1.0,
     QUANT: tl.constexpr = True, STAGES: tl.constexpr = 1, FAST_DIV: tl.constexpr = False,
+    CHUNK_GRID: tl.constexpr = False,
 ):
     """Per-row 4-bit quantization in chunks of ``CH`` values (a variant of ``hadamard_quantize_kernel`` with
     PER_BLOCK=False, BITS=4; same bits). ``ROT_P`` > 0: a block-diagonal Hadamard of power-of-two blocks of ROT_P
@@ -297,7 +309,9 @@ def quantize_rows_chunked_kernel(
     in pass 2, same bits) or PRE_SCALE; RMSNorm needs the whole row and goes through ``hadamard_quantize_kernel``.
 
     ``QUANT=False``: one pass that writes the (prologue and) rotated rows as float32 to ``codes_ptr`` instead: the
-    FWHT step of a Hadamard whose K step follows in ``hadamard_k_step_kernel`` (ROT_SCALE 1.0).
+    FWHT step of a Hadamard whose K step follows in ``hadamard_k_step_kernel`` (ROT_SCALE 1.0). Its chunks are
+    independent: with ``CHUNK_GRID`` each program takes one chunk (grid axis 1) instead of looping over the row, so
+    a few rows (a decode step) spread over as many SMs as they have chunks.
 
     ``STAGES`` > 1 software-pipelines both passes' chunk loops (the next chunks copied to shared memory by
     cp.async while this one is reduced / quantized); same values. ``FAST_DIV``: as in ``hadamard_quantize_kernel``.
@@ -307,13 +321,14 @@ def quantize_rows_chunked_kernel(
     offs = tl.arange(0, CH)
     x_row = x_ptr + r * stride_xr
     if not QUANT:
-        for c0 in range(0, n, CH):
-            x = _prologue(x_row, c0, offs, c0 + offs < n, aux_ptr, aux_ptr, up_offset, 0, PRE, 0, CH, ROUND,
-                          ROW_SCALE)
-            if ROT_P > 0:
-                x = tl.reshape(_fwht(tl.reshape(x, (CH // ROT_P, ROT_P)), CH // ROT_P, ROT_P, LOG2P), (CH,))
-                x = x * ROT_SCALE
-            tl.store(codes_ptr + r * stride_cr + c0 + offs, x, mask=c0 + offs < n)
+        out_row = codes_ptr + r * stride_cr
+        if CHUNK_GRID:
+            _rotated_chunk(x_row, out_row, tl.program_id(1) * CH, offs, n, aux_ptr, up_offset, CH, PRE, ROUND,
+                           ROW_SCALE, ROT_P, LOG2P, ROT_SCALE)
+        else:
+            for c0 in range(0, n, CH):
+                _rotated_chunk(x_row, out_row, c0, offs, n, aux_ptr, up_offset, CH, PRE, ROUND, ROW_SCALE, ROT_P,
+                               LOG2P, ROT_SCALE)
         return
     mn = tl.zeros((CH,), tl.float32)
     mx = tl.zeros((CH,), tl.float32)

@@ -89,9 +89,10 @@ def test_quantize_divides_without_div_rn(tmp_path):
     for target in ("sm_80", "sm_90"):
         for spec in specs:
             ops = sass_opcodes((out / target / f"{spec}.cubin").read_bytes())
-            # measured sm_90: MUFU 5 / 5 / 10, BSSY 0 (with div.rn per element: 36 / 36 / 41 and 35 BSSY each);
-            # static counts 768 / 1576 / 1304 instructions against 1080 / 1888 / 1616
-            assert ops["MUFU"] <= 12 and ops["BSSY"] <= 1, (target, spec, ops["MUFU"], ops["BSSY"])
+            # measured sm_90 / sm_80: MUFU 5 / 5 / 10, BSSY 1 / 1-2 / 1 (the reductions' regions); with div.rn per
+            # element MUFU 36 / 36 / 41 and BSSY 36 each. Static counts on sm_90 784 / 1464 / 1264 instructions
+            # against 1064 / 1736 / 1536 (the specs as the JIT compiles them: tests/kernels/test_aot_specs.py)
+            assert ops["MUFU"] <= 12 and ops["BSSY"] <= 3, (target, spec, ops["MUFU"], ops["BSSY"])
             assert "fma.rn.f32" in (out / target / f"{spec}.ptx").read_text(), (target, spec)
 
 

@@ -56,6 +56,9 @@ def test_bench_kernels_variants_smoke(tmp_path):
     quant = [x for row in v["quantize"] for x in row["variants"]]
     assert len(gemm) >= 5 and all(x["same_bits"] for x in gemm)
     assert len(quant) >= 5 and all(x["same_bits"] for x in quant)
+    # a decode step's row: the few-rows route (the default) and the many-rows kernels give the same bits
+    decode = next(row for row in v["quantize"] if row["M"] == 1)
+    assert {"default", "few_rows_off"} <= {x["name"] for x in decode["variants"]}
     assert [(x["M"], x["K"], x["p"]) for x in v["k_step"]] == [(4, 172, 64), (4, 344, 32), (2, 172, 64)]
     k_step = [x for row in v["k_step"] for x in row["variants"]]
     assert len(k_step) == 12 and all(x["same_bits"] for x in k_step)  # every tile equals the torch float64 K step

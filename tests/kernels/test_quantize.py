@@ -104,11 +104,17 @@ def test_fused_k_step_bounded_scratch(monkeypatch):
     assert torch.equal(ops.hadamard(x.to(DEVICE), 1).cpu(), apply_hadamard(x, 1))
 
 
-def test_quantize_rows_unfused_large_k():
+@pytest.mark.parametrize("few_rows", [128, 0])
+def test_quantize_rows_unfused_large_k(monkeypatch, few_rows):
+    """11008 = 172 x 64 in 3 launches. Fewer rows than ``FEW_ROWS`` (a decode step): the FWHT pass with a program
+    per chunk, the K step, the one-pass row-tile quantize; otherwise (0: as for a prefill) a program per row loops
+    over the chunks and the quantize is the chunked kernel. The primitives' bits either way."""
     n = 11008  # LLaMA-2-7B intermediate: 172 * 64, Williamson K = 172
     assert hadamard_factors(n) == (172, 64)
     assert not ops.row_tile(n, 1, True).fused  # H_K^T runs in the K-step kernel (a float64 GEMM)
+    monkeypatch.setattr(rows, "FEW_ROWS", few_rows)
     x = torch.randn(2, n)
+    x[1, :640] += 12.0
     assert_rows_equal(x, 4, 0.9, None, 1)
 
 
@@ -297,8 +303,12 @@ def test_hadamard_half_input_rotates_in_float32():
     assert torch.equal(got, apply_hadamard(x.float(), 1).half())
 
 
-def test_quantize_rows_long_rows_take_the_chunked_kernel():
-    n = 11008  # > ops.CHUNKED_ABOVE without rotation: two-pass chunked kernel (no padding to 16384)
+@pytest.mark.parametrize("few_rows", [128, 0])
+def test_quantize_rows_long_rows(monkeypatch, few_rows):
+    """Rows over ``CHUNKED_ABOVE`` without rotation: the one-pass row tile with 16 warps for a few rows (a decode
+    step), the two-pass chunked kernel (no padding to 16384) otherwise (``FEW_ROWS`` 0)."""
+    monkeypatch.setattr(rows, "FEW_ROWS", few_rows)
+    n = 11008
     assert n > ops.CHUNKED_ABOVE
     x = torch.randn(3, n) * 2
     x[1, 5] = 60.0

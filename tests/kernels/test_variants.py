@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from infoquant_export.kernels import kernel_module, linear, ops  # noqa: E402
+from infoquant_export.kernels import aot, kernel_module, linear, ops, rows  # noqa: E402
 from tests.kernels.conftest import DEVICE, INTERPRETER_WARNING  # noqa: E402
 from tests.kernels.test_gemm import make_layer, reference  # noqa: E402
 
@@ -152,6 +152,7 @@ def test_chunked_kernel_rotates_power_of_two_blocks(monkeypatch):
             return self.kernel[grid]
 
     monkeypatch.setattr(module, "quantize_rows_chunked_kernel", Recorder(module.quantize_rows_chunked_kernel))
+    monkeypatch.setattr(rows, "FEW_ROWS", 0)  # the routing of many rows (a prefill) with 2 rows
     gate_up = (torch.randn(2, 2 * 11008) * 2).half().to(DEVICE)
     ref = ops.quantize_rows_variant(gate_up, 4, 0.9, None, 43, prologue=ops.SWIGLU)  # the one-pass row kernel
     assert not launches and ops.CHUNK_ROTATED
@@ -161,3 +162,23 @@ def test_chunked_kernel_rotates_power_of_two_blocks(monkeypatch):
     for n, blocks, chunk in ((512, 2, 128), (192, 1, 1024)):  # a 256 block in 128 chunks; Paley K = 12
         ops.quantize_rows_variant(torch.randn(2, n).to(DEVICE), 4, 0.9, None, blocks, chunk=chunk)
     assert len(launches) == 1
+
+
+@pytest.mark.parametrize("few_rows", [128, 0])
+def test_few_rows_take_the_latency_kernels(monkeypatch, few_rows):
+    """Which kernels LLaMA-2-7B's down_proj input (SwiGLU, then the 11008 = 172 x 64 Hadamard) launches for 2 rows:
+    fewer than ``FEW_ROWS`` (a decode step) -> the FWHT pass with a program per chunk, the K step, the one-pass
+    row kernel with ``FEW_ROWS_WARPS`` warps; as for many rows (``FEW_ROWS`` 0) -> a program per row and the
+    chunked quantize kernel. Recorded, not run (the bits of both routes: tests/kernels/test_quantize.py)."""
+    monkeypatch.setattr(rows, "FEW_ROWS", few_rows)
+    gate_up = torch.empty(2, 2 * 11008, dtype=torch.float16, device=DEVICE)
+    with aot.recorded_launches("quantize") as launches:
+        ops.quantize_rows(gate_up, 4, 0.9, None, 1, prologue=ops.SWIGLU)
+    got = [(launch.kernel, launch.kwargs.get("CHUNK_GRID"), launch.kwargs.get("QUANT"),
+            launch.kwargs.get("num_warps")) for launch in launches]
+    if few_rows:
+        assert got == [("quantize_rows_chunked_kernel", True, False, 4), ("hadamard_k_step_kernel", None, None, 4),
+                       ("hadamard_quantize_kernel", None, True, rows.FEW_ROWS_WARPS)]
+    else:
+        assert got == [("quantize_rows_chunked_kernel", False, False, 4), ("hadamard_k_step_kernel", None, None, 4),
+                       ("quantize_rows_chunked_kernel", False, True, 4)]
