@@ -395,12 +395,14 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
 
 
 K_STEP_VARIANT_TILES = [(64, 16, 64, 4), (64, 16, 32, 4), (64, 16, 128, 8), (32, 16, 128, 4)]
+K_STEP_DECODE_TILES = [(16, 16, 64, 2), (16, 16, 32, 1), (32, 16, 64, 2)]  # also timed at 1 and 16 rows
 
 
 K_STEP_SHAPES = [(172, 64), (344, 32)]  # 11008: the Williamson block (the default) and the Paley block before it
 
 
-def variants_k_step(device: torch.device, m: int, budget: _Budget, k: int, p: int) -> dict:
+def variants_k_step(device: torch.device, m: int, budget: _Budget, k: int, p: int,
+                    tiles: list[tuple[int, int, int, int]] = K_STEP_VARIANT_TILES) -> dict:
     """The float64 H_K^T step of a K x p Hadamard on float32 rows [m, k * p]: the K-step kernel's tiles against
     the torch float64 matmul it replaced (the widening, the matmul and the rounding, as before)."""
     from infoquant_export.transforms.hadamard import hadamard_block
@@ -418,7 +420,7 @@ def variants_k_step(device: torch.device, m: int, budget: _Budget, k: int, p: in
     ref = torch_k_step().reshape(m, k * p)
     row["torch_float64_ms"] = _timed(torch_k_step, device)
     flops = 2 * k * k * p * m
-    for tile in K_STEP_VARIANT_TILES:
+    for tile in tiles:
         if budget.over():
             break
         v: dict = {"tile": tile}
@@ -516,7 +518,8 @@ def variants_section(device: torch.device, smoke: bool, budget_s: float,
         elif kind == "k_step":
             out["k_step"] = [variants_k_step(device, 4 if smoke else 4096, budget, k, p) for k, p in K_STEP_SHAPES]
             # decode sizes: does the kernel or torch's float64 matmul do the default K step faster for 1 / 16 rows?
-            out["k_step"] += [variants_k_step(device, m, budget, *K_STEP_SHAPES[0])
+            decode_tiles = K_STEP_VARIANT_TILES[:1] + K_STEP_DECODE_TILES[:1 if smoke else None]
+            out["k_step"] += [variants_k_step(device, m, budget, *K_STEP_SHAPES[0], tiles=decode_tiles)
                               for m in ((2,) if smoke else (1, 16))]
         else:
             # the largest case first: it decides the 2x target, and the budget may stop the later ones

@@ -33,6 +33,12 @@ K_STEP_TILE = (64, 16, 64, 4)
 m16n8k16). Compiled on the CPU (``kernel-resources.json``): 160-167 registers on sm_80 / sm_90 (DMMA), 142 on
 sm_86-89 (an FMA loop: no float64 tensor cores), no spills, 12 resident warps per SM everywhere. Not timed on a GPU
 (``--sections variants`` times three more tiles)."""
+K_STEP_TILE_FEW_ROWS = (16, 16, 64, 2)
+"""The tile for a decode step's few rows (``rows.FEW_ROWS``): one row of 11008 = 172 x 64 is 11 programs of 16 x 64
+outputs instead of 3 of 64 x 64, each with the same 11 K steps and a quarter of the work. Compiled: 160 registers
+on sm_80 / sm_90, no spills, 12 resident warps, 191 instructions per K step on sm_90 (169 for K_STEP_TILE). The
+same values (every float64 summation order rounds to the same float32). ``--sections variants`` times it at 1
+and 16 rows against ``K_STEP_TILE``."""
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 
 

@@ -23,7 +23,7 @@ from infoquant_export.kernels.checks import (
     device_cc,
     triton_cdiv,
 )
-from infoquant_export.kernels.k_step import _hk_t_padded, k_step
+from infoquant_export.kernels.k_step import K_STEP_TILE_FEW_ROWS, _hk_t_padded, k_step
 from infoquant_export.transforms.hadamard import hadamard_factors
 
 MAX_ROW_TILE = 32768  # one program holds a row tile of at most this many float32 values
@@ -244,7 +244,7 @@ def _k_step_unfused(x2: torch.Tensor, tile: RowTile, pre: Prologue | None = None
     _launch_chunked(x2, fwht, fwht, fwht, n, pre, chunk, rot_p=tile.p, quant=False, chunk_grid=m < FEW_ROWS)
     out = torch.empty_like(fwht)
     k_step(fwht.view(m * tile.nb, tile.n_block), out.view(m * tile.nb, tile.n_block), tile.k, tile.p,
-           _inv_sqrt(tile.n_block) if scale else None)
+           _inv_sqrt(tile.n_block) if scale else None, tiles=K_STEP_TILE_FEW_ROWS if m < FEW_ROWS else None)
     return out
 
 
@@ -280,7 +280,8 @@ latency is the time) the row kernels trade throughput for latency, computing the
 
 - the FWHT pass of an unfused Hadamard (``_k_step_unfused``: 11008 = 172 x 64) gives each chunk its own program
   instead of looping over a row's chunks in one program (11 programs on 11 SMs, each waiting for one load, rather
-  than one program waiting for 11 in turn; the chunks are independent);
+  than one program waiting for 11 in turn; the chunks are independent); its K step takes the smaller tile
+  ``K_STEP_TILE_FEW_ROWS`` (11 programs per row instead of 3);
 - rows longer than CHUNKED_ABOVE are quantized by the one-pass row-tile kernel with FEW_ROWS_WARPS warps (every
   load of the row in flight at once) instead of the chunked kernel's two passes of serial chunk loads (22 at
   11008). sm_90, 11008 float32 rows padded to 16384, 16 warps: 720 SASS instructions per thread, 63 registers,

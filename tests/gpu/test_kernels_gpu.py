@@ -130,7 +130,8 @@ def test_hadamard_bit_identical():
         assert torch.equal(ops.hadamard(x.to(CUDA), blocks).cpu(), apply_hadamard(x, blocks)), n
 
 
-@pytest.mark.parametrize("tile", [None, (64, 16, 64, 4), (64, 16, 32, 4), (64, 16, 128, 8), (32, 16, 128, 4)])
+@pytest.mark.parametrize("tile", [None, (64, 16, 64, 4), (64, 16, 32, 4), (64, 16, 128, 8), (32, 16, 128, 4),
+                                  (16, 16, 64, 2)])
 @pytest.mark.parametrize("k,p", [(172, 64), (344, 32)])
 def test_k_step_float64_gemm_bit_identical(tile, k, p):
     """The float64 H_K^T step (DMMA on sm_80 / sm_90) of 11008 = 172 x 64 (Williamson) and 344 x 32 (Paley) on

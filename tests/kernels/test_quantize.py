@@ -133,6 +133,7 @@ def k_step_reference(y: torch.Tensor, k: int, p: int) -> torch.Tensor:
     (344, 32, 3, (64, 16, 32, 4)),    # a narrower column tile
     (12, 16, 5, (16, 16, 16, 1)),     # K = 12 < BA: padded rows and columns of H_K^T
     (44, 64, 2, (32, 16, 64, 2)),     # K = 44: the last K step half padding
+    (172, 64, 1, (16, 16, 64, 2)),    # a decode step's tile (K_STEP_TILE_FEW_ROWS): 11 row tiles of 16 (K -> 176)
 ])
 def test_k_step_kernel_exact(k, p, rows, tiles):
     """``hadamard_k_step_kernel``: H_K^T (float64, exact +-1 products) over each row's k x p view, rounded once to

@@ -167,18 +167,21 @@ def test_chunked_kernel_rotates_power_of_two_blocks(monkeypatch):
 @pytest.mark.parametrize("few_rows", [128, 0])
 def test_few_rows_take_the_latency_kernels(monkeypatch, few_rows):
     """Which kernels LLaMA-2-7B's down_proj input (SwiGLU, then the 11008 = 172 x 64 Hadamard) launches for 2 rows:
-    fewer than ``FEW_ROWS`` (a decode step) -> the FWHT pass with a program per chunk, the K step, the one-pass
-    row kernel with ``FEW_ROWS_WARPS`` warps; as for many rows (``FEW_ROWS`` 0) -> a program per row and the
-    chunked quantize kernel. Recorded, not run (the bits of both routes: tests/kernels/test_quantize.py)."""
+    fewer than ``FEW_ROWS`` (a decode step) -> the FWHT pass with a program per chunk, the K step with
+    ``K_STEP_TILE_FEW_ROWS``, the one-pass row kernel with ``FEW_ROWS_WARPS`` warps; as for many rows
+    (``FEW_ROWS`` 0) -> a program per row and the chunked quantize kernel. Recorded, not run (the bits of both
+    routes: tests/kernels/test_quantize.py)."""
     monkeypatch.setattr(rows, "FEW_ROWS", few_rows)
     gate_up = torch.empty(2, 2 * 11008, dtype=torch.float16, device=DEVICE)
     with aot.recorded_launches("quantize") as launches:
         ops.quantize_rows(gate_up, 4, 0.9, None, 1, prologue=ops.SWIGLU)
-    got = [(launch.kernel, launch.kwargs.get("CHUNK_GRID"), launch.kwargs.get("QUANT"),
+    got = [(launch.kernel, launch.kwargs.get("CHUNK_GRID"), launch.kwargs.get("QUANT"), launch.kwargs.get("BA"),
             launch.kwargs.get("num_warps")) for launch in launches]
     if few_rows:
-        assert got == [("quantize_rows_chunked_kernel", True, False, 4), ("hadamard_k_step_kernel", None, None, 4),
-                       ("hadamard_quantize_kernel", None, True, rows.FEW_ROWS_WARPS)]
+        assert got == [("quantize_rows_chunked_kernel", True, False, None, 4),
+                       ("hadamard_k_step_kernel", None, None, 16, 2),  # K_STEP_TILE_FEW_ROWS
+                       ("hadamard_quantize_kernel", None, True, None, rows.FEW_ROWS_WARPS)]
     else:
-        assert got == [("quantize_rows_chunked_kernel", False, False, 4), ("hadamard_k_step_kernel", None, None, 4),
-                       ("quantize_rows_chunked_kernel", False, True, 4)]
+        assert got == [("quantize_rows_chunked_kernel", False, False, None, 4),
+                       ("hadamard_k_step_kernel", None, None, 64, 4),
+                       ("quantize_rows_chunked_kernel", False, True, None, 4)]
