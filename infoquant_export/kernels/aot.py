@@ -327,7 +327,6 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
                                                           options["num_warps"])}
 
 
-
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as a wrapper makes it: ``infoquant_kernels.<module>.<kernel>[grid](*args, **kwargs)``."""
@@ -394,6 +393,7 @@ def jit_spec(name: str, launch: Launch) -> KernelSpec:
             divisible.append(arg)
     options = {k: v for k, v in launch.kwargs.items() if k not in params}
     return KernelSpec(name, module, kernel, types, constexprs, tuple(divisible), options)
+
 
 def hadamard_aot_spec(size: int, num_blocks: int) -> KernelSpec:
     """The AOT-plugin Hadamard kernel for ``size`` = ``num_blocks`` power-of-two blocks (float32 in and out)."""

@@ -285,7 +285,8 @@ latency is the time) the row kernels trade throughput for latency, computing the
 - rows longer than CHUNKED_ABOVE are quantized by the one-pass row-tile kernel with FEW_ROWS_WARPS warps (every
   load of the row in flight at once) instead of the chunked kernel's two passes of serial chunk loads (22 at
   11008). sm_90, 11008 float32 rows padded to 16384, 16 warps: 720 SASS instructions per thread, 63 registers,
-  no loop (4 warps: 1648 / 128).
+  no loop (4 warps: 1648 / 128). With 16 warps the fused-Hadamard row tiles of other models lose their spills
+  (SwiGLU + 14336 = 28 x 512 on sm_86: 1132 -> 0 bytes; SwiGLU + 43 x 256 blocks: 20-36 -> 0).
 
 Not timed on a GPU yet: ``tools/bench_kernels.py`` times both at 1 and 16 rows (quantize variants ``few_rows_off``)
 and in the served decode step (``w4a4kv4_served_few_rows_off_ms``)."""
@@ -320,9 +321,9 @@ FWHT_TWO_PASS = False
 """Whether the row kernel runs a single block's FWHT as two passes before quantizing (``_fwht``'s ``SPLIT``; same
 bits). Off: compiled as the JIT specialises it, the one-pass form is the shorter code before the quantization
 (sm_90 ``hadamard_quantize_4096``: 1464 against 1760 SASS instructions, 32 against 24 resident warps;
-BENCHMARKS.md), and the H200 measured 0.35 of copy with one pass (stop 15) against 0.32 with two (stop 19). Rows
-that are not quantized keep two passes (704 against 760 instructions). ``tools/bench_kernels.py`` times both
-(``fwht_two_pass``)."""
+BENCHMARKS.md), and the H200 measured 0.35 of copy with one pass (4 warps, before commit 13295bc split it)
+against 0.32 with two (stop 19). Rows that are not quantized keep two passes (704 against 760 instructions).
+``tools/bench_kernels.py`` times both (``fwht_two_pass``)."""
 
 
 def fwht_split(quant: bool) -> bool:
