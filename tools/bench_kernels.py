@@ -725,7 +725,8 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
                 except Exception as exc:
                     row[f"served_{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 finally:
-                    os.environ.pop("INFOQUANT_DECODE_KERNEL", None)
+                    if kernel is not None:
+                        os.environ.pop("INFOQUANT_DECODE_KERNEL")
                     for (module, attr), value in found.items():
                         setattr(module, attr, value)
         out["decode"].append(row)

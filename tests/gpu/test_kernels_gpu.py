@@ -124,6 +124,27 @@ def test_fwht_passes_bit_identical(monkeypatch, two_pass):
     assert torch.equal(got.scale.cpu(), s.squeeze(-1)) and torch.equal(got.zero.cpu(), z.squeeze(-1).to(torch.uint8))
 
 
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("blocks", [None, 1, 43])
+def test_few_rows_routes_bit_identical(monkeypatch, m, blocks):
+    """A decode step's rows of 11008 (``rows.FEW_ROWS``: the FWHT pass a program per chunk, the 16-row K-step tile,
+    the one-pass row kernel with 16 warps) against the primitives, and with the SwiGLU prologue against the
+    prefill routes (``FEW_ROWS`` 0): the same codes, scales and zero points."""
+    x = torch.randn(m, 11008) * 2
+    x[0, :640] += 30.0
+    got = ops.quantize_rows(x.to(CUDA), 4, 0.9, None, blocks)
+    xr = apply_hadamard(x, blocks) if blocks is not None else x
+    s, z = activation_qparams(xr, 4, 0.9)
+    assert torch.equal(got.codes.cpu(), pack_uint4(quantize_activation(xr, s, z, 4)))
+    assert torch.equal(got.scale.cpu(), s.squeeze(-1)) and torch.equal(got.zero.cpu(), z.squeeze(-1).to(torch.uint8))
+    gate_up = (torch.randn(m, 2 * 11008) * 2).half().to(CUDA)
+    few = ops.quantize_rows(gate_up, 4, 0.9, None, blocks, prologue=ops.SWIGLU)
+    monkeypatch.setattr(rows, "FEW_ROWS", 0)
+    many = ops.quantize_rows(gate_up, 4, 0.9, None, blocks, prologue=ops.SWIGLU)
+    assert torch.equal(few.codes, many.codes) and torch.equal(few.scale, many.scale)
+    assert torch.equal(few.zero, many.zero)
+
+
 def test_hadamard_bit_identical():
     for n, blocks in ((4096, 1), (1536, 1), (11008, 1), (128, 1)):
         x = torch.randn(64, n)
