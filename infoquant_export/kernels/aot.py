@@ -22,6 +22,7 @@ from infoquant_export.kernels.linear import GEMM_TMA_TILES, gemm_candidates, gem
 from infoquant_export.kernels.resources import hot_loop, mma_loop, ptxas_resources, resident_warps
 from infoquant_export.kernels.rows import (
     FAST_DIV,
+    FEW_ROWS_WARPS,
     PRE_NONE,
     PRE_RMSNORM,
     PRE_ROPE,
@@ -114,10 +115,12 @@ _ROWS_DIVISIBLE = ("x_ptr", "hk_ptr", "scratch_ptr", "codes_ptr", "scale_ptr", "
 
 
 def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str, pre: int = PRE_NONE,
-          quant: bool = True, cc: int = 90) -> KernelSpec:
+          quant: bool = True, cc: int = 90, decode: bool = False, row_scale: float = 1.0) -> KernelSpec:
     """A ``hadamard_quantize_kernel`` specialisation for ``cc`` at 2048 prefill tokens; ``pre``: its prologue
     (RMSNorm: float64 eps operand). The wrappers pass the scale tensor (quantizing) or the output (not) for the
-    pointers a launch does not use; a quantized row's scale has stride 1 over tokens (a constant to the JIT)."""
+    pointers a launch does not use; a quantized row's scale has stride 1 over tokens (a constant to the JIT).
+    ``decode``: one token of a served decode step instead (a sequence length of 1, ``rows.FEW_ROWS_WARPS`` warps,
+    the KV cache position read from device memory)."""
     tile = row_tile(n, blocks, rotate)
     unused = "*fp32" if quant else f"*{x}"
     types = {"x_ptr": f"*{x}", "stride_xr": "i32", "hk_ptr": "*fp32" if tile.k > 1 else unused,
@@ -130,14 +133,14 @@ def _rows(name: str, n: int, blocks: int, rotate: bool, per_block: bool, x: str,
              "row0": "i32"}
     consts = {**tile.constexprs(), "QUANT": quant, "PER_BLOCK": per_block, "BITS": 4, "PLANES": False,
               "PRE": pre, "ROUND": pre in (PRE_RMSNORM, PRE_SWIGLU) or (pre == PRE_ROPE and not quant),
-              "ROW_SCALE": 1.0, "POS_PTR": False, "K_DOT": k_dot(cc), "SLICED": False, "FAST_DIV": FAST_DIV,
-              "FWHT_SPLIT": fwht_split(quant)}
-    if quant:
-        del types["stride_st"]
-        consts["stride_st"] = 1
+              "ROW_SCALE": row_scale, "POS_PTR": decode and per_block, "K_DOT": k_dot(cc), "SLICED": False,
+              "FAST_DIV": FAST_DIV, "FWHT_SPLIT": fwht_split(quant)}
+    for arg in ("stride_st",) * quant + ("seq_len",) * decode:  # integers equal to 1: constants to the JIT
+        del types[arg]
+        consts[arg] = 1
     divisible = _ROWS_DIVISIBLE + (("t_cap",) if per_block else ())
     return KernelSpec(name, "quantize", "hadamard_quantize_kernel", types, consts, divisible,
-                      {"num_warps": row_warps(tile.elements)})
+                      {"num_warps": FEW_ROWS_WARPS if decode else row_warps(tile.elements)})
 
 
 def _chunked(name: str, chunk: int, pre: int = PRE_NONE, rot_p: int = 0, quant: bool = True, x: str = "fp16",
@@ -280,8 +283,16 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _rows("swiglu_hadamard_quantize_14336_k28", 14336, 1, True, False, "fp16", PRE_SWIGLU, cc=cc),
         _rows("hadamard_quantize_5632_k44", 5632, 1, True, False, "fp16", cc=cc),
         _chunked("quantize_chunked_2048", 2048),
-        # a decode step's FWHT pass of the 11008 Hadamard: a program per chunk (rows.FEW_ROWS)
+        # a served decode step's row kernels (one token; rows.FEW_ROWS): 16 warps per row, the 11008 FWHT pass a
+        # program per chunk, the 11008 quantize as one row tile
         _chunked("swiglu_fwht_11008_172x64_decode", 1024, PRE_SWIGLU, 64, quant=False, chunk_grid=True),
+        _rows("scale_quantize_11008_decode", 11008, 1, False, False, "fp32", PRE_SCALE, cc=cc, decode=True,
+              row_scale=_inv_sqrt(11008)),
+        _rows("rmsnorm_quantize_4096_decode", 4096, 1, False, False, "fp16", PRE_RMSNORM, cc=cc, decode=True),
+        _rows("rope_hadamard_q_32x128_decode", 4096, 32, True, False, "fp16", PRE_ROPE, quant=False, cc=cc,
+              decode=True),
+        _rows("kv_rope_hadamard_quantize_32x128_decode", 4096, 32, True, True, "fp16", PRE_ROPE, cc=cc,
+              decode=True),
         _chunked("hadamard_quantize_chunked_43x256_1024", 1024, rot_p=256),
         *(_chunked(f"quantize_chunked_1024_s{s}", 1024, stages=s) for s in (1, 2, 3)),
         _chunked("hadamard_quantize_chunked_43x256_1024_s2", 1024, rot_p=256, stages=2),

@@ -202,7 +202,7 @@ def _launch_rows(x2: torch.Tensor, tile: RowTile, *, quant: bool, per_block: boo
             **tile.constexprs(), QUANT=quant, PER_BLOCK=per_block, BITS=bits, PLANES=planes, PRE=pre.kind,
             ROUND=pre.round, ROW_SCALE=pre.row_scale, POS_PTR=pos is not None, K_DOT=k_dot(device_cc(x2.device)),
             SLICED=per_launch < rows, FAST_DIV=_fast_div(), FWHT_SPLIT=fwht_split(quant),
-            num_warps=num_warps or row_warps(tile.elements),
+            num_warps=num_warps or (FEW_ROWS_WARPS if rows < FEW_ROWS else row_warps(tile.elements)),
             enable_fp_fusion=False)
 
 
@@ -282,11 +282,14 @@ latency is the time) the row kernels trade throughput for latency, computing the
   instead of looping over a row's chunks in one program (11 programs on 11 SMs, each waiting for one load, rather
   than one program waiting for 11 in turn; the chunks are independent); its K step takes the smaller tile
   ``K_STEP_TILE_FEW_ROWS`` (11 programs per row instead of 3);
-- rows longer than CHUNKED_ABOVE are quantized by the one-pass row-tile kernel with FEW_ROWS_WARPS warps (every
-  load of the row in flight at once) instead of the chunked kernel's two passes of serial chunk loads (22 at
-  11008). sm_90, 11008 float32 rows padded to 16384, 16 warps: 720 SASS instructions per thread, 63 registers,
-  no loop (4 warps: 1648 / 128). With 16 warps the fused-Hadamard row tiles of other models lose their spills
-  (SwiGLU + 14336 = 28 x 512 on sm_86: 1132 -> 0 bytes; SwiGLU + 43 x 256 blocks: 20-36 -> 0).
+- rows longer than CHUNKED_ABOVE are quantized by the one-pass row-tile kernel (every load of the row in flight at
+  once) instead of the chunked kernel's two passes of serial chunk loads (22 at 11008);
+- the row-tile kernel runs FEW_ROWS_WARPS warps per row instead of ``row_warps`` (4): a program alone on its SM
+  then has a 2-3.5x shorter chain of instructions per thread and fewer barriers (sm_90, 4 -> 16 warps:
+  ``kv_rope_hadamard_quantize_32x128`` 2464 -> 976 instructions, 34 -> 16 barriers; ``rmsnorm_quantize_4096``
+  1264 -> 704; ``hadamard_quantize_4096`` 1464 -> 656; 11008 float32 rows padded to 16384: 1648 -> 720, no
+  loop). The fused-Hadamard tiles of other models also lose their spills (SwiGLU + 14336 = 28 x 512 on sm_86:
+  1132 -> 0 bytes; SwiGLU + 43 x 256 blocks: 20-36 -> 0).
 
 Not timed on a GPU yet: ``tools/bench_kernels.py`` times both at 1 and 16 rows (quantize variants ``few_rows_off``)
 and in the served decode step (``w4a4kv4_served_few_rows_off_ms``)."""
@@ -342,11 +345,8 @@ def quantize_rows(x: torch.Tensor, bits: int = 4, clip: float = 1.0, clip_min: f
     ``planes``: the codes as int8 planes (``PackedRows.planes``), the operand of the plane GEMMs.
     """
     width = x.shape[-1] // (2 if prologue is not None and prologue.kind == PRE_SWIGLU else 1) if x.dim() else 0
-    long_rows = width > CHUNKED_ABOVE
     few = x.dim() > 0 and x.numel() < FEW_ROWS * x.shape[-1]
-    chunk = CHUNK if long_rows and QUANT_CHUNK is None and not few else None
-    if long_rows and few and num_warps is None:
-        num_warps = FEW_ROWS_WARPS
+    chunk = CHUNK if width > CHUNKED_ABOVE and QUANT_CHUNK is None and not few else None
     return quantize_rows_variant(x, bits, clip, clip_min, hadamard_blocks, num_warps=num_warps, chunk=chunk,
                                  prologue=prologue, chunk_rotated=CHUNK_ROTATED, planes=planes)
 

@@ -125,6 +125,17 @@ VARIANT_LAUNCHES: dict[str, tuple[str, str, Callable[[], object]]] = {
     "swiglu_fwht_11008_172x64_decode": ("quantize", "quantize_rows_chunked_kernel",
                                         lambda: rows.quantize_rows(_x(22016, tokens=1), hadamard_blocks=1,
                                                                    prologue=SWIGLU)),
+    "scale_quantize_11008_decode": ("quantize", "hadamard_quantize_kernel",
+                                    lambda: rows.quantize_rows(_x(22016, tokens=1), hadamard_blocks=1,
+                                                               prologue=SWIGLU)),
+    "rmsnorm_quantize_4096_decode": ("quantize", "hadamard_quantize_kernel",
+                                     lambda: rows.quantize_rows(_x(4096, tokens=1),
+                                                                prologue=rmsnorm_prologue(torch.ones(4096), 1e-5))),
+    "rope_hadamard_q_32x128_decode": ("quantize", "hadamard_quantize_kernel",
+                                      lambda: rope_rows(_heads(1), *_rope(1), rotate=True)),
+    "kv_rope_hadamard_quantize_32x128_decode": (
+        "quantize", "hadamard_quantize_kernel",
+        lambda: quantize_kv(_heads(1), _cache(), torch.zeros(1, dtype=torch.int32), 1.0, rotate=True, rope=_rope(1))),
     **{f"quantize_chunked_1024_s{s}": ("quantize", "quantize_rows_chunked_kernel",
                                        lambda s=s: rows.quantize_rows_variant(_x(11008), chunk=1024, num_warps=4,
                                                                               stages=s)) for s in (1, 2, 3)},
@@ -133,7 +144,8 @@ VARIANT_LAUNCHES: dict[str, tuple[str, str, Callable[[], object]]] = {
        for k, bt, w, s, st in (("cc", 64, 4, 1, False), ("cc", 64, 4, 3, True), ("ccs", 64, 4, 1, True),
                                ("ccs", 64, 4, 3, True), ("ccs", 32, 4, 1, True))},
 }
-LAUNCH_INDEX = {"scale_quantize_11008": -1}  # the second chunked launch of the 11008 path (the first: FWHT out)
+# the last launch of the 11008 path (the quantize; the first is the FWHT pass)
+LAUNCH_INDEX = {"scale_quantize_11008": -1, "scale_quantize_11008_decode": -1}
 
 
 def recorded_spec(name: str) -> aot.KernelSpec:
