@@ -114,6 +114,7 @@ PRE_SCALE = tl.constexpr(4)
 
 @triton.jit
 def _min_max(lo_a, hi_a, lo_b, hi_b):
+    """``tl.reduce`` combine of (min, max) pairs: a row's range in one reduction (exact in any order)."""
     return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
 
 

@@ -3,7 +3,8 @@
 Every figure compiled on the CPU (registers, occupancy, SASS loops, instruction counts in BENCHMARKS.md) is only
 the GPU's if the spec declares what the JIT derives from the real launch: which pointers and integers are multiples
 of 16 (vector loads and stores), which integers equal 1 (folded constants), the constexprs and launch options.
-Each spec of ``default_specs`` is compared here with the launch its wrapper makes at that shape (recorded, not run).
+Each spec of ``default_specs``, the variants BENCHMARKS.md quotes and the one-token ``*_decode`` specs are compared
+here with the launch their wrapper makes at that shape (recorded, not run).
 """
 
 from __future__ import annotations
@@ -139,10 +140,13 @@ VARIANT_LAUNCHES: dict[str, tuple[str, str, Callable[[], object]]] = {
     **{f"quantize_chunked_1024_s{s}": ("quantize", "quantize_rows_chunked_kernel",
                                        lambda s=s: rows.quantize_rows_variant(_x(11008), chunk=1024, num_warps=4,
                                                                               stages=s)) for s in (1, 2, 3)},
-    **{f"kv4_decode_{k}_g1_d128_bt{bt}_w{w}{'' if k == 'cc' and s == 1 and not st else f'_s{s}'}":
-       ("attention", "kv4_decode_partial_cc_kernel", lambda k=k, bt=bt, w=w, s=s: _decode(1, 128, k, bt, w, s))
-       for k, bt, w, s, st in (("cc", 64, 4, 1, False), ("cc", 64, 4, 3, True), ("ccs", 64, 4, 1, True),
-                               ("ccs", 64, 4, 3, True), ("ccs", 32, 4, 1, True))},
+    **{name: ("attention", "kv4_decode_partial_cc_kernel",
+              lambda k=k, bt=bt, w=w, s=st: _decode(1, 128, k, bt, w, s))
+       for name, k, bt, w, st in (("kv4_decode_cc_g1_d128_bt64_w4", "cc", 64, 4, 1),
+                                  ("kv4_decode_cc_g1_d128_bt64_w4_s3", "cc", 64, 4, 3),
+                                  ("kv4_decode_ccs_g1_d128_bt64_w4_s1", "ccs", 64, 4, 1),
+                                  ("kv4_decode_ccs_g1_d128_bt64_w4_s3", "ccs", 64, 4, 3),
+                                  ("kv4_decode_ccs_g1_d128_bt32_w4_s1", "ccs", 32, 4, 1))},
 }
 # the last launch of the 11008 path (the quantize; the first is the FWHT pass)
 LAUNCH_INDEX = {"scale_quantize_11008": -1, "scale_quantize_11008_decode": -1}
