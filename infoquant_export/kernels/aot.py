@@ -385,8 +385,9 @@ def jit_spec(name: str, launch: Launch) -> KernelSpec:
 
     module, kernel = launch.module, launch.kernel
     fn = getattr(kernel_module(module), kernel).fn
-    params = inspect.signature(fn).parameters
-    bound = inspect.signature(fn).bind(*launch.args, **{k: v for k, v in launch.kwargs.items() if k in params})
+    signature = inspect.signature(fn)
+    params = signature.parameters
+    bound = signature.bind(*launch.args, **{k: v for k, v in launch.kwargs.items() if k in params})
     bound.apply_defaults()
     types: dict[str, str] = {}
     constexprs: dict[str, Any] = {}

@@ -311,9 +311,9 @@ sm_90 and sm_86 the loop then holds LDGSTS instead of LDG, tests/kernels/test_ao
 FAST_DIV = True
 """Compiled quantize kernels divide each value by its row's scale as ``q0 = x * RN(1/s)``, ``r = fma(-q0, s, x)``,
 ``fma(r, RN(1/s), q0)`` (``common.div_by``): the IEEE quotient by Markstein's theorem, so the same codes, in 3
-instructions instead of ``div.rn.f32``'s reciprocal, FMAs and slow-path branch (sm_90: ``quantize_4096`` 1080 ->
-768 SASS instructions; tests/kernels/test_div_by.py, docs/numerics.md section 8). False: ``div.rn.f32``. The
-interpreter always divides (its ``tl.fma`` rounds twice)."""
+instructions instead of ``div.rn.f32``'s reciprocal, FMAs and slow-path branch (sm_90, as the JIT compiles it:
+``quantize_4096`` 1064 -> 784 SASS instructions; tests/kernels/test_div_by.py, docs/numerics.md section 8).
+False: ``div.rn.f32``. The interpreter always divides (its ``tl.fma`` rounds twice)."""
 
 
 def _fast_div() -> bool:

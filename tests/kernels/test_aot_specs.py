@@ -50,30 +50,29 @@ def _cache(capacity: int = 4096, heads: int = 32, dim: int = 128) -> KVCache4:
     return KVCache4.empty(1, heads, capacity, dim, "cpu")
 
 
-def _gemm(m: int) -> None:
-    act = PackedRows(torch.empty(m, 2048, dtype=torch.uint8), torch.empty(m), torch.empty(m, dtype=torch.uint8))
+def _operands(m: int, planes: bool = False) -> tuple[PackedRows, PackedWeight]:
+    """Activation and weight operands of a 4096 x 4096 layer for ``m`` rows (packed, or both as int8 planes)."""
+    act = PackedRows(torch.empty(m, 4096 if planes else 2048, dtype=torch.int8 if planes else torch.uint8),
+                     torch.empty(m), torch.empty(m, dtype=torch.uint8), planes=planes)
     weight = PackedWeight(torch.empty(4096, 2048, dtype=torch.uint8), torch.empty(4096),
-                          torch.empty(4096, dtype=torch.int32))
-    w4a4_linear(act, weight, residual=torch.empty(m, 4096, dtype=torch.float16), out_dtype=torch.float16,
+                          torch.empty(4096, dtype=torch.int32),
+                          planes=torch.empty(4096, 4096, dtype=torch.int8) if planes else None)
+    return act, weight
+
+
+def _gemm(m: int) -> None:
+    w4a4_linear(*_operands(m), residual=torch.empty(m, 4096, dtype=torch.float16), out_dtype=torch.float16,
                 config=gemm_config(m, 2048, 90))
 
 
-def _gemm_planes(m: int, swap: bool = False, w_planes: bool = True) -> None:
-    act = PackedRows(torch.empty(m, 4096, dtype=torch.int8), torch.empty(m), torch.empty(m, dtype=torch.uint8),
-                     planes=True)
-    weight = PackedWeight(torch.empty(4096, 2048, dtype=torch.uint8), torch.empty(4096),
-                          torch.empty(4096, dtype=torch.int32),
-                          planes=torch.empty(4096, 4096, dtype=torch.int8) if w_planes else None)
-    cfg = {**gemm_candidates(m, 2048, gemm_tables(90)[1])[0], "W_PLANES": int(w_planes), "SWAP": int(swap)}
-    w4a4_linear(act, weight, residual=torch.empty(m, 4096, dtype=torch.float16), out_dtype=torch.float16,
-                config=cfg)
+def _gemm_planes(m: int) -> None:
+    cfg = {**gemm_candidates(m, 2048, gemm_tables(90)[1])[0], "W_PLANES": 1, "SWAP": 0}
+    w4a4_linear(*_operands(m, planes=True), residual=torch.empty(m, 4096, dtype=torch.float16),
+                out_dtype=torch.float16, config=cfg)
 
 
 def _gemm_splitk() -> None:
-    act = PackedRows(torch.empty(1, 2048, dtype=torch.uint8), torch.empty(1), torch.empty(1, dtype=torch.uint8))
-    weight = PackedWeight(torch.empty(4096, 2048, dtype=torch.uint8), torch.empty(4096),
-                          torch.empty(4096, dtype=torch.int32))
-    w4a4_linear(act, weight, out_dtype=torch.float16,
+    w4a4_linear(*_operands(1), out_dtype=torch.float16,
                 config={"BM": 16, "BN": 32, "BK2": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4, "SPLITS": 4})
 
 
