@@ -175,7 +175,7 @@ def attention_section(device: torch.device, cases: list[tuple[int, int]], heads:
 
 # --sections variants: the exactness-preserving performance variants side by side with today's defaults (issue 6).
 # GEMM: (name, activation planes, weight planes, swap, tile (BM, BN, BK2, GROUP_M, warps, stages) or None = default);
-# "tma_*": the tensor-descriptor kernel (ops.GEMM_TMA_TILES, spill-free on sm_90)
+# "tma_*": the tensor-descriptor kernel (ops.GEMM_TMA_TILES, spill-free on sm_90); "wgmma_*": the Gluon sm_90 kernel
 VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants-h200.json), the new kernels first
     # M <= 16 (decode): split-K over 2 / 4 / 8 programs per column tile (w4a4_gemm_splitk_kernel + epilogue)
     "small": [("default", False, False, False, None),
@@ -185,6 +185,9 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
               ("splitk4", False, False, False, (16, 64, 128, 1, 4, 4)),
               ("splitk8", False, False, False, (16, 64, 128, 1, 4, 4))],
     "mid": [("default", False, False, False, None),
+            # the Gluon sm_90 kernel: int8 MMAs kept in flight across K steps (ops.GEMM_WGMMA_TILES)
+            ("wgmma_planes", True, True, False, (64, 128, 64, 8, 4, 4)),
+            ("wgmma_planes", True, True, False, (128, 128, 64, 8, 4, 3)),
             ("tma_planes_persistent", True, True, False, (128, 128, 64, 8, 8, 4)),  # one program per SM
             ("int_mm", True, True, False, (32, 128, 32, 1, 4, 1)),  # torch._int_mm + epilogue (BM, BN used)
             ("tma_packed", False, False, False, (128, 64, 64, 8, 4, 4)),
@@ -195,6 +198,7 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
             ("aplanes_swap", True, False, True, (128, 64, 64, 8, 4, 4)),
             ("wplanes", False, True, False, (128, 64, 64, 8, 4, 4))],
     "large": [("default", False, False, False, None),
+              *(("wgmma_planes", True, True, False, t) for t in ops.GEMM_WGMMA_TILES),
               # one program per SM looping over the tiles (shared memory <= 227 KB: 2 stages at 128 x 256)
               ("tma_planes_persistent", True, True, False, (128, 256, 64, 8, 8, 2)),
               ("tma_planes_persistent", True, True, False, (128, 128, 64, 8, 8, 4)),
@@ -296,11 +300,15 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
                 cfg = ops.gemm_config(m, k // 2) if tile is None else dict(zip(keys, tile, strict=True))
                 if tile is not None and (k // 2) % cfg["BK2"]:
                     continue
+                if name.startswith("wgmma") and ops.device_cc(device) != 90:
+                    continue  # the Gluon kernel: sm_90 only, no interpreter
                 cfg = {**cfg, "W_PLANES": int(w_planes), "SWAP": int(swap)}
                 if name.startswith("tma"):  # w4a4_gemm_tma_kernel (tensor descriptors; TMA on sm_90)
                     cfg["TMA"] = 1
                     if name.endswith("_persistent"):
                         cfg["PERSISTENT"] = 1
+                if name.startswith("wgmma"):  # gemm_wgmma.w4a4_gemm_wgmma_kernel (Gluon, sm_90)
+                    cfg["WGMMA"] = 1
                 if name.startswith("splitk"):
                     cfg["SPLITS"] = int(name.removeprefix("splitk"))
                 if name == "int_mm":

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "registers": res["registers"],
                                           "spill_store_bytes": res["spill_store_bytes"],
                                           "spill_load_bytes": res["spill_load_bytes"],
-                                          "tma_loads": res["tma_loads"], "resident_warps": res["resident_warps"],
+                                          "tma_loads": res["tma_loads"], "mma_waits": res["mma_waits"],
+                                          "resident_warps": res["resident_warps"],
                                           "mma_loop": res["mma_loop"], "hot_loop": res["hot_loop"],
                                           "cubin_bytes": len(res["cubin"]), "sha256": res["sha256"],
                                           "seconds": round(time.perf_counter() - start, 2)}

@@ -18,7 +18,13 @@ from typing import Any
 from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.kernels.attention import decode_tile
 from infoquant_export.kernels.k_step import K_STEP_TILE
-from infoquant_export.kernels.linear import GEMM_TMA_TILES, gemm_candidates, gemm_config, gemm_tables
+from infoquant_export.kernels.linear import (
+    GEMM_TMA_TILES,
+    GEMM_WGMMA_TILES,
+    gemm_candidates,
+    gemm_config,
+    gemm_tables,
+)
 from infoquant_export.kernels.resources import hot_loop, mma_loop, ptxas_resources, resident_warps
 from infoquant_export.kernels.rows import (
     FAST_DIV,
@@ -104,6 +110,32 @@ def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_p
                       {"HAS_BIAS": False, "HAS_RES": True, "WORDS": True, "A_PLANES": a_planes,
                        "W_PLANES": w_planes, "PERSISTENT": False, "NUM_SMS": 1, **cfg},
                       _RUNTIME_DIVISIBLE, opts)
+
+
+def gemm_wgmma_spec(name: str, tile: tuple[int, ...], out: str = "fp16") -> KernelSpec:
+    """A ``gemm_wgmma.w4a4_gemm_wgmma_kernel`` specialisation (Gluon, sm_90; int8 planes of both operands) for a
+    tile ``(BM, BN, BK2, GROUP_M, num_warps, stages)`` in the other GEMMs' terms: a K step reads ``2 * BK2`` int8
+    columns of each operand's planes."""
+    from triton.experimental.gluon import language as gl
+
+    bm, bn, bk2, group_m, warps, stages = tile
+    layout = {rows: gl.NVMMASharedLayout.get_default_for([rows, 2 * bk2], gl.int8) for rows in (bm, bn)}
+    out_layout = gl.NVMMASharedLayout.get_default_for([bm, bn], gl.float16 if out == "fp16" else gl.float32)
+    types = {"a_desc": f"tensordesc<i8[{bm}, {2 * bk2}],{layout[bm]}>", "a_scale_ptr": "*fp32", "a_zero_ptr": "*u8",
+             "w_desc": f"tensordesc<i8[{bn}, {2 * bk2}],{layout[bn]}>", "w_scale_ptr": "*fp32",
+             "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_desc": f"tensordesc<{out}[{bm}, {bn}],{out_layout}>",
+             "y_desc": f"tensordesc<{out}[{bm}, {bn}],{out_layout}>", "M": "i32", "N": "i32", "K": "i32"}
+    consts = {"HAS_BIAS": False, "HAS_RES": True, "GROUP_M": group_m, "STAGES": stages,
+              "ACC_LAYOUT": kernel_module("gemm_wgmma").mma_layout(bm, bn, warps)}
+    return KernelSpec(name, "gemm_wgmma", "w4a4_gemm_wgmma_kernel", types, consts,
+                      ("a_scale_ptr", "a_zero_ptr", "w_scale_ptr", "w_rowsum_ptr", "bias_ptr", "M", "N", "K"),
+                      {"num_warps": warps})
+
+
+def gemm_wgmma_specs() -> list[KernelSpec]:
+    """Every ``GEMM_WGMMA_TILES`` tile, fp16 out (sm_90 only: wgmma and TMA)."""
+    return [gemm_wgmma_spec("w4a4_gemm_wgmma_planes_{}x{}x{}_w{}_s{}".format(*t[:3], *t[4:]), t)
+            for t in GEMM_WGMMA_TILES]
 
 
 # What the JIT marks divisible by 16 in a row-kernel launch of 2048 prefill tokens (the AOT row specs' shape): every
@@ -296,7 +328,7 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _chunked("hadamard_quantize_chunked_43x256_1024", 1024, rot_p=256),
         *(_chunked(f"quantize_chunked_1024_s{s}", 1024, stages=s) for s in (1, 2, 3)),
         _chunked("hadamard_quantize_chunked_43x256_1024_s2", 1024, rot_p=256, stages=2),
-        *(gemm_tma_specs() + gemm_tma_persistent_specs() if cc == 90 else []),
+        *(gemm_tma_specs() + gemm_tma_persistent_specs() + gemm_wgmma_specs() if cc == 90 else []),
         KernelSpec("w4a4_gemm_splitk_m1_k4096", "gemm", "w4a4_gemm_splitk_kernel",
                    {"a_ptr": "*u8", "w_ptr": "*u8", "part_ptr": "*i32", "N": "i32", "K2": "i32",
                     "k_chunk": "i32", "stride_am": "i32", "stride_wn": "i32"},
@@ -316,6 +348,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     if interpreted():
         raise RuntimeError("compile kernels in a process with TRITON_INTERPRET=0 (tools/compile_kernels.py)")
@@ -325,13 +358,15 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{spec.name}: no type or constexpr for {missing}")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible if a in fn.arg_names}
-    src = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
+    source = GluonASTSource if fn.is_gluon() else ASTSource
+    src = source(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
     options = {**COMPILE_DEFAULTS, **spec.options}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
     resources = ptxas_resources(ptx, cc)
     return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma, "tma_loads": ptx.count("cp.async.bulk.tensor"),
+            "mma_waits": sorted({int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}),
             "mma_loop": mma_loop(compiled.asm["cubin"]), "hot_loop": hot_loop(compiled.asm["cubin"]),
             "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest(),
             **resources, "resident_warps": resident_warps(cc, resources["registers"], compiled.metadata.shared,

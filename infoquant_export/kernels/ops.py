@@ -39,6 +39,7 @@ from infoquant_export.kernels.linear import (
     GEMM_TILES,
     GEMM_TILES_SM8X,
     GEMM_TMA_TILES,
+    GEMM_WGMMA_TILES,
     SPLITK_EPILOGUE_BN,
     TUNE_ERRORS,
     W_PLANES_MIN_M,
@@ -92,7 +93,8 @@ __all__ = [
     "KVCache4", "dequantize_kv", "quantize_kv", "rope_rows",
     # linear
     "GEMM_INT_MM_EPILOGUE", "GEMM_PLANE_TILES", "GEMM_PLANE_TILES_SM8X", "GEMM_SPLITK", "GEMM_TILES",
-    "GEMM_TILES_SM8X", "GEMM_TMA_TILES", "SPLITK_EPILOGUE_BN", "TUNE_ERRORS", "W_PLANES_MIN_M", "PackedWeight",
+    "GEMM_TILES_SM8X", "GEMM_TMA_TILES", "GEMM_WGMMA_TILES", "SPLITK_EPILOGUE_BN", "TUNE_ERRORS", "W_PLANES_MIN_M",
+    "PackedWeight",
     "gemm_candidates", "gemm_config", "gemm_tables", "linear_candidates", "tma_eligible", "w4a4_linear",
     # attention
     "DECODE_CC_STAGES", "DECODE_CC_TILE", "FLOAT_2_23_BITS", "decode_splits", "decode_tile", "kv4_decode_attention",

@@ -37,15 +37,16 @@ def resident_warps(cc: int, registers: int, shared_bytes: int, num_warps: int) -
     return blocks * num_warps
 
 
-def _sass(cubin: bytes) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
-    """(address, opcode) of every instruction and (address, target) of every backward branch in the cubin's SASS
-    (the bundled cuobjdump): the loops."""
+def _sass(cubin: bytes, operands: bool = False) -> tuple[list[tuple], list[tuple[int, int]]]:
+    """(address, opcode) -- with ``operands``, (address, opcode, operands) -- of every instruction and (address,
+    target) of every backward branch in the cubin's SASS (the bundled cuobjdump): the loops."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     line = r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?"
-    code = [(int(a, 16), op) for a, op in re.findall(line + r"([A-Z][A-Z0-9_.]*)", sass)]
+    code = [(int(a, 16), op, args.strip()) if operands else (int(a, 16), op)
+            for a, op, args in re.findall(line + r"([A-Z][A-Z0-9_.]*)([^;\n]*)", sass)]
     branches = [(int(a, 16), int(t, 16)) for a, t in re.findall(line + r"BRA\s+0x([0-9a-f]+)", sass)]
     return code, [(a, t) for a, t in branches if t < a]
 
@@ -63,14 +64,20 @@ def _loop_ops(code: list[tuple[int, str]], start: int, end: int) -> Counter:
 def mma_loop(cubin: bytes) -> dict[str, Any] | None:
     """The machine code (SASS) of the kernel's main loop: the innermost backward branch whose body holds
     tensor-core instructions. Returns its instruction count, MMA instructions and the counts of the
-    byte-shuffling / integer ops (PRMT, LOP3, SHF, IMAD) -- the cost of unpacking per K step -- or None."""
-    code, loops = _sass(cubin)
+    byte-shuffling / integer ops (PRMT, LOP3, SHF, IMAD) -- the cost of unpacking per K step -- or None.
+    ``mma_waits``: the operand of each warpgroup-MMA wait in the loop (``WARPGROUP.DEPBAR.LE gsb0, N``: wait until
+    at most N MMA groups are in flight): [0] when each K step drains the tensor cores, one 0 per MMA when ptxas
+    serialized them, [1] when the next step's MMAs queue behind the running ones."""
+    full, loops = _sass(cubin, operands=True)
+    code = [(a, op) for a, op, _ in full]
     best = None
     for addr, target in loops:
         ops = _loop_ops(code, target, addr)
         mma = sum(n for op, n in ops.items() if op in ("IGMMA", "HGMMA", "IMMA", "HMMA", "DMMA"))
         if mma and (best is None or sum(ops.values()) < best["instructions"]):
-            best = {"instructions": sum(ops.values()), "mma": mma,
+            waits = [int(m.group(1), 16) for a, op, args in full if target <= a <= addr and op == "WARPGROUP.DEPBAR.LE"
+                     for m in [re.search(r"gsb0,\s*(0x[0-9a-f]+)", args)] if m]
+            best = {"instructions": sum(ops.values()), "mma": mma, "mma_waits": waits,
                     **{op.lower(): ops.get(op, 0) for op in ("PRMT", "LOP3", "SHF", "IMAD")}}
     return best
 

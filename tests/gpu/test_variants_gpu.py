@@ -70,6 +70,11 @@ def test_gemm_variants_same_bits(n, k):
             cfg = {**tile, "W_PLANES": int(w_planes), "SWAP": int(swap)}
             got = ops.w4a4_linear(act_p if a_planes else act, w, out_dtype=torch.float16, config=cfg)
             assert torch.equal(got, ref), (m, cfg, a_planes)
+        if ops.device_cc(x.device) == 90:  # the Gluon kernel (int8 MMAs in flight), ragged M = 300 included
+            keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
+            for t in ops.GEMM_WGMMA_TILES:
+                cfg = {**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1}
+                assert torch.equal(ops.w4a4_linear(act_p, w, out_dtype=torch.float16, config=cfg), ref), (m, cfg)
         if m == 300:
             continue  # below: M divisible by 16 only (one compile per tile and layout)
         cc = ops.device_cc(x.device)  # every tile the runtime may pick on this GPU (tensor-descriptor kernel: sm_90)
@@ -127,6 +132,9 @@ def test_gemm_variants_bias_residual_against_primitives():
         configs.append({**ops.gemm_candidates(m, k // 2, ops.GEMM_TMA_TILES)[0], "SWAP": 0, "TMA": 1})
         configs.append({**ops.gemm_candidates(m, k // 2, ops.GEMM_TMA_TILES)[0], "SWAP": 0, "TMA": 1,
                         "PERSISTENT": 1})  # bias and residual through the persistent loop
+        keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")  # the Gluon kernel: bias, residual, M = 300
+        configs += [{**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1}
+                    for t in ops.GEMM_WGMMA_TILES]
     for a, cfg in [(act_p, c) for c in configs] + [(act, None)]:
         assert torch.equal(ops.w4a4_linear(a, weight, resid.to(CUDA), config=cfg).cpu(), ref)
 

@@ -165,6 +165,31 @@ def test_persistent_tma_gemm_fits_sm90(tmp_path):
         assert e["spill_store_bytes"] == 0 and e["resident_warps"] == 8 and e["tma_loads"] >= 3, (name, e)
 
 
+def test_wgmma_gemm_keeps_int8_mmas_in_flight(tmp_path):
+    """Triton 3.6 ends every K step of an int8 ``tl.dot`` loop by draining the tensor cores (its pipeliner keeps
+    only float32 accumulators in flight): each wait in the tensor-descriptor kernel's loop is ``DEPBAR.LE gsb0, 0``.
+    The Gluon kernel waits for ``<= 1`` group instead, so the next K step's int8 MMAs queue behind the running ones,
+    with no spills and two programs per SM at 128 x 128 x 3 stages and 64 x 128 x 4."""
+    sys.path.insert(0, str(REPO))
+    from infoquant_export.kernels.aot import gemm_wgmma_specs
+
+    names = [s.name for s in gemm_wgmma_specs()]
+    tma = "w4a4_gemm_tma_planes_128x256x64_w8_s4"
+    proc = compile_kernels(tmp_path, tmp_path / "k", "sm_90", [*names, tma], variants=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = json.loads(proc.stdout)["targets"]["sm_90"]
+    # measured: the tensor-descriptor kernel's loop waits [0, 0] (one per dot), ptx wait_group [0]
+    assert entries[tma]["mma_loop"]["mma_waits"] and set(entries[tma]["mma_loop"]["mma_waits"]) == {0}, entries[tma]
+    for name in names:
+        e = entries[name]
+        assert all(m.startswith("wgmma.mma_async") and ".s32.s8.s8" in m for m in e["mma"]) and e["mma"], name
+        # measured: loop waits [1] (ptx wait_group [0, 1]: 0 after the loop), 4-8 IGMMA per K step, 142-247
+        # registers, no spills, 8 resident warps (1 program of 128 x 128 x 4 stages: 4)
+        assert e["mma_loop"]["mma_waits"] == [1] and e["mma_waits"] == [0, 1], (name, e["mma_loop"])
+        assert e["spill_store_bytes"] == 0 and e["resident_warps"] >= 4, (name, e)
+    assert entries["w4a4_gemm_wgmma_planes_128x128x64_w4_s3"]["resident_warps"] == 8  # two programs per SM
+
+
 def test_unknown_target_exits_2_without_output(tmp_path):
     out = tmp_path / "kernels"
     proc = compile_kernels(tmp_path, out, "sm_90,sm_70")

@@ -108,6 +108,11 @@ def test_variant_bad_input():
         ops.w4a4_linear(act, odd, out_dtype=torch.float16, config={**SMALL, "TMA": 1})
     with pytest.raises(ops.KernelInputError, match="INT_MM=1 takes int8 planes of both operands"):
         ops.w4a4_linear(act, w.with_planes(), config={**ops.GEMM_INT_MM_EPILOGUE, "INT_MM": 1})
+    with pytest.raises(ops.KernelInputError, match="WGMMA=1 takes int8 planes of both operands"):
+        ops.w4a4_linear(act, w.with_planes(), config={**SMALL, "W_PLANES": 1, "WGMMA": 1})
+    act_p = ops.quantize_rows_variant(x.to(DEVICE), 4, planes=True)
+    with pytest.raises(ops.KernelInputError, match="sm_90 Gluon kernel"):  # the interpreter, or a GPU other than sm_90
+        ops.w4a4_linear(act_p, w.with_planes(), config={**SMALL, "W_PLANES": 1, "SWAP": 0, "WGMMA": 1})
     bad = ops.PackedWeight(w.codes, w.scale, w.rowsum, planes=torch.zeros(16, 32, dtype=torch.int8, device=DEVICE))
     with pytest.raises(ops.KernelInputError, match="planes"):
         ops.w4a4_linear(act, bad)
