@@ -102,12 +102,12 @@ GEMM_TMA_TILES = {
     "mid": [(128, 64, 64, 8, 4, 4), (64, 128, 128, 8, 4, 4), (128, 128, 64, 8, 8, 5)],
     "large": [(128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 5)],
 }
-GEMM_WGMMA_TILES = ((128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4))
+GEMM_WGMMA_TILES = ((128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 3), (64, 128, 64, 8, 4, 4))
 """Tiles (BM, BN, BK2, GROUP_M, warps, stages) of the Gluon sm_90 GEMM (config ``"WGMMA": 1``, int8 planes of
 both operands), which keeps one group of int8 warpgroup MMAs queued behind the running one; Triton's ``tl.dot``
-waits for each K step's int8 MMAs to finish (its pipeliner keeps only float32 accumulators in flight). One
-warpgroup per program: with two (8 warps) ptxas serializes the MMAs again (C7515). 128 x 128 at 3 stages and
-64 x 128 at 4 fit two programs per SM. A benchmark variant, not an autotune candidate, until a GPU has run it."""
+waits for each K step's int8 MMAs to finish (its pipeliner keeps only float32 accumulators in flight). The
+tensor-descriptor kernel's M = 2048 tiles, a 128 x 128 tile two programs of which fit one SM, and an M = 256 tile.
+A benchmark variant, not an autotune candidate, until a GPU has run it."""
 W_PLANES_MIN_M = 17  # below, a weight's packed codes are read even when it has planes (half the bytes)
 GEMM_SPLITK = {"tiles": [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4)], "splits": (2, 4, 8)}
 """Split-K autotune candidates for M <= 16 (packed operands): each tile with each split count
@@ -264,6 +264,10 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
             if not (act.planes and use_wp) or swap or tma or persistent or splits > 1 or int_mm:
                 raise KernelInputError("config WGMMA=1 takes int8 planes of both operands and no other mode",
                                        "quantize with planes=True and use weight.with_planes(), or drop WGMMA")
+            if act.codes.shape[1] < (cfg["num_stages"] - 1) * 2 * cfg["BK2"]:
+                raise KernelInputError(f"config WGMMA=1 with {cfg['num_stages']} stages prefetches "
+                                       f"{cfg['num_stages'] - 1} K steps of {2 * cfg['BK2']}, more than in_features "
+                                       f"{act.codes.shape[1]}", "use fewer stages or a smaller BK2")
             if interpreted() or device_cc(y.device) != 90 or not tma_eligible(act, weight, y, residual):
                 raise KernelInputError("config WGMMA=1 is the sm_90 Gluon kernel (wgmma and TMA, 16-byte aligned "
                                        "rows; Triton's interpreter cannot run it)", "drop WGMMA from the config")

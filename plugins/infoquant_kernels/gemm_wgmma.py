@@ -85,9 +85,10 @@ def w4a4_gemm_wgmma_kernel(
         mbarrier.init(ready.index(b), count=1)
 
     steps = gl.cdiv(K, BK)
-    for p in gl.static_range(STAGES - 1):  # prologue: steps 0 .. STAGES - 2 in flight
-        if p < steps:
-            _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, p, off_m, off_n, STAGES)
+    # prologue: steps 0 .. STAGES - 2 in flight (the wrapper asks for K >= (STAGES - 1) * BK; a guard here costs
+    # the overlap: ptxas serializes the MMAs of 8-warp tiles when the zeroed accumulator has two paths, C7515)
+    for p in gl.static_range(STAGES - 1):
+        _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, p, off_m, off_n, STAGES)
 
     acc = gl.zeros((BM, BN), dtype=gl.int32, layout=layout)
     for i in range(steps):

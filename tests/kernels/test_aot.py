@@ -168,8 +168,8 @@ def test_persistent_tma_gemm_fits_sm90(tmp_path):
 def test_wgmma_gemm_keeps_int8_mmas_in_flight(tmp_path):
     """Triton 3.6 ends every K step of an int8 ``tl.dot`` loop by draining the tensor cores (its pipeliner keeps
     only float32 accumulators in flight): each wait in the tensor-descriptor kernel's loop is ``DEPBAR.LE gsb0, 0``.
-    The Gluon kernel waits for ``<= 1`` group instead, so the next K step's int8 MMAs queue behind the running ones,
-    with no spills and two programs per SM at 128 x 128 x 3 stages and 64 x 128 x 4."""
+    The Gluon kernel waits for ``<= 1`` group instead, so the next K step's int8 MMAs queue behind the running ones
+    (ptxas did not serialize them again: that needs one path to the zeroed accumulator, no guarded prologue)."""
     sys.path.insert(0, str(REPO))
     from infoquant_export.kernels.aot import gemm_wgmma_specs
 
@@ -183,10 +183,12 @@ def test_wgmma_gemm_keeps_int8_mmas_in_flight(tmp_path):
     for name in names:
         e = entries[name]
         assert all(m.startswith("wgmma.mma_async") and ".s32.s8.s8" in m for m in e["mma"]) and e["mma"], name
-        # measured: loop waits [1] (ptx wait_group [0, 1]: 0 after the loop), 4-8 IGMMA per K step, 142-247
-        # registers, no spills, 8 resident warps (1 program of 128 x 128 x 4 stages: 4)
+        # measured: loop waits [1] (ptx wait_group [0, 1]: 0 after the loop), 82-107 instructions per K step,
+        # 142-255 registers, 4-8 resident warps
         assert e["mma_loop"]["mma_waits"] == [1] and e["mma_waits"] == [0, 1], (name, e["mma_loop"])
-        assert e["spill_store_bytes"] == 0 and e["resident_warps"] >= 4, (name, e)
+        assert e["resident_warps"] >= 4, (name, e)
+        # measured: no spills, but 92 bytes in 128 x 256's epilogue (the residual tile next to 128 accumulators)
+        assert e["spill_store_bytes"] <= (96 if "128x256" in name else 0), (name, e)
     assert entries["w4a4_gemm_wgmma_planes_128x128x64_w4_s3"]["resident_warps"] == 8  # two programs per SM
 
 
