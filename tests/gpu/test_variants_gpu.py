@@ -70,11 +70,6 @@ def test_gemm_variants_same_bits(n, k):
             cfg = {**tile, "W_PLANES": int(w_planes), "SWAP": int(swap)}
             got = ops.w4a4_linear(act_p if a_planes else act, w, out_dtype=torch.float16, config=cfg)
             assert torch.equal(got, ref), (m, cfg, a_planes)
-        if ops.device_cc(x.device) == 90:  # the Gluon kernel (int8 MMAs in flight), ragged M = 300 included
-            keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
-            for t in ops.GEMM_WGMMA_TILES:
-                cfg = {**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1}
-                assert torch.equal(ops.w4a4_linear(act_p, w, out_dtype=torch.float16, config=cfg), ref), (m, cfg)
         if m == 300:
             continue  # below: M divisible by 16 only (one compile per tile and layout)
         cc = ops.device_cc(x.device)  # every tile the runtime may pick on this GPU (tensor-descriptor kernel: sm_90)
@@ -94,6 +89,28 @@ def test_gemm_variants_same_bits(n, k):
             assert torch.equal(got, ref), (m, cfg, a.planes)
         cfg = {**ops.GEMM_INT_MM_EPILOGUE, "INT_MM": 1}  # cuBLASLt's int8 GEMM on the planes + the epilogue kernel
         assert torch.equal(ops.w4a4_linear(act_p, w, out_dtype=torch.float16, config=cfg), ref), (m, cfg)
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_wgmma_gemm_same_bits(n, k):
+    """The Gluon sm_90 GEMM (int8 MMAs kept in flight, hand-written TMA ring and barriers) gives the default
+    kernel's bits on the LLaMA-2-7B shapes, ragged M = 300 included; its own test so that a GPU call can run it
+    first (``TESTS="tests/gpu/test_variants_gpu.py -k wgmma"``)."""
+    if ops.device_cc(torch.device(CUDA)) != 90:
+        pytest.skip("the Gluon GEMM is sm_90 only (wgmma, TMA)")
+    g = torch.Generator(device=CUDA).manual_seed(n + 3 * k)
+    w = ops.PackedWeight.from_codes(torch.randint(-8, 8, (n, k), device=CUDA, generator=g),
+                                    torch.rand(n, device=CUDA, generator=g) * 0.02).with_planes()
+    packed = ops.PackedWeight(w.codes, w.scale, w.rowsum)
+    keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
+    for m in (256, 300, 2048):
+        x = torch.randn(m, k, dtype=torch.float16, device=CUDA, generator=g)
+        res = torch.randn(m, n, dtype=torch.float16, device=CUDA, generator=g)
+        ref = ops.w4a4_linear(ops.quantize_rows(x, 4, 0.9), packed, res, out_dtype=torch.float16)
+        act_p = ops.quantize_rows_variant(x, 4, 0.9, planes=True)
+        for t in ops.GEMM_WGMMA_TILES:
+            cfg = {**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1}
+            assert torch.equal(ops.w4a4_linear(act_p, w, res, out_dtype=torch.float16, config=cfg), ref), (m, cfg)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])
