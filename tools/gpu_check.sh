@@ -18,9 +18,10 @@
 # attention variants the rest), so it has a call of its own, with the GEMM variants (the persistent TMA GEMM):
 #   TESTS=tests/gpu/test_variants_gpu.py SECTIONS=variants VARIANT_KINDS=gemm,k_step bash tools/gpu_check.sh OUT
 # The Gluon sm_90 GEMM (hand-written barriers: a mistake would hang rather than fail) has a test of its own, to run
-# first with a short limit: TESTS="tests/gpu/test_variants_gpu.py -k wgmma" TEST_TIMEOUT=120 SECTIONS=variants
-# VARIANT_KINDS=gemm bash tools/gpu_check.sh OUT
-# e2e + variants: ~130 s.
+# first with a short limit (TESTS is split on spaces):
+#   TESTS="tests/gpu/test_variants_gpu.py::test_wgmma_gemm_same_bits
+#   tests/gpu/test_variants_gpu.py::test_gemm_variants_bias_residual_against_primitives" TEST_TIMEOUT=150
+#   SECTIONS=variants VARIANT_KINDS=gemm bash tools/gpu_check.sh OUT
 set -u
 OUT=${1:-/tmp/gpu-out}
 mkdir -p "$OUT"
