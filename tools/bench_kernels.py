@@ -199,6 +199,7 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
             ("wplanes", False, True, False, (128, 64, 64, 8, 4, 4))],
     "large": [("default", False, False, False, None),
               *(("wgmma_planes", True, True, False, t) for t in ops.GEMM_WGMMA_TILES),
+              *(("wgmma_planes_persistent", True, True, False, t) for t in ops.GEMM_WGMMA_PERSISTENT_TILES),
               # one program per SM looping over the tiles (shared memory <= 227 KB: 2 stages at 128 x 256)
               ("tma_planes_persistent", True, True, False, (128, 256, 64, 8, 8, 2)),
               ("tma_planes_persistent", True, True, False, (128, 128, 64, 8, 8, 4)),
@@ -305,10 +306,10 @@ def variants_gemm(device: torch.device, shapes: list[tuple[int, int]], ms: list[
                 cfg = {**cfg, "W_PLANES": int(w_planes), "SWAP": int(swap)}
                 if name.startswith("tma"):  # w4a4_gemm_tma_kernel (tensor descriptors; TMA on sm_90)
                     cfg["TMA"] = 1
-                    if name.endswith("_persistent"):
-                        cfg["PERSISTENT"] = 1
-                if name.startswith("wgmma"):  # gemm_wgmma.w4a4_gemm_wgmma_kernel (Gluon, sm_90)
+                if name.startswith("wgmma"):  # gemm_wgmma.w4a4_gemm_wgmma(_persistent)_kernel (Gluon, sm_90)
                     cfg["WGMMA"] = 1
+                if name.endswith("_persistent"):
+                    cfg["PERSISTENT"] = 1
                 if name.startswith("splitk"):
                     cfg["SPLITS"] = int(name.removeprefix("splitk"))
                 if name == "int_mm":

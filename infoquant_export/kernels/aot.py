@@ -20,6 +20,7 @@ from infoquant_export.kernels.attention import decode_tile
 from infoquant_export.kernels.k_step import K_STEP_TILE
 from infoquant_export.kernels.linear import (
     GEMM_TMA_TILES,
+    GEMM_WGMMA_PERSISTENT_TILES,
     GEMM_WGMMA_TILES,
     gemm_candidates,
     gemm_config,
@@ -112,7 +113,7 @@ def gemm_tma_spec(name: str, tile: dict[str, int], out: str, a_planes: bool, w_p
                       _RUNTIME_DIVISIBLE, opts)
 
 
-def gemm_wgmma_spec(name: str, tile: tuple[int, ...], out: str = "fp16") -> KernelSpec:
+def gemm_wgmma_spec(name: str, tile: tuple[int, ...], out: str = "fp16", persistent: bool = False) -> KernelSpec:
     """A ``gemm_wgmma.w4a4_gemm_wgmma_kernel`` specialisation (Gluon, sm_90; int8 planes of both operands) for a
     tile ``(BM, BN, BK2, GROUP_M, num_warps, stages)`` in the other GEMMs' terms: a K step reads ``2 * BK2`` int8
     columns of each operand's planes."""
@@ -126,16 +127,21 @@ def gemm_wgmma_spec(name: str, tile: tuple[int, ...], out: str = "fp16") -> Kern
              "w_rowsum_ptr": "*i32", "bias_ptr": "*fp32", "res_desc": f"tensordesc<{out}[{bm}, {bn}],{out_layout}>",
              "y_desc": f"tensordesc<{out}[{bm}, {bn}],{out_layout}>", "M": "i32", "N": "i32", "K": "i32"}
     consts = {"HAS_BIAS": False, "HAS_RES": True, "GROUP_M": group_m, "STAGES": stages,
-              "ACC_LAYOUT": kernel_module("gemm_wgmma").mma_layout(bm, bn, warps)}
-    return KernelSpec(name, "gemm_wgmma", "w4a4_gemm_wgmma_kernel", types, consts,
+              "ACC_LAYOUT": kernel_module("gemm_wgmma").mma_layout(bm, bn, warps),
+              **({"NUM_PROGRAMS": 132} if persistent else {})}  # an H100 / H200's SMs
+    kernel = "w4a4_gemm_wgmma_persistent_kernel" if persistent else "w4a4_gemm_wgmma_kernel"
+    return KernelSpec(name, "gemm_wgmma", kernel, types, consts,
                       ("a_scale_ptr", "a_zero_ptr", "w_scale_ptr", "w_rowsum_ptr", "bias_ptr", "M", "N", "K"),
                       {"num_warps": warps})
 
 
 def gemm_wgmma_specs() -> list[KernelSpec]:
-    """Every ``GEMM_WGMMA_TILES`` tile, fp16 out (sm_90 only: wgmma and TMA)."""
+    """Every ``GEMM_WGMMA_TILES`` tile and the persistent kernel's ``GEMM_WGMMA_PERSISTENT_TILES``, fp16 out (sm_90
+    only: wgmma and TMA)."""
     return [gemm_wgmma_spec("w4a4_gemm_wgmma_planes_{}x{}x{}_w{}_s{}".format(*t[:3], *t[4:]), t)
-            for t in GEMM_WGMMA_TILES]
+            for t in GEMM_WGMMA_TILES] + \
+        [gemm_wgmma_spec("w4a4_gemm_wgmma_persistent_planes_{}x{}x{}_w{}_s{}".format(*t[:3], *t[4:]), t,
+                         persistent=True) for t in GEMM_WGMMA_PERSISTENT_TILES]
 
 
 # What the JIT marks divisible by 16 in a row-kernel launch of 2048 prefill tokens (the AOT row specs' shape): every

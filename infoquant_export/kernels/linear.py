@@ -107,7 +107,10 @@ GEMM_WGMMA_TILES = ((128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 128,
 both operands), which keeps one group of int8 warpgroup MMAs queued behind the running one; Triton's ``tl.dot``
 waits for each K step's int8 MMAs to finish (its pipeliner keeps only float32 accumulators in flight). The
 tensor-descriptor kernel's M = 2048 tiles, a 128 x 128 tile two programs of which fit one SM, and an M = 256 tile.
-A benchmark variant, not an autotune candidate, until a GPU has run it."""
+A benchmark variant, not an autotune candidate, until a GPU has run it. ``"PERSISTENT": 1`` with it runs
+``w4a4_gemm_wgmma_persistent_kernel``: one program per SM over the tiles, the next tile's loads during this tile's
+epilogue (``GEMM_WGMMA_PERSISTENT_TILES``: 3 stages, as the output tile's buffer stays allocated)."""
+GEMM_WGMMA_PERSISTENT_TILES = ((128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3))
 W_PLANES_MIN_M = 17  # below, a weight's packed codes are read even when it has planes (half the bytes)
 GEMM_SPLITK = {"tiles": [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4)], "splits": (2, 4, 8)}
 """Split-K autotune candidates for M <= 16 (packed operands): each tile with each split count
@@ -261,7 +264,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         splits = int(cfg.pop("SPLITS", 1))
         int_mm = bool(cfg.pop("INT_MM", 0))
         if cfg.pop("WGMMA", 0):
-            if not (act.planes and use_wp) or swap or tma or persistent or splits > 1 or int_mm:
+            if not (act.planes and use_wp) or swap or tma or splits > 1 or int_mm:
                 raise KernelInputError("config WGMMA=1 takes int8 planes of both operands and no other mode",
                                        "quantize with planes=True and use weight.with_planes(), or drop WGMMA")
             if act.codes.shape[1] < (cfg["num_stages"] - 1) * 2 * cfg["BK2"]:
@@ -271,7 +274,7 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
             if interpreted() or device_cc(y.device) != 90 or not tma_eligible(act, weight, y, residual):
                 raise KernelInputError("config WGMMA=1 is the sm_90 Gluon kernel (wgmma and TMA, 16-byte aligned "
                                        "rows; Triton's interpreter cannot run it)", "drop WGMMA from the config")
-            _launch_wgmma(act, weight, y, residual, cfg)
+            _launch_wgmma(act, weight, y, residual, cfg, persistent)
             return
         if use_wp and weight.planes is None:
             raise KernelInputError("config W_PLANES=1 but the weight has no planes", "use weight.with_planes()")
@@ -359,9 +362,10 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
 
 
 def _launch_wgmma(act: PackedRows, weight: PackedWeight, y: torch.Tensor, residual: torch.Tensor | None,
-                  cfg: dict[str, int]) -> None:
-    """``gemm_wgmma.w4a4_gemm_wgmma_kernel`` on both operands' int8 planes: tensor descriptors with the shared
-    layouts wgmma reads (Gluon spells them out), a K step of ``2 * BK2`` plane columns."""
+                  cfg: dict[str, int], persistent: bool = False) -> None:
+    """``gemm_wgmma.w4a4_gemm_wgmma_kernel`` (``persistent``: ``w4a4_gemm_wgmma_persistent_kernel``, one program
+    per SM) on both operands' int8 planes: tensor descriptors with the shared layouts wgmma reads (Gluon spells them
+    out), a K step of ``2 * BK2`` plane columns."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -373,14 +377,18 @@ def _launch_wgmma(act: PackedRows, weight: PackedWeight, y: torch.Tensor, residu
     mod = kernel_module("gemm_wgmma")
     m, n = y.shape
     bm, bn, bk = cfg["BM"], cfg["BN"], 2 * cfg["BK2"]
-    grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
-    mod.w4a4_gemm_wgmma_kernel[grid](
-        desc(act.codes, [bm, bk]), act.scale, act.zero, desc(weight.planes, [bn, bk]), weight.scale, weight.rowsum,
-        weight.bias if weight.bias is not None else weight.scale,
-        desc(residual if residual is not None else y, [bm, bn]), desc(y, [bm, bn]), m, n, act.codes.shape[1],
-        HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None,
-        GROUP_M=cfg["GROUP_M"], STAGES=cfg["num_stages"], ACC_LAYOUT=mod.mma_layout(bm, bn, cfg["num_warps"]),
-        num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    tiles = triton_cdiv(m, bm) * triton_cdiv(n, bn)
+    args = (desc(act.codes, [bm, bk]), act.scale, act.zero, desc(weight.planes, [bn, bk]), weight.scale,
+            weight.rowsum, weight.bias if weight.bias is not None else weight.scale,
+            desc(residual if residual is not None else y, [bm, bn]), desc(y, [bm, bn]), m, n, act.codes.shape[1])
+    consts = dict(HAS_BIAS=weight.bias is not None, HAS_RES=residual is not None, GROUP_M=cfg["GROUP_M"],
+                  STAGES=cfg["num_stages"], ACC_LAYOUT=mod.mma_layout(bm, bn, cfg["num_warps"]),
+                  num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    if persistent:
+        sms = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 132
+        mod.w4a4_gemm_wgmma_persistent_kernel[(min(tiles, sms),)](*args, NUM_PROGRAMS=sms, **consts)
+    else:
+        mod.w4a4_gemm_wgmma_kernel[(tiles,)](*args, **consts)
 
 
 def tune_key(m: int, n: int, k2: int, out_dtype: torch.dtype, bias: bool, residual: bool, a_planes: bool,

@@ -39,6 +39,7 @@ from infoquant_export.kernels.linear import (
     GEMM_TILES,
     GEMM_TILES_SM8X,
     GEMM_TMA_TILES,
+    GEMM_WGMMA_PERSISTENT_TILES,
     GEMM_WGMMA_TILES,
     SPLITK_EPILOGUE_BN,
     TUNE_ERRORS,
@@ -93,7 +94,8 @@ __all__ = [
     "KVCache4", "dequantize_kv", "quantize_kv", "rope_rows",
     # linear
     "GEMM_INT_MM_EPILOGUE", "GEMM_PLANE_TILES", "GEMM_PLANE_TILES_SM8X", "GEMM_SPLITK", "GEMM_TILES",
-    "GEMM_TILES_SM8X", "GEMM_TMA_TILES", "GEMM_WGMMA_TILES", "SPLITK_EPILOGUE_BN", "TUNE_ERRORS", "W_PLANES_MIN_M",
+    "GEMM_TILES_SM8X", "GEMM_TMA_TILES", "GEMM_WGMMA_PERSISTENT_TILES", "GEMM_WGMMA_TILES", "SPLITK_EPILOGUE_BN",
+    "TUNE_ERRORS", "W_PLANES_MIN_M",
     "PackedWeight",
     "gemm_candidates", "gemm_config", "gemm_tables", "linear_candidates", "tma_eligible", "w4a4_linear",
     # attention

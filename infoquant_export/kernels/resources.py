@@ -67,7 +67,8 @@ def mma_loop(cubin: bytes) -> dict[str, Any] | None:
     byte-shuffling / integer ops (PRMT, LOP3, SHF, IMAD) -- the cost of unpacking per K step -- or None.
     ``mma_waits``: the operand of each warpgroup-MMA wait in the loop (``WARPGROUP.DEPBAR.LE gsb0, N``: wait until
     at most N MMA groups are in flight): [0] when each K step drains the tensor cores, one 0 per MMA when ptxas
-    serialized them, [1] when the next step's MMAs queue behind the running ones."""
+    serialized them, [1] when the next step's MMAs queue behind the running ones. ``local``: spill loads / stores
+    (LDL / STL) in the loop."""
     full, loops = _sass(cubin, operands=True)
     code = [(a, op) for a, op, _ in full]
     best = None
@@ -78,6 +79,7 @@ def mma_loop(cubin: bytes) -> dict[str, Any] | None:
             waits = [int(m.group(1), 16) for a, op, args in full if target <= a <= addr and op == "WARPGROUP.DEPBAR.LE"
                      for m in [re.search(r"gsb0,\s*(0x[0-9a-f]+)", args)] if m]
             best = {"instructions": sum(ops.values()), "mma": mma, "mma_waits": waits,
+                    "local": ops.get("LDL", 0) + ops.get("STL", 0),
                     **{op.lower(): ops.get(op, 0) for op in ("PRMT", "LOP3", "SHF", "IMAD")}}
     return best
 

@@ -45,6 +45,17 @@ def mma_layout(BM: int, BN: int, num_warps: int) -> gl.NVMMADistributedLayout:
 
 
 @gluon.jit
+def _tile_offsets(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
+    """(row, column) offsets of output tile ``tile`` in ``gemm.tile_of``'s grouped order (GROUP_M row tiles share
+    each weight tile in L2)."""
+    grid_m = gl.cdiv(M, BM)
+    grid_n = gl.cdiv(N, BN)
+    first_m = (tile // (GROUP_M * grid_n)) * GROUP_M
+    size_m = gl.minimum(grid_m - first_m, GROUP_M)
+    return (first_m + (tile % (GROUP_M * grid_n)) % size_m) * BM, ((tile % (GROUP_M * grid_n)) // size_m) * BN
+
+
+@gluon.jit
 def _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step, off_m, off_n, STAGES: gl.constexpr):
     """Start the TMA copies of K step ``step`` into stage ``step % STAGES`` (completion counted on its barrier)."""
     s = step % STAGES
@@ -52,6 +63,27 @@ def _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step, off_m, off_n, STAGES
     mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(a_desc, [off_m, step * BK], ready.index(s), a_bufs.index(s))
     tma.async_copy_global_to_shared(w_desc, [off_n, step * BK], ready.index(s), w_bufs.index(s))
+
+
+@gluon.jit
+def _scaled(acc, off_m, off_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr,
+            HAS_BIAS: gl.constexpr, layout: gl.constexpr):
+    """``gemm.gemm_scale``: ``((acc - z_a * rowsum_w) * s_a) * s_w (+ bias)`` in float32, in its order (vectors
+    loaded masked on the true rows / columns)."""
+    BM: gl.constexpr = acc.shape[0]
+    BN: gl.constexpr = acc.shape[1]
+    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    z = gl.load(a_zero_ptr + offs_m, mask=m_mask, other=0).to(gl.int32)
+    rowsum = gl.load(w_rowsum_ptr + offs_n, mask=n_mask, other=0)
+    acc = acc - z[:, None] * rowsum[None, :]
+    y = acc.to(gl.float32) * gl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    y = y * gl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y = y + gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    return y
 
 
 @gluon.jit
@@ -66,17 +98,7 @@ def w4a4_gemm_wgmma_kernel(
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
-    layout: gl.constexpr = ACC_LAYOUT
-
-    # grouped tile order (gemm.tile_of): GROUP_M row tiles share each weight tile in L2
-    pid = gl.program_id(0)
-    grid_m = gl.cdiv(M, BM)
-    grid_n = gl.cdiv(N, BN)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    size_m = gl.minimum(grid_m - first_m, GROUP_M)
-    off_m = (first_m + (pid % (GROUP_M * grid_n)) % size_m) * BM
-    off_n = ((pid % (GROUP_M * grid_n)) // size_m) * BN
+    off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
 
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
@@ -90,7 +112,7 @@ def w4a4_gemm_wgmma_kernel(
     for p in gl.static_range(STAGES - 1):
         _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, p, off_m, off_n, STAGES)
 
-    acc = gl.zeros((BM, BN), dtype=gl.int32, layout=layout)
+    acc = gl.zeros((BM, BN), dtype=gl.int32, layout=ACC_LAYOUT)
     for i in range(steps):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
@@ -103,32 +125,101 @@ def w4a4_gemm_wgmma_kernel(
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(b))
 
-    # epilogue: gemm.gemm_scale's float32 steps in its order, then the residual; the residual and output tiles move
-    # through shared memory by TMA (rows / columns past M / N read as zeros and are not written), so the kernel holds
-    # no per-element addresses (a pointer epilogue takes 255 registers and spills at 128 x 256)
+    # epilogue: _scaled, then the residual; the residual and output tiles move through shared memory by TMA (rows /
+    # columns past M / N read as zeros and are not written), so the kernel holds no per-element addresses (a pointer
+    # epilogue takes 255 registers and spills at 128 x 256)
     if HAS_RES:
         res_smem = gl.allocate_shared_memory(res_desc.dtype, res_desc.block_type.shape, res_desc.layout)
         res_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(res_bar, count=1)
         mbarrier.expect(res_bar, res_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(res_desc, [off_m, off_n], res_bar, res_smem)
-    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    z = gl.load(a_zero_ptr + offs_m, mask=m_mask, other=0).to(gl.int32)
-    rowsum = gl.load(w_rowsum_ptr + offs_n, mask=n_mask, other=0)
-    acc = acc - z[:, None] * rowsum[None, :]
-    y = acc.to(gl.float32) * gl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
-    y = y * gl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        y = y + gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    y = _scaled(acc, off_m, off_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr, HAS_BIAS,
+                ACC_LAYOUT)
     if HAS_RES:
         mbarrier.wait(res_bar, 0)
         mbarrier.invalidate(res_bar)
-        y = res_smem.load(layout).to(gl.float32) + y
+        y = res_smem.load(ACC_LAYOUT).to(gl.float32) + y
     y_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
     y_smem.store(y.to(y_desc.dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(y_desc, [off_m, off_n], y_smem)
     tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def w4a4_gemm_wgmma_persistent_kernel(
+    a_desc, a_scale_ptr, a_zero_ptr, w_desc, w_scale_ptr, w_rowsum_ptr, bias_ptr, res_desc, y_desc,
+    M, N, K,
+    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+    ACC_LAYOUT: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+):
+    """``w4a4_gemm_wgmma_kernel`` as ``NUM_PROGRAMS`` programs that each take the output tiles ``pid, pid +
+    NUM_PROGRAMS, ...``. The TMA ring runs on into the next tile (the loads are counted over all of a program's
+    tiles), so its first K steps load while this tile's epilogue runs; the next load's tile offsets are carried and
+    recomputed once per tile. The residual of a tile is fetched into the output tile's buffer when its K loop
+    starts, after the previous tile's output copy has left it (``store_wait``). Same bits per tile."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    steps = gl.cdiv(K, BK)
+    tiles = (gl.cdiv(M, BM) * gl.cdiv(N, BN) - pid + NUM_PROGRAMS - 1) // NUM_PROGRAMS  # the wrapper: >= 1
+    loads = tiles * steps
+
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    c_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)  # residual in, y out
+    res_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(STAGES):
+        mbarrier.init(ready.index(b), count=1)
+    mbarrier.init(res_bar, count=1)
+    # the wrapper asks for K >= (STAGES - 1) * BK: the prologue's steps are all in the first tile
+    l_m, l_n = _tile_offsets(pid, M, N, BM, BN, GROUP_M)
+    for p in gl.static_range(STAGES - 1):
+        _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, p, l_m, l_n, STAGES)
+    l_k = STAGES - 1  # the next load: K step l_k of the tile at (l_m, l_n), the program's l_t-th
+    l_t = 0
+
+    acc = gl.zeros((BM, BN), dtype=gl.int32, layout=ACC_LAYOUT)
+    for t in range(tiles):
+        off_m, off_n = _tile_offsets(pid + t * NUM_PROGRAMS, M, N, BM, BN, GROUP_M)
+        if HAS_RES:
+            tma.store_wait(pendings=0)  # the previous tile's output has been read out of c_smem
+            gl.thread_barrier()
+            mbarrier.expect(res_bar, res_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(res_desc, [off_m, off_n], res_bar, c_smem)
+        for i in range(steps):
+            g = t * steps + i
+            s = g % STAGES
+            mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, use_acc=i > 0,
+                                is_async=True)
+            acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_bufs.index(s), w_bufs.index(s)))
+            if g + STAGES - 1 < loads:
+                if l_k == steps:  # the ring runs on into the program's next tile
+                    l_k = 0
+                    l_t += 1
+                    l_m, l_n = _tile_offsets(pid + l_t * NUM_PROGRAMS, M, N, BM, BN, GROUP_M)
+                sl = (g + STAGES - 1) % STAGES
+                mbarrier.expect(ready.index(sl), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [l_m, l_k * BK], ready.index(sl), a_bufs.index(sl))
+                tma.async_copy_global_to_shared(w_desc, [l_n, l_k * BK], ready.index(sl), w_bufs.index(sl))
+                l_k += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        y = _scaled(acc, off_m, off_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr,
+                    HAS_BIAS, ACC_LAYOUT)
+        if HAS_RES:
+            mbarrier.wait(res_bar, t & 1)
+            y = c_smem.load(ACC_LAYOUT).to(gl.float32) + y
+        else:
+            tma.store_wait(pendings=0)  # the previous tile's output has been read out of c_smem
+        gl.thread_barrier()
+        c_smem.store(y.to(y_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(y_desc, [off_m, off_n], c_smem)
+    tma.store_wait(pendings=0)
+    for b in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(b))
+    mbarrier.invalidate(res_bar)

@@ -108,8 +108,11 @@ def test_wgmma_gemm_same_bits(n, k):
         res = torch.randn(m, n, dtype=torch.float16, device=CUDA, generator=g)
         ref = ops.w4a4_linear(ops.quantize_rows(x, 4, 0.9), packed, res, out_dtype=torch.float16)
         act_p = ops.quantize_rows_variant(x, 4, 0.9, planes=True)
-        for t in ops.GEMM_WGMMA_TILES:
-            cfg = {**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1}
+        configs = [{**dict(zip(keys, t, strict=True)), "WGMMA": 1} for t in ops.GEMM_WGMMA_TILES]
+        configs += [{**dict(zip(keys, t, strict=True)), "WGMMA": 1, "PERSISTENT": 1}
+                    for t in ops.GEMM_WGMMA_PERSISTENT_TILES]  # 1-6 tiles per program of 132
+        for cfg in configs:
+            cfg = {**cfg, "W_PLANES": 1, "SWAP": 0}
             assert torch.equal(ops.w4a4_linear(act_p, w, res, out_dtype=torch.float16, config=cfg), ref), (m, cfg)
 
 
@@ -152,6 +155,8 @@ def test_gemm_variants_bias_residual_against_primitives():
         keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")  # the Gluon kernel: bias, residual, M = 300
         configs += [{**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1}
                     for t in ops.GEMM_WGMMA_TILES]
+        configs += [{**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1, "PERSISTENT": 1}
+                    for t in ops.GEMM_WGMMA_PERSISTENT_TILES]
     for a, cfg in [(act_p, c) for c in configs] + [(act, None)]:
         assert torch.equal(ops.w4a4_linear(a, weight, resid.to(CUDA), config=cfg).cpu(), ref)
 

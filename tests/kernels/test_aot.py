@@ -183,12 +183,14 @@ def test_wgmma_gemm_keeps_int8_mmas_in_flight(tmp_path):
     for name in names:
         e = entries[name]
         assert all(m.startswith("wgmma.mma_async") and ".s32.s8.s8" in m for m in e["mma"]) and e["mma"], name
-        # measured: loop waits [1] (ptx wait_group [0, 1]: 0 after the loop), 82-107 instructions per K step,
+        # measured: loop waits [1] (ptx wait_group [0, 1]: 0 after the loop), 82-177 instructions per K step,
         # 142-255 registers, 4-8 resident warps
         assert e["mma_loop"]["mma_waits"] == [1] and e["mma_waits"] == [0, 1], (name, e["mma_loop"])
-        assert e["resident_warps"] >= 4, (name, e)
+        assert e["resident_warps"] >= 4 and e["mma_loop"]["local"] == 0, (name, e)
         # measured: no spills, but 92 bytes in 128 x 256's epilogue (the residual tile next to 128 accumulators)
-        assert e["spill_store_bytes"] <= (96 if "128x256" in name else 0), (name, e)
+        # and 500 / 588 bytes in the persistent kernels' per-tile epilogues (none in the K loop: local == 0)
+        limit = 600 if "persistent" in name else 96 if "128x256" in name else 0
+        assert e["spill_store_bytes"] <= limit, (name, e)
     assert entries["w4a4_gemm_wgmma_planes_128x128x64_w4_s3"]["resident_warps"] == 8  # two programs per SM
 
 

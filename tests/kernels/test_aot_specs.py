@@ -20,6 +20,7 @@ from infoquant_export.kernels import aot, linear, rows  # noqa: E402
 from infoquant_export.kernels.attention import kv4_decode_attention  # noqa: E402
 from infoquant_export.kernels.kv import KVCache4, quantize_kv, rope_rows  # noqa: E402
 from infoquant_export.kernels.linear import (  # noqa: E402
+    GEMM_WGMMA_PERSISTENT_TILES,
     GEMM_WGMMA_TILES,
     PackedWeight,
     gemm_candidates,
@@ -194,18 +195,20 @@ def test_variant_spec_is_what_the_jit_compiles(name):
     assert spec_differences(spec, recorded_spec(name)) == {}
 
 
-@pytest.mark.parametrize("tile", GEMM_WGMMA_TILES)
-def test_wgmma_spec_is_what_the_jit_compiles(tile, monkeypatch):
+@pytest.mark.parametrize("tile,persistent", [(t, False) for t in GEMM_WGMMA_TILES]
+                         + [(t, True) for t in GEMM_WGMMA_PERSISTENT_TILES])
+def test_wgmma_spec_is_what_the_jit_compiles(tile, persistent, monkeypatch):
     """The Gluon GEMM's launch (``WGMMA`` config: descriptors with their shared layouts, the accumulator layout),
     recorded as on an sm_90 GPU: the wrapper refuses the interpreter, so the test says it is not in one."""
     monkeypatch.setattr(linear, "interpreted", lambda: False)
     monkeypatch.setattr(linear, "device_cc", lambda device: 90)
     keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
-    cfg = {**dict(zip(keys, tile, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1}
+    cfg = {**dict(zip(keys, tile, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1, "PERSISTENT": int(persistent)}
     with aot.recorded_launches("gemm_wgmma") as launches:
         w4a4_linear(*_operands(TOKENS, planes=True), residual=torch.empty(TOKENS, 4096, dtype=torch.float16),
                     out_dtype=torch.float16, config=cfg)
     assert len(launches) == 1
-    name = "w4a4_gemm_wgmma_planes_{}x{}x{}_w{}_s{}".format(*tile[:3], *tile[4:])
+    name = "w4a4_gemm_wgmma_{}planes_{}x{}x{}_w{}_s{}".format("persistent_" if persistent else "", *tile[:3],
+                                                               *tile[4:])
     spec = next(s for s in aot.variant_specs(90) if s.name == name)
     assert spec_differences(spec, aot.jit_spec(name, launches[0])) == {}
