@@ -688,6 +688,17 @@ def e2e_section(device: torch.device, shape: str, layers: int, prefill: list[tup
         _try(row, "w4a4kv4_planes_ms", lambda ids=ids: bench(partial(planar, ids), device))
         if "w4a4kv4_planes_ms" in row:
             row["speedup_planes"] = t16 / row["w4a4kv4_planes_ms"]
+        if ops.device_cc(device) == 90:  # the plane prefill with the Gluon GEMM among the candidates (bits checked)
+            linear.WGMMA_CANDIDATES = True
+            try:
+                _try(row, "w4a4kv4_planes_wgmma_ms", lambda ids=ids: bench(partial(planar, ids), device))
+            finally:
+                linear.WGMMA_CANDIDATES = False
+            if "w4a4kv4_planes_wgmma_ms" in row:
+                row["speedup_planes_wgmma"] = t16 / row["w4a4kv4_planes_wgmma_ms"]
+            row["wgmma_won"] = sum(1 for key, cfg in linear._TUNED.items() if key[-1] and cfg.get("WGMMA"))
+            row["wgmma_refused"] = sorted({err for (key, _), err in linear.TUNE_ERRORS.items()
+                                           if key[-1] and "bits" in err})
         out["prefill"].append(row)
     for batch, ctx in decode:
         cache16, cache4, step = _decode_state(base, fast, vocab, batch, ctx, device)

@@ -111,6 +111,11 @@ A benchmark variant, not an autotune candidate, until a GPU has run it. ``"PERSI
 ``w4a4_gemm_wgmma_persistent_kernel``: one program per SM over the tiles, the next tile's loads during this tile's
 epilogue (``GEMM_WGMMA_PERSISTENT_TILES``: 3 stages, as the output tile's buffer stays allocated)."""
 GEMM_WGMMA_PERSISTENT_TILES = ((128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3))
+WGMMA_CANDIDATES = False
+"""Opt-in: the Gluon GEMM's tiles (``GEMM_WGMMA_TILES`` for M > 16, and the persistent ones for M > 256) join the
+autotune candidates on sm_90 when both operands are planes. Each such candidate is checked against the default's
+bits on the call's own data before it is timed, and dropped (``TUNE_ERRORS``) if they differ. Off until a GPU has
+run the kernel (``tools/bench_kernels.py`` turns it on for its ``w4a4kv4_planes_wgmma_ms`` prefill row)."""
 W_PLANES_MIN_M = 17  # below, a weight's packed codes are read even when it has planes (half the bytes)
 GEMM_SPLITK = {"tiles": [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4)], "splits": (2, 4, 8)}
 """Split-K autotune candidates for M <= 16 (packed operands): each tile with each split count
@@ -172,14 +177,16 @@ TUNE_ERRORS: dict[tuple, str] = {}
 
 
 def _autotune(key: tuple, run: Callable[[dict[str, int]], object], candidates: list[dict[str, int]],
-              timer: Callable[[Callable[[], object]], float] | None = None) -> dict:
+              timer: Callable[[Callable[[], object]], float] | None = None,
+              same_bits: Callable[[dict[str, int]], bool] | None = None) -> dict:
     """Time each candidate once per key and keep the fastest. Any config computes the same bits (integer
     accumulation), so tuning changes speed only. The default ``timer`` is ``timing.gpu_ms``: GPU time of a CUDA-graph
     replay with L2 flushed, as ``tools/bench_kernels.py`` measures and a served decode step runs. (Eager timing
     counted the host's launch overhead, which made the two-launch split-K configs lose at M = 1 although their GPU
     time was 16-34 % lower on an H200.) A candidate that cannot run (out of shared memory, or any other error of a
     non-default candidate, e.g. a tensor-descriptor tile on an untested driver) is skipped and its error kept in
-    ``TUNE_ERRORS``; the default's errors propagate."""
+    ``TUNE_ERRORS``; the default's errors propagate. ``same_bits(cfg)`` (called for the candidates of kernels no GPU
+    has validated, config ``"WGMMA"``) must hold before such a candidate is timed."""
     if key not in _TUNED:
         from triton.runtime.errors import OutOfResources
 
@@ -191,6 +198,9 @@ def _autotune(key: tuple, run: Callable[[dict[str, int]], object], candidates: l
 
         def timed(cfg: dict[str, int]) -> float:
             try:
+                if cfg.get("WGMMA") and same_bits is not None and not same_bits(cfg):
+                    TUNE_ERRORS[(key, tuple(sorted(cfg.items())))] = "different bits from the default config"
+                    return math.inf
                 return timer(lambda: run(cfg))
             except OutOfResources:  # a tile this GPU's shared memory cannot hold
                 return math.inf
@@ -350,13 +360,22 @@ def w4a4_linear(act: PackedRows, weight: PackedWeight, residual: torch.Tensor | 
         planar = act.planes or w_planes_default
         cc = device_cc(y.device)
         int_mm_ok = act.planes and weight.planes is not None and n % 8 == 0  # K = 2 * k2: a multiple of 64
-        candidates = linear_candidates(m, k2, planar, cc, tma_eligible(act, weight, y, residual), int_mm_ok)
+        tma_ok = tma_eligible(act, weight, y, residual)
+        wgmma_ok = WGMMA_CANDIDATES and act.planes and w_planes_default and tma_ok
+        candidates = linear_candidates(m, k2, planar, cc, tma_ok, int_mm_ok, wgmma_ok)
         config = candidates[0]
         if len(candidates) > 1 and not interpreted() and os.environ.get("INFOQUANT_GEMM_AUTOTUNE", "1") != "0":
             key = tune_key(m, n, k2, out_dtype, weight.bias is not None, residual is not None, act.planes,
                            w_planes_default, cc)
+
+            def same_bits(cfg: dict[str, int]) -> bool:
+                run(candidates[0])
+                ref = y.clone()
+                run(cfg)
+                return torch.equal(y, ref)
+
             if key in _TUNED or not torch.cuda.is_current_stream_capturing():  # no timing inside a capture
-                config = _autotune(key, run, candidates)
+                config = _autotune(key, run, candidates, same_bits=same_bits)
     run(config)
     return y
 
@@ -393,16 +412,18 @@ def _launch_wgmma(act: PackedRows, weight: PackedWeight, y: torch.Tensor, residu
 
 def tune_key(m: int, n: int, k2: int, out_dtype: torch.dtype, bias: bool, residual: bool, a_planes: bool,
              w_planes: bool, cc: int | None) -> tuple:
-    """The autotuner's cache key of a ``w4a4_linear`` call (``_TUNED[key]`` is the chosen tile)."""
-    return (_bucket(m), n, k2, out_dtype, bias, residual, a_planes, w_planes, cc)
+    """The autotuner's cache key of a ``w4a4_linear`` call (``_TUNED[key]`` is the chosen tile); it includes
+    ``WGMMA_CANDIDATES``, which changes the candidates."""
+    return (_bucket(m), n, k2, out_dtype, bias, residual, a_planes, w_planes, cc, WGMMA_CANDIDATES)
 
 
 def linear_candidates(m: int, k2: int, planar: bool, cc: int | None, tma_ok: bool,
-                      int_mm_ok: bool = False) -> list[dict[str, int]]:
+                      int_mm_ok: bool = False, wgmma_ok: bool = False) -> list[dict[str, int]]:
     """``w4a4_linear``'s autotune candidates, the default first: the tiles of ``gemm_tables(cc)`` (plane tiles
     for planar operands), on sm_90 the TMA tiles (``tma_ok``), for M <= 16 with packed operands the split-K
     configs of ``GEMM_SPLITK``, on a GPU for M > 16 with both operands as planes (``int_mm_ok``) the library's
-    int8 GEMM plus the epilogue kernel (``INT_MM``)."""
+    int8 GEMM plus the epilogue kernel (``INT_MM``); with ``wgmma_ok`` (``WGMMA_CANDIDATES``, both operands as
+    planes) on sm_90 for M > 16 the Gluon GEMM's tiles (M > 256: its persistent form too)."""
     packed_tiles, plane_tiles = gemm_tables(cc)
     candidates = gemm_candidates(m, k2, plane_tiles if planar else packed_tiles)
     if cc is not None and 90 <= cc < 100 and tma_ok:
@@ -412,6 +433,15 @@ def linear_candidates(m: int, k2: int, planar: bool, cc: int | None, tma_ok: boo
                        for c in gemm_candidates(m, k2, {"small": GEMM_SPLITK["tiles"]})]
     if int_mm_ok and cc is not None and m > 16:
         candidates.append({**GEMM_INT_MM_EPILOGUE, "INT_MM": 1})
+    if wgmma_ok and cc == 90 and m > 16:
+        keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
+        fits = [t for t in GEMM_WGMMA_TILES if k2 % t[2] == 0 and 2 * k2 >= (t[5] - 1) * 2 * t[2]
+                and (m > 256 or t[0] * t[1] <= 128 * 128)]  # M <= 256: the tiles that still fill the SMs
+        candidates += [{**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1} for t in fits]
+        if m > 256:
+            candidates += [{**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1,
+                            "PERSISTENT": 1} for t in GEMM_WGMMA_PERSISTENT_TILES
+                           if k2 % t[2] == 0 and 2 * k2 >= (t[5] - 1) * 2 * t[2]]
     return candidates
 
 

@@ -114,6 +114,12 @@ def test_wgmma_gemm_same_bits(n, k):
         for cfg in configs:
             cfg = {**cfg, "W_PLANES": 1, "SWAP": 0}
             assert torch.equal(ops.w4a4_linear(act_p, w, res, out_dtype=torch.float16, config=cfg), ref), (m, cfg)
+        linear.WGMMA_CANDIDATES = True  # the opt-in autotuning: every Gluon candidate passes its bit check
+        try:
+            assert torch.equal(ops.w4a4_linear(act_p, w, res, out_dtype=torch.float16), ref), m
+        finally:
+            linear.WGMMA_CANDIDATES = False
+        assert not [e for (key, _), e in linear.TUNE_ERRORS.items() if key[-1] and "bits" in e], m
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008)])

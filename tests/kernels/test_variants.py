@@ -143,6 +143,43 @@ def test_autotune_skips_a_failing_candidate():
         linear._autotune(("test_autotune_default_error",), run, [{"BM": 2}, {"BM": 1}], timer)
 
 
+def test_wgmma_candidates_opt_in():
+    """The Gluon GEMM joins the autotune candidates only when asked (``WGMMA_CANDIDATES``), on sm_90, for M > 16
+    with both operands as planes; M <= 256 keeps the tiles that still fill the SMs, M > 256 adds the persistent
+    form."""
+    def wgmma(m, cc=90, ok=True, k2=2048):
+        return [c for c in ops.linear_candidates(m, k2, True, cc, True, True, ok) if c.get("WGMMA")]
+
+    assert not wgmma(2048, ok=False) and not wgmma(2048, cc=89) and not wgmma(16)
+    assert len(wgmma(2048)) == len(ops.GEMM_WGMMA_TILES) + len(ops.GEMM_WGMMA_PERSISTENT_TILES)
+    assert {(c["BM"], c["BN"]) for c in wgmma(256)} == {(128, 128), (64, 128)}
+    assert sum(c.get("PERSISTENT", 0) for c in wgmma(256)) == 0
+    assert not wgmma(2048, k2=64)  # K = 128: fewer K steps than any tile's prologue prefetches
+
+
+def test_autotune_drops_a_candidate_with_other_bits():
+    """A candidate of a kernel no GPU has validated (``WGMMA``) is compared with the default's bits before it is
+    timed; if they differ it is dropped and recorded, however fast."""
+    last: dict = {}
+
+    def run(cfg):
+        last.clear()
+        last.update(cfg)
+
+    def timer(fn):
+        fn()
+        return {1: 2.0, 2: 0.5, 3: 1.0}[last["BM"]]
+
+    key = ("test_autotune_drops_a_candidate_with_other_bits",)
+    linear._TUNED.pop(key, None)
+    candidates = [{"BM": 1}, {"BM": 2, "WGMMA": 1}, {"BM": 3, "WGMMA": 1}]
+    chosen = linear._autotune(key, run, candidates, timer, same_bits=lambda cfg: cfg["BM"] != 2)
+    assert chosen == {"BM": 3, "WGMMA": 1}
+    assert linear.TUNE_ERRORS[(key, (("BM", 2), ("WGMMA", 1)))] == "different bits from the default config"
+    linear._TUNED.pop(key, None)
+    assert linear._autotune(key, run, candidates, timer, same_bits=lambda cfg: True) == {"BM": 2, "WGMMA": 1}
+
+
 def test_chunked_kernel_rotates_power_of_two_blocks(monkeypatch):
     """The chunked kernel takes rows with a block-diagonal Hadamard of power-of-two blocks no larger than the
     chunk (43 blocks of 256 at 11008 in chunks of 1024, with the SwiGLU prologue); larger blocks or a Paley K fall
