@@ -27,6 +27,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .gemm import gemm_scale
+
 
 def mma_layout(BM: int, BN: int, num_warps: int) -> gl.NVMMADistributedLayout:
     """The accumulator layout (the kernel's ``ACC_LAYOUT``): warps tiled from [4, 1] along M while 16-row warp
@@ -68,22 +70,11 @@ def _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step, off_m, off_n, STAGES
 @gluon.jit
 def _scaled(acc, off_m, off_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr,
             HAS_BIAS: gl.constexpr, layout: gl.constexpr):
-    """``gemm.gemm_scale``: ``((acc - z_a * rowsum_w) * s_a) * s_w (+ bias)`` in float32, in its order (vectors
-    loaded masked on the true rows / columns)."""
-    BM: gl.constexpr = acc.shape[0]
-    BN: gl.constexpr = acc.shape[1]
-    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    z = gl.load(a_zero_ptr + offs_m, mask=m_mask, other=0).to(gl.int32)
-    rowsum = gl.load(w_rowsum_ptr + offs_n, mask=n_mask, other=0)
-    acc = acc - z[:, None] * rowsum[None, :]
-    y = acc.to(gl.float32) * gl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
-    y = y * gl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        y = y + gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    return y
+    """``gemm.gemm_scale`` on the accumulator's rows and columns (its layout's slices)."""
+    offs_m = off_m + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+    offs_n = off_n + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+    return gemm_scale(acc, offs_m, offs_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr,
+                      HAS_BIAS)
 
 
 @gluon.jit
