@@ -220,8 +220,10 @@ VARIANT_GEMM = {  # the H200 run's best of each layout kept (docs/bench/variants
 # "default" is ops.quantize_rows itself (the runtime's choice: chunked above ops.CHUNKED_ABOVE), "row_tile" the
 # one-pass kernel, "default_div_rn" the default with div.rn.f32 per element (rows.FAST_DIV = False),
 # "fwht_two_pass" the default with a single block's FWHT in two passes (rows.FWHT_TWO_PASS = True),
-# "few_rows_off" the default with a few rows routed like many (rows.FEW_ROWS = 0; only rows below FEW_ROWS)
-VARIANT_QUANT = [("default", None, None, False, None), ("fwht_two_pass", None, None, False, None),
+# "few_rows_off" the default with a few rows routed like many (rows.FEW_ROWS = 0; only rows below FEW_ROWS),
+# "gluon" the Gluon kernel with the FWHT's stages laid out by hand (one Hadamard block, 1024-8192 values; GPU only)
+VARIANT_QUANT = [("default", None, None, False, None), ("gluon", None, None, False, None),
+                 ("fwht_two_pass", None, None, False, None),
                  ("few_rows_off", None, None, False, None),
                  ("default_div_rn", None, None, False, None),
                  ("row_tile", None, None, False, None),
@@ -379,6 +381,10 @@ def variants_quantize(device: torch.device, m: int, sizes: list[tuple[int, int |
                 if m >= row_kernels.FEW_ROWS:
                     continue  # the same kernels as the default
                 fn = partial(_quantize_with, x, blocks, "FEW_ROWS", 0)
+            if name == "gluon":
+                if blocks != 1 or n not in (1024, 2048, 4096, 8192) or device.type != "cuda":
+                    continue  # the Gluon kernel: one power-of-two block over the row, compiled code only
+                fn = partial(ops.quantize_rows_variant, x, 4, 0.9, None, blocks, gluon=True)
             if name == "fwht_two_pass":
                 if blocks != 1 or tile.k > 1 or tile.p < 64:
                     continue  # the same kernel as the default: the split applies to one power-of-two block

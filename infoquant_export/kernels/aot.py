@@ -144,6 +144,19 @@ def gemm_wgmma_specs() -> list[KernelSpec]:
                          persistent=True) for t in GEMM_WGMMA_PERSISTENT_TILES]
 
 
+def quantize_gluon_spec(name: str, n: int, x: str = "fp16") -> KernelSpec:
+    """A ``quantize_gluon.hadamard_quantize_gluon_kernel`` specialisation: rows of ``n`` values (one Hadamard block),
+    n / 1024 warps, as ``quantize_rows_variant(..., gluon=True)`` launches it for 2048 rows."""
+    warps = n // 1024
+    row, lanes, warps_l, bytes_l = kernel_module("quantize_gluon").row_layouts(warps)
+    types = {"x_ptr": f"*{x}", "stride_xr": "i32", "codes_ptr": "*u8", "stride_cr": "i32", "scale_ptr": "*fp32",
+             "zero_ptr": "*u8", "inv_sqrt": "fp32", "clip": "fp32", "clip_min": "fp32"}
+    consts = {"W": warps, "LOG2W": warps.bit_length() - 1, "FAST_DIV": FAST_DIV, "ROW": row, "LANES": lanes,
+              "WARPS": warps_l, "BYTES": bytes_l}
+    return KernelSpec(name, "quantize_gluon", "hadamard_quantize_gluon_kernel", types, consts,
+                      ("x_ptr", "stride_xr", "codes_ptr", "stride_cr", "scale_ptr", "zero_ptr"), {"num_warps": warps})
+
+
 # What the JIT marks divisible by 16 in a row-kernel launch of 2048 prefill tokens (the AOT row specs' shape): every
 # pointer, the row / code / scale strides, 2048 rows, position 0 and the first row 0 (a KV cache of 4096 positions
 # adds t_cap). tests/kernels/test_aot_specs.py checks each spec against its wrapper's recorded launch.
@@ -321,6 +334,9 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
         _rows("swiglu_hadamard_quantize_14336_k28", 14336, 1, True, False, "fp16", PRE_SWIGLU, cc=cc),
         _rows("hadamard_quantize_5632_k44", 5632, 1, True, False, "fp16", cc=cc),
         _chunked("quantize_chunked_2048", 2048),
+        # the FWHT's stages laid out by hand (Gluon): 4096 and 8192 values in one Hadamard block
+        quantize_gluon_spec("hadamard_quantize_4096_gluon", 4096),
+        quantize_gluon_spec("hadamard_quantize_8192_gluon", 8192),
         # a served decode step's row kernels (one token; rows.FEW_ROWS): 16 warps per row, the 11008 FWHT pass a
         # program per chunk, the 11008 quantize as one row tile
         _chunked("swiglu_fwht_11008_172x64_decode", 1024, PRE_SWIGLU, 64, quant=False, chunk_grid=True),

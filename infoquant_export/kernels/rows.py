@@ -389,7 +389,7 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
                           hadamard_blocks: int | None = None, *, num_warps: int | None = None,
                           planes: bool = False, chunk: int | None = None,
                           prologue: Prologue | None = None, chunk_rotated: bool = True,
-                          stages: int | None = None) -> PackedRows:
+                          stages: int | None = None, gluon: bool = False) -> PackedRows:
     """``quantize_rows`` with the kernel variants (same codes, scales and zero points):
 
     ``planes``: 4-bit codes written unpacked as int8 planes (``PackedRows.planes``; the prefill GEMM operand);
@@ -397,9 +397,13 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
     (a power of two >= 64; default ``QUANT_CHUNK``), ``num_warps`` then applies to it (default 4); so do rows
     with a Hadamard of power-of-two blocks no larger than ``chunk`` when ``chunk_rotated``. An RMSNorm prologue
     needs the whole row: those rows always go through the row-tile kernel. ``stages``: the chunked kernel's
-    software-pipeline stages (default ``CHUNK_STAGES``).
+    software-pipeline stages (default ``CHUNK_STAGES``). ``gluon``: one Hadamard block over the whole row of a
+    power of two from 1024 to 8192 values, no prologue, packed 4-bit codes, on a GPU: the Gluon kernel with the
+    FWHT's stages laid out by hand (``quantize_gluon``).
     """
     _check_bits(bits)
+    if gluon:
+        return _quantize_gluon(x, bits, clip, clip_min, hadamard_blocks, planes, prologue)
     if planes and bits != 4:
         raise KernelInputError("planes=True holds 4-bit codes", "use bits=4 or planes=False")
     chunk = QUANT_CHUNK if chunk is None else chunk
@@ -437,6 +441,35 @@ def quantize_rows_variant(x: torch.Tensor, bits: int = 4, clip: float = 1.0, cli
                  y=scale, seq_len=m, pos0=0, code_strides=(0, codes.stride(0), block_bytes),
                  scale_strides=(0, 1, 0), num_warps=num_warps, planes=planes, pre=pre)
     return PackedRows(codes, scale, zero, bits, planes)
+
+
+def _quantize_gluon(x: torch.Tensor, bits: int, clip: float, clip_min: float | None, hadamard_blocks: int | None,
+                    planes: bool, prologue: Prologue | None) -> PackedRows:
+    """``quantize_rows_variant(..., gluon=True)``: ``quantize_gluon.hadamard_quantize_gluon_kernel``, one program of
+    n / 1024 warps per row."""
+    x2 = _rows(x, "x")
+    _check_device(x2)
+    n = x2.shape[1]
+    if bits != 4 or hadamard_blocks != 1 or planes or prologue is not None or n not in (1024, 2048, 4096, 8192):
+        raise KernelInputError(f"gluon=True takes 4-bit packed codes of rows of 1024-8192 values (a power of two) "
+                               f"rotated by one Hadamard block, without a prologue (got {bits} bits, {n} values, "
+                               f"hadamard_blocks={hadamard_blocks}, planes={planes}, prologue={prologue})",
+                               "drop gluon=True")
+    if interpreted() or device_cc(x2.device) is None or device_cc(x2.device) < 80:
+        raise KernelInputError("gluon=True is compiled GPU code (sm_80+; Triton's interpreter cannot run Gluon)",
+                               "drop gluon=True")
+    m, warps = x2.shape[0], n // 1024
+    codes = torch.empty(m, n // 2, dtype=torch.uint8, device=x2.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x2.device)
+    zero = torch.empty(m, dtype=torch.uint8, device=x2.device)
+    mod = kernel_module("quantize_gluon")
+    row, lanes, warps_l, bytes_l = mod.row_layouts(warps)
+    clip_min = clip if clip_min is None else clip_min
+    mod.hadamard_quantize_gluon_kernel[(m,)](
+        x2, x2.stride(0), codes, codes.stride(0), scale, zero, _inv_sqrt(n), _f32(clip), _f32(clip_min),
+        W=warps, LOG2W=warps.bit_length() - 1, FAST_DIV=_fast_div(), ROW=row, LANES=lanes, WARPS=warps_l,
+        BYTES=bytes_l, num_warps=warps, enable_fp_fusion=False)
+    return PackedRows(codes, scale, zero, bits, False)
 
 
 def hadamard(x: torch.Tensor, num_blocks: int = 1) -> torch.Tensor:

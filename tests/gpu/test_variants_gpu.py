@@ -167,6 +167,21 @@ def test_gemm_variants_bias_residual_against_primitives():
         assert torch.equal(ops.w4a4_linear(a, weight, resid.to(CUDA), config=cfg).cpu(), ref)
 
 
+@pytest.mark.parametrize("n", [1024, 2048, 4096, 8192])
+def test_gluon_quantize_same_bits(n):
+    """The Gluon Hadamard + quantize kernel (the FWHT's stages laid out by hand) gives the row kernel's codes, scales
+    and zero points: float16, bfloat16 and float32 rows, outliers and an all-zero row included."""
+    g = torch.Generator(device=CUDA).manual_seed(n)
+    x = torch.randn(777, n, device=CUDA, generator=g) * 2
+    x[:3] *= 40
+    x[5] = 0
+    for xx in (x.half(), x.bfloat16(), x):
+        ref = ops.quantize_rows(xx, 4, 0.9, None, 1)
+        got = ops.quantize_rows_variant(xx, 4, 0.9, None, 1, gluon=True)
+        assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale), (n, xx.dtype)
+        assert torch.equal(got.zero, ref.zero), (n, xx.dtype)
+
+
 @pytest.mark.parametrize("n,blocks", [(4096, None), (4096, 1), (11008, None), (11008, 43), (576, None)])
 def test_quantize_variants_same_bits(n, blocks):
     x = torch.randn(1024, n, device=CUDA) * 2

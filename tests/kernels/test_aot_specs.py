@@ -212,3 +212,16 @@ def test_wgmma_spec_is_what_the_jit_compiles(tile, persistent, monkeypatch):
                                                                *tile[4:])
     spec = next(s for s in aot.variant_specs(90) if s.name == name)
     assert spec_differences(spec, aot.jit_spec(name, launches[0])) == {}
+
+
+@pytest.mark.parametrize("n", [4096, 8192])
+def test_gluon_quantize_spec_is_what_the_jit_compiles(n, monkeypatch):
+    """The Gluon Hadamard + quantize launch (``quantize_rows_variant(..., gluon=True)``), recorded as on a GPU."""
+    monkeypatch.setattr(rows, "interpreted", lambda: False)
+    monkeypatch.setattr(rows, "device_cc", lambda device: 90)
+    with aot.recorded_launches("quantize_gluon") as launches:
+        rows.quantize_rows_variant(_x(n), 4, 0.9, None, 1, gluon=True)
+    assert len(launches) == 1
+    name = f"hadamard_quantize_{n}_gluon"
+    spec = next(s for s in aot.variant_specs(90) if s.name == name)
+    assert spec_differences(spec, aot.jit_spec(name, launches[0])) == {}

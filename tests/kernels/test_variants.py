@@ -113,6 +113,10 @@ def test_variant_bad_input():
     act_p = ops.quantize_rows_variant(x.to(DEVICE), 4, planes=True)
     with pytest.raises(ops.KernelInputError, match="sm_90 Gluon kernel"):  # the interpreter, or a GPU other than sm_90
         ops.w4a4_linear(act_p, w.with_planes(), config={**SMALL, "W_PLANES": 1, "SWAP": 0, "WGMMA": 1})
+    with pytest.raises(ops.KernelInputError, match="gluon=True takes 4-bit packed codes of rows of 1024-8192"):
+        ops.quantize_rows_variant(torch.randn(4, 4096), 4, hadamard_blocks=2, gluon=True)
+    with pytest.raises(ops.KernelInputError, match="gluon=True is compiled GPU code"):
+        ops.quantize_rows_variant(torch.randn(4, 4096).to(DEVICE), 4, hadamard_blocks=1, gluon=True)
     with pytest.raises(ops.KernelInputError, match="prefetches 2 K steps of 64, more than in_features 64"):
         ops.w4a4_linear(act_p, w.with_planes(), config={**SMALL, "num_stages": 3, "W_PLANES": 1, "WGMMA": 1})
     bad = ops.PackedWeight(w.codes, w.scale, w.rowsum, planes=torch.zeros(16, 32, dtype=torch.int8, device=DEVICE))
