@@ -17,11 +17,13 @@
 # ~220 s with their compiles; test_variants_gpu.py needs another ~4 min (the GEMM tile sweep ~60 s, the decode
 # attention variants the rest), so it has a call of its own, with the GEMM variants (the persistent TMA GEMM):
 #   TESTS=tests/gpu/test_variants_gpu.py SECTIONS=variants VARIANT_KINDS=gemm,k_step bash tools/gpu_check.sh OUT
-# The Gluon sm_90 GEMM (hand-written barriers: a mistake would hang rather than fail) has a test of its own, to run
-# first with a short limit (TESTS is split on spaces):
+# The Gluon kernels (the sm_90 GEMM's hand-written barriers: a mistake would hang rather than fail; the Hadamard +
+# quantize with its FWHT laid out by hand) have tests of their own, to run first with a short limit (TESTS is split
+# on spaces):
 #   TESTS="tests/gpu/test_variants_gpu.py::test_wgmma_gemm_same_bits
-#   tests/gpu/test_variants_gpu.py::test_gemm_variants_bias_residual_against_primitives" TEST_TIMEOUT=150
-#   SECTIONS=variants VARIANT_KINDS=gemm bash tools/gpu_check.sh OUT
+#   tests/gpu/test_variants_gpu.py::test_gemm_variants_bias_residual_against_primitives
+#   tests/gpu/test_variants_gpu.py::test_gluon_quantize_same_bits" TEST_TIMEOUT=180
+#   SECTIONS=variants VARIANT_KINDS=gemm,quantize bash tools/gpu_check.sh OUT
 set -u
 OUT=${1:-/tmp/gpu-out}
 mkdir -p "$OUT"
