@@ -107,7 +107,8 @@ GEMM_WGMMA_TILES = ((128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 128,
 both operands), which keeps one group of int8 warpgroup MMAs queued behind the running one; Triton's ``tl.dot``
 waits for each K step's int8 MMAs to finish (its pipeliner keeps only float32 accumulators in flight). The
 tensor-descriptor kernel's M = 2048 tiles, a 128 x 128 tile two programs of which fit one SM, and an M = 256 tile.
-A benchmark variant, not an autotune candidate, until a GPU has run it. ``"PERSISTENT": 1`` with it runs
+A benchmark variant, and an autotune candidate only with ``WGMMA_CANDIDATES``, until a GPU has run it.
+``"PERSISTENT": 1`` with it runs
 ``w4a4_gemm_wgmma_persistent_kernel``: one program per SM over the tiles, the next tile's loads during this tile's
 epilogue (``GEMM_WGMMA_PERSISTENT_TILES``: 3 stages, as the output tile's buffer stays allocated)."""
 GEMM_WGMMA_PERSISTENT_TILES = ((128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3))
