@@ -436,13 +436,10 @@ def linear_candidates(m: int, k2: int, planar: bool, cc: int | None, tma_ok: boo
         candidates.append({**GEMM_INT_MM_EPILOGUE, "INT_MM": 1})
     if wgmma_ok and cc == 90 and m > 16:
         keys = ("BM", "BN", "BK2", "GROUP_M", "num_warps", "num_stages")
-        fits = [t for t in GEMM_WGMMA_TILES if k2 % t[2] == 0 and 2 * k2 >= (t[5] - 1) * 2 * t[2]
-                and (m > 256 or t[0] * t[1] <= 128 * 128)]  # M <= 256: the tiles that still fill the SMs
-        candidates += [{**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1} for t in fits]
-        if m > 256:
-            candidates += [{**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1,
-                            "PERSISTENT": 1} for t in GEMM_WGMMA_PERSISTENT_TILES
-                           if k2 % t[2] == 0 and 2 * k2 >= (t[5] - 1) * 2 * t[2]]
+        tiles = [(t, 0) for t in GEMM_WGMMA_TILES if m > 256 or t[0] * t[1] <= 128 * 128]  # M <= 256: SMs filled
+        tiles += [(t, 1) for t in GEMM_WGMMA_PERSISTENT_TILES if m > 256]
+        candidates += [{**dict(zip(keys, t, strict=True)), "W_PLANES": 1, "SWAP": 0, "WGMMA": 1, "PERSISTENT": p}
+                       for t, p in tiles if k2 % t[2] == 0 and k2 >= (t[5] - 1) * t[2]]  # K covers the prefetch
     return candidates
 
 

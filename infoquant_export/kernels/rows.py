@@ -455,7 +455,7 @@ def _quantize_gluon(x: torch.Tensor, bits: int, clip: float, clip_min: float | N
                                f"rotated by one Hadamard block, without a prologue (got {bits} bits, {n} values, "
                                f"hadamard_blocks={hadamard_blocks}, planes={planes}, prologue={prologue})",
                                "drop gluon=True")
-    if interpreted() or device_cc(x2.device) is None or device_cc(x2.device) < 80:
+    if interpreted() or (device_cc(x2.device) or 0) < 80:
         raise KernelInputError("gluon=True is compiled GPU code (sm_80+; Triton's interpreter cannot run Gluon)",
                                "drop gluon=True")
     m, warps = x2.shape[0], n // 1024

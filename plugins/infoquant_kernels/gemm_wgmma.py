@@ -58,13 +58,13 @@ def _tile_offsets(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.co
 
 
 @gluon.jit
-def _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step, off_m, off_n, STAGES: gl.constexpr):
-    """Start the TMA copies of K step ``step`` into stage ``step % STAGES`` (completion counted on its barrier)."""
-    s = step % STAGES
+def _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, stage, k, off_m, off_n):
+    """Start the TMA copies of K step ``k`` of the tile at (``off_m``, ``off_n``) into ring stage ``stage``
+    (completion counted on its barrier)."""
     BK: gl.constexpr = a_desc.block_type.shape[1]
-    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [off_m, step * BK], ready.index(s), a_bufs.index(s))
-    tma.async_copy_global_to_shared(w_desc, [off_n, step * BK], ready.index(s), w_bufs.index(s))
+    mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [off_m, k * BK], ready.index(stage), a_bufs.index(stage))
+    tma.async_copy_global_to_shared(w_desc, [off_n, k * BK], ready.index(stage), w_bufs.index(stage))
 
 
 @gluon.jit
@@ -101,7 +101,7 @@ def w4a4_gemm_wgmma_kernel(
     # prologue: steps 0 .. STAGES - 2 in flight (the wrapper asks for K >= (STAGES - 1) * BK; a guard here costs
     # the overlap: ptxas serializes the MMAs of 8-warp tiles when the zeroed accumulator has two paths, C7515)
     for p in gl.static_range(STAGES - 1):
-        _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, p, off_m, off_n, STAGES)
+        _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, p, p, off_m, off_n)
 
     acc = gl.zeros((BM, BN), dtype=gl.int32, layout=ACC_LAYOUT)
     for i in range(steps):
@@ -111,7 +111,7 @@ def w4a4_gemm_wgmma_kernel(
         # at most this step's group in flight: step i - 1 has read its stage, which now takes step i + STAGES - 1
         acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_bufs.index(s), w_bufs.index(s)))
         if i + STAGES - 1 < steps:
-            _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, i + STAGES - 1, off_m, off_n, STAGES)
+            _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, (i + STAGES - 1) % STAGES, i + STAGES - 1, off_m, off_n)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(b))
@@ -169,7 +169,7 @@ def w4a4_gemm_wgmma_persistent_kernel(
     # the wrapper asks for K >= (STAGES - 1) * BK: the prologue's steps are all in the first tile
     l_m, l_n = _tile_offsets(pid, M, N, BM, BN, GROUP_M)
     for p in gl.static_range(STAGES - 1):
-        _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, p, l_m, l_n, STAGES)
+        _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, p, p, l_m, l_n)
     l_k = STAGES - 1  # the next load: K step l_k of the tile at (l_m, l_n), the program's l_t-th
     l_t = 0
 
@@ -193,10 +193,7 @@ def w4a4_gemm_wgmma_persistent_kernel(
                     l_k = 0
                     l_t += 1
                     l_m, l_n = _tile_offsets(pid + l_t * NUM_PROGRAMS, M, N, BM, BN, GROUP_M)
-                sl = (g + STAGES - 1) % STAGES
-                mbarrier.expect(ready.index(sl), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [l_m, l_k * BK], ready.index(sl), a_bufs.index(sl))
-                tma.async_copy_global_to_shared(w_desc, [l_n, l_k * BK], ready.index(sl), w_bufs.index(sl))
+                _load_step(a_desc, w_desc, a_bufs, w_bufs, ready, (g + STAGES - 1) % STAGES, l_k, l_m, l_n)
                 l_k += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         y = _scaled(acc, off_m, off_n, M, N, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_rowsum_ptr, bias_ptr,
