@@ -249,6 +249,24 @@ def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps
                       {"num_warps": num_warps, "num_stages": stages, "enable_fp_fusion": True})
 
 
+def decode_mma_spec(name: str, group: int, head_dim: int, block_t: int, num_warps: int) -> KernelSpec:
+    """A ``attention_mma.kv4_decode_partial_mma_kernel`` specialisation (Gluon; float16 q, 8 splits, ``block_t``
+    tokens per warp and step), as ``kv4_decode_attention(..., kernel="mma")`` launches it."""
+    base = _decode(name, group, head_dim)
+    layouts = kernel_module("attention_mma").decode_mma_layouts(num_warps, head_dim)
+    return KernelSpec(name, "attention_mma", "kv4_decode_partial_mma_kernel", base.types,
+                      {"G": group, "D": head_dim, "BTW": block_t, "SPLITS": 8, **layouts}, base.divisible,
+                      {"num_warps": num_warps, "enable_fp_fusion": True})
+
+
+def decode_mma_specs() -> list[KernelSpec]:
+    """The mma decode kernel's specialisations: LLaMA-2-7B heads (G = 1, D = 128) at 16 / 32 / 64 tokens per warp,
+    a GQA group of 4 (LLaMA-3-8B) and the demo model's heads (G = 3, D = 64)."""
+    return [*(decode_mma_spec(f"kv4_decode_mma_g1_d128_bt{bt}_w4", 1, 128, bt, 4) for bt in (16, 32, 64)),
+            decode_mma_spec("kv4_decode_mma_g4_d128_bt32_w4", 4, 128, 32, 4),
+            decode_mma_spec("kv4_decode_mma_g3_d64_bt32_w4", 3, 64, 32, 4)]
+
+
 def default_specs(cc: int = 90) -> list[KernelSpec]:
     """The specialisations of LLaMA-2-7B (hidden 4096, intermediate 11008, 32 heads of 128) and the demo model that
     the runtime launches by default on compute capability ``cc``."""
@@ -320,7 +338,7 @@ def tile_specs(cc: int) -> list[KernelSpec]:
 def variant_specs(cc: int = 90) -> list[KernelSpec]:
     """The performance variants (``tools/bench_kernels.py --sections variants``) at LLaMA-2-7B prefill shapes:
     the GEMM operand layouts, the planar and chunked activation quantization, the TMA GEMM (sm_90), the CUDA-core
-    decode attention."""
+    and the mma.sync (Gluon) decode attention."""
     planes = _rows("hadamard_quantize_4096_planes", 4096, 1, True, False, "fp16", cc=cc)
     return [
         _gemm_v2("w4a4_gemm_v2_aplanes_swap_m2048", 2048, 4096, "fp16", True, False, True, cc=cc),
@@ -362,6 +380,7 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
           for bt, w, s in ((64, 4, 2), (64, 4, 3), (32, 8, 3), (32, 4, 3))),
         *(decode_cc_spec(f"kv4_decode_ccs_g1_d128_bt{bt}_w{w}_s{s}", 1, 128, bt, w, s, slots=True)
           for bt, w, s in ((64, 4, 1), (64, 4, 3), (32, 4, 1), (64, 8, 1), (32, 8, 1), (32, 8, 3))),
+        *decode_mma_specs(),  # the decode attention with the cache dequantized into mma.sync operands (Gluon)
     ]
 
 

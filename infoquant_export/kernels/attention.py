@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from infoquant_export.kernels import kernel_module
+from infoquant_export.kernels import interpreted, kernel_module
 from infoquant_export.kernels.checks import (
     FLOAT_DTYPES,
     KernelInputError,
@@ -16,6 +16,7 @@ from infoquant_export.kernels.checks import (
     _check_device,
     _check_dtype,
     _pow2,
+    device_cc,
     triton_cdiv,
 )
 from infoquant_export.kernels.kv import KVCache4, _check_cache
@@ -38,6 +39,11 @@ DECODE_CC_TILE = (64, 4)
 # timed with; 2-4 copy the next tiles asynchronously (same values; to be timed: tools/bench_kernels.py variants)
 DECODE_CC_STAGES = 1
 FLOAT_2_23_BITS = 0x4B000000  # the CUDA-core decode kernel's magic_bits argument (the float 2^23)
+# (tokens per warp and step, warps) of the Gluon mma.sync decode kernel (kernel="mma"): 32 x 4 has the fewest
+# instructions per cached code at 12 resident warps (sm_90: 656 per warp and step, 2.56 per code against 4.69 for
+# "ccs" 64 x 4; BENCHMARKS.md); not timed on a GPU yet
+DECODE_MMA_TILE = (32, 4)
+DECODE_KERNELS = ("tc", "cc", "ccs", "mma")
 
 
 def decode_splits(batch_heads: int, max_len: int, block_t: int, target_programs: int) -> int:
@@ -61,8 +67,10 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     (stages: 3 for "tc", ``DECODE_CC_STAGES`` for "cc", where it sets the token loop's own pipelining).
     ``kernel``: ``"tc"`` the tensor-core kernel (a GQA group per program, 4 warps), ``"cc"`` the CUDA-core kernel
     (``kv4_decode_partial_cc_kernel``: one query head per program, float32 throughout, ``DECODE_CC_TILE``), ``"ccs"``
-    the same with a running max per token slot (``SLOTS``: no block-wide reduction per tile); default
-    ``$INFOQUANT_DECODE_KERNEL`` or ``"tc"``.
+    the same with a running max per token slot (``SLOTS``: no block-wide reduction per tile), ``"mma"`` the Gluon
+    kernel with the dequantized cache in the tensor cores' operand registers (``attention_mma``: a float16 q, GQA
+    groups of up to 8 heads, head_dim 64 / 128 / 256, sm_80+; ``DECODE_MMA_TILE``: ``block_t`` is then the tokens
+    per warp and step); default ``$INFOQUANT_DECODE_KERNEL`` or ``"tc"``.
     """
     kernel = kernel or os.environ.get("INFOQUANT_DECODE_KERNEL", "tc")
     _check_dtype("q", q, FLOAT_DTYPES)
@@ -95,15 +103,17 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
                                                                 int(lengths.min()) < 1):
         raise KernelInputError(f"lengths {lengths.tolist()} outside 1..max_len={max_len}",
                                "pass max_len >= every length (and every length >= 1)")
-    if kernel not in ("tc", "cc", "ccs"):
-        raise KernelInputError(f"kernel={kernel!r} is not 'tc', 'cc' or 'ccs'",
-                               "pass kernel='tc' (tensor cores), 'cc' or 'ccs' (CUDA cores)")
+    if kernel not in DECODE_KERNELS:
+        raise KernelInputError(f"kernel={kernel!r} is not one of {DECODE_KERNELS}",
+                               "pass kernel='tc' (tensor cores), 'cc' or 'ccs' (CUDA cores) or 'mma' (Gluon)")
     slots = kernel == "ccs"
     kernel = "cc" if slots else kernel
-    if kernel == "cc" and (k.codes.data_ptr() % 4 or v.codes.data_ptr() % 4):
-        raise KernelInputError("kernel='cc' reads the cache codes as 32-bit words; these start at an offset that "
-                               "is not a multiple of 4 bytes", "allocate the caches with KVCache4.empty")
+    if kernel in ("cc", "mma") and (k.codes.data_ptr() % 4 or v.codes.data_ptr() % 4):
+        raise KernelInputError(f"kernel='{kernel}' reads the cache codes as 32-bit words; these start at an offset "
+                               "that is not a multiple of 4 bytes", "allocate the caches with KVCache4.empty")
     g = hq // hkv
+    if kernel == "mma":
+        return _decode_mma(q, k, v, lengths, max_len, g, splits, block_t, num_warps)
     gp, default_block_t = decode_tile(g)
     block_t = block_t or (DECODE_CC_TILE[0] if kernel == "cc" else default_block_t)
     num_warps = num_warps or (DECODE_CC_TILE[1] if kernel == "cc" else 4)
@@ -130,4 +140,41 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     out = torch.empty_like(q)
     mod.kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits, SP=splits, D=d,
                                              num_warps=4)
+    return out
+
+
+def _decode_mma(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int, group: int,
+                splits: int | None, block_t: int | None, num_warps: int | None) -> torch.Tensor:
+    """``kv4_decode_attention(..., kernel="mma")``: ``attention_mma.kv4_decode_partial_mma_kernel`` (a GQA group per
+    program, ``block_t`` tokens per warp and step), then the combine kernel."""
+    b, hq, d = q.shape
+    hkv = k.codes.shape[1]
+    if q.dtype != torch.float16 or group > 8 or d not in (64, 128, 256):
+        raise KernelInputError(f"kernel='mma' takes a float16 q, GQA groups of up to 8 query heads and head_dim 64 / "
+                               f"128 / 256 (got {q.dtype}, group {group}, head_dim {d})", "use kernel='tc'")
+    if interpreted() or (device_cc(q.device) or 0) < 80:
+        raise KernelInputError("kernel='mma' is compiled GPU code (mma.sync, sm_80+; Triton's interpreter cannot run "
+                               "Gluon)", "use kernel='tc'")
+    block_t = block_t or DECODE_MMA_TILE[0]
+    num_warps = num_warps or DECODE_MMA_TILE[1]
+    if block_t not in (16, 32, 64) or num_warps not in (1, 2, 4, 8):
+        raise KernelInputError(f"kernel='mma' takes 16 / 32 / 64 tokens per warp and 1 / 2 / 4 / 8 warps (got "
+                               f"{block_t}, {num_warps})", "pass block_t / num_warps from those, or None")
+    step = block_t * num_warps
+    programs = b * hkv
+    splits = splits or decode_splits(programs, max_len, step,
+                                     4 * torch.cuda.get_device_properties(q.device).multi_processor_count)
+    chunk = triton_cdiv(triton_cdiv(max_len, splits), step) * step
+    part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    mod = kernel_module("attention_mma")
+    mod.kv4_decode_partial_mma_kernel[(programs, splits)](
+        q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
+        k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
+        lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)),
+        G=group, D=d, BTW=block_t, SPLITS=splits, **mod.decode_mma_layouts(num_warps, d), num_warps=num_warps)
+    out = torch.empty_like(q)
+    kernel_module("attention").kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits,
+                                                                    SP=splits, D=d, num_warps=4)
     return out

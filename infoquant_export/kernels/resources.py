@@ -68,7 +68,7 @@ def mma_loop(cubin: bytes) -> dict[str, Any] | None:
     ``mma_waits``: the operand of each warpgroup-MMA wait in the loop (``WARPGROUP.DEPBAR.LE gsb0, N``: wait until
     at most N MMA groups are in flight): [0] when each K step drains the tensor cores, one 0 per MMA when ptxas
     serialized them, [1] when the next step's MMAs queue behind the running ones. ``local``: spill loads / stores
-    (LDL / STL) in the loop."""
+    (LDL / STL) in the loop; ``shared``: shared-memory loads / stores (LDS, STS, LDSM) and block barriers (BAR)."""
     full, loops = _sass(cubin, operands=True)
     code = [(a, op) for a, op, _ in full]
     best = None
@@ -80,6 +80,7 @@ def mma_loop(cubin: bytes) -> dict[str, Any] | None:
                      for m in [re.search(r"gsb0,\s*(0x[0-9a-f]+)", args)] if m]
             best = {"instructions": sum(ops.values()), "mma": mma, "mma_waits": waits,
                     "local": ops.get("LDL", 0) + ops.get("STL", 0),
+                    "shared": sum(ops.get(op, 0) for op in ("LDS", "STS", "LDSM", "BAR")),
                     **{op.lower(): ops.get(op, 0) for op in ("PRMT", "LOP3", "SHF", "IMAD")}}
     return best
 

@@ -15,9 +15,11 @@ it takes BTW tokens per step and keeps its own online softmax; the warps merge o
   fragment: the same registers (every ``convert_layout`` here asserts it is trivial, so a layout change that would
   need shared memory or shuffles fails to compile).
 - Dequantization by the ``0x6400`` trick, two codes per instruction: ``(word & 0x000F000F) | 0x64006400`` is the
-  float16 pair ``(1024 + c0, 1024 + c4)``; one ``add.f16x2`` of ``-(1024 + z)`` leaves ``c - z`` (exact), and the
-  codes at bits 4 - 7 / 20 - 23 take one ``fma.f16x2`` (``* 1/16 - (64 + z)``, exact). 8 codes cost 4 LOP3, a shift
-  and 4 half2 ops; the values' pairs are two tokens' codes, so two words are first interleaved by two PRMTs.
+  float16 pair ``(1024 + c0, 1024 + c4)``; one ``sub.f16x2`` of ``1024 + z`` (the zero point's bits OR-ed into
+  0x6400) leaves ``c - z`` (exact), and the codes at bits 4 - 7 / 20 - 23 take one ``fma.f16x2``
+  (``* 1/16 - (64 + z)``, exact). 8 codes cost 4 LOP3, a shift and 4 half2 ops; the values' pairs are two tokens'
+  codes, so two words are first interleaved by two PRMTs.
+- The token loop runs over whole steps without masks (its loads vectorize); a last, partial step is masked.
 
 Precision: as the tensor-core kernel for a float16 q (q * scale and p * s_v rounded to float16, ``c - z`` exact,
 float32 accumulation, float32 online softmax in log2 units).
@@ -42,7 +44,8 @@ fma.rn.f16x2 $1, $1, s16, $16;
 sub.rn.f16x2 $2, $2, $12;
 fma.rn.f16x2 $3, $3, s16, $16;
 }""")
-_K_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 16))  # outputs; 8 words (one word 8 times); 4 + 4 half2 (-(M + z))
+# 4 outputs; 8 words (one word 8 times); 4 half2 of 1024 + z, 4 of -(64 + z)
+_K_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 16))
 
 # two tokens' words A ($8), B ($9) interleaved (bytes A0 A1 B0 B1 / A2 A3 B2 B3), then as _K_ASM: output j is the
 # pair (A's nibble PI[j] - zA, B's nibble PI[j] - zB)
@@ -73,6 +76,14 @@ fma.rn.f16x2 $7, $7, s16, $32;
 _V_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 32))  # outputs; 16 words (A, B, A, B, ...); 8 + 8 half2
 
 
+# the unpacked [NW, BTW, D/8 words, 8] K codes split as [NW, BTW, t, wl, j2, j1, j0] (word D/32 t + wl, element
+# j = 4 j2 + 2 j1 + j0) and permuted to [NW, (wl j2 j1 t j0) = k, BTW]: K'^T in the scores' MMA index order
+K_ORDER = gl.constexpr((0, 3, 4, 5, 2, 6, 1))
+# the unpacked V codes split as [NW, BTW, g, u, j2, j1, j0] (word D/64 g + u) and permuted to
+# [NW, (u j2 j1 j0 g) = m, BTW]: V'^T in the values' MMA row order
+V_ORDER = gl.constexpr((0, 3, 4, 5, 6, 2, 1))
+
+
 def decode_mma_layouts(warps: int, head_dim: int) -> dict[str, gl.NVMMADistributedLayout | gl.BlockedLayout]:
     """The kernel's layouts (constexpr arguments): ``MMA`` (both products; one warp per leading index), ``KW4`` /
     ``VW4`` the unpacked K / V codes ``[warps, tokens, D/8 words, 8 nibbles]`` (thread (g, t) = lane (4g + t) holds
@@ -84,17 +95,11 @@ def decode_mma_layouts(warps: int, head_dim: int) -> dict[str, gl.NVMMADistribut
 
 
 @gluon.jit
-def _pi(j):
-    """The nibble of a word that element j of the unpacking asm holds (0, 4, 1, 5, 2, 6, 3, 7)."""
-    return (j >> 1) + 4 * (j & 1)
-
-
-@gluon.jit
 def k_dim(k, D: gl.constexpr):
     """Head dimension of the scores' MMA index k: k = 16 (2 wl + j2) + 8 j1 + 2 t + j0 is element j = 4 j2 + 2 j1 + j0
     of word D/32 * t + wl (thread t's wl-th word)."""
     j = 4 * ((k >> 4) & 1) + 2 * ((k >> 3) & 1) + (k & 1)
-    return 8 * ((D // 32) * ((k >> 1) & 3) + (k >> 5)) + _pi(j)
+    return 8 * ((D // 32) * ((k >> 1) & 3) + (k >> 5)) + (j >> 1) + 4 * (j & 1)  # nibble PI[j] of the word
 
 
 @gluon.jit
@@ -102,7 +107,7 @@ def v_dim(m, D: gl.constexpr):
     """Head dimension of the values' MMA row m: m = 16 (4 u + 2 j2 + j1) + 8 j0 + g is element j = 4 j2 + 2 j1 + j0
     of word D/64 * g + u."""
     j = 4 * ((m >> 5) & 1) + 2 * ((m >> 4) & 1) + ((m >> 3) & 1)
-    return 8 * ((D // 64) * (m & 7) + (m >> 6)) + _pi(j)
+    return 8 * ((D // 64) * (m & 7) + (m >> 6)) + (j >> 1) + 4 * (j & 1)
 
 
 @gluon.jit
@@ -161,7 +166,7 @@ def _step(t0, t_end, q, m_i, l_i, acc, kw_head, vw_head, ks_head, kz_head, vs_he
     kwords = gl.expand_dims(_words(kw_head, tk, stride_tw, KW4, W, tkm, MASKED), 3) + 0 * jk
     k4 = gl.inline_asm_elementwise(_K_ASM, _K_CONSTRAINTS, [kwords, zz, nz16], gl.float16, True, 8)
     k4 = gl.reshape(k4, [NW, BTW, 4, D // 32, 2, 2, 2])          # t, wl, j2, j1, j0
-    k_op = gl.reshape(gl.permute(k4, [0, 3, 4, 5, 2, 6, 1]), [NW, D, BTW])
+    k_op = gl.reshape(gl.permute(k4, K_ORDER.value), [NW, D, BTW])
     k_op = gl.convert_layout(k_op, gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
     s = mma_v2(q, k_op, gl.zeros([NW, 16, BTW], gl.float32, MMA))
 
@@ -188,7 +193,7 @@ def _step(t0, t_end, q, m_i, l_i, acc, kw_head, vw_head, ks_head, kz_head, vs_he
     vwords = gl.expand_dims(_words(vw_head, tv, stride_tw, VW4, W, tvm, MASKED), 3) + 0 * jv
     v4 = gl.inline_asm_elementwise(_V_ASM, _V_CONSTRAINTS, [vwords, zz, nz16], gl.float16, True, 16)
     v4 = gl.reshape(v4, [NW, BTW, 8, D // 64, 2, 2, 2])          # g, u, j2, j1, j0
-    v_op = gl.reshape(gl.permute(v4, [0, 3, 4, 5, 6, 2, 1]), [NW, D, BTW])
+    v_op = gl.reshape(gl.permute(v4, V_ORDER.value), [NW, D, BTW])
     v_op = gl.convert_layout(v_op, gl.DotOperandLayout(0, MMA, 2), assert_trivial=True)
     a_lo, a_hi = gl.split(gl.permute(gl.reshape(alpha, [NW, 2, 8]), [0, 2, 1]))
     acc = mma_v2(v_op, p_op, acc * gl.expand_dims(gl.convert_layout(a_lo, COLS), 1))
@@ -208,10 +213,8 @@ def kv4_decode_partial_mma_kernel(
     """Grid ``(B * Hkv, splits)``; arguments as ``kv4_decode_partial_kernel`` (q float16, G <= 8, D in 64 / 128 /
     256, code strides multiples of 4 bytes, the chunk a multiple of num_warps * BTW)."""
     NW: gl.constexpr = gl.num_warps()
-    W: gl.constexpr = D // 8
     BT: gl.constexpr = NW * BTW
     QOP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
-    KOP: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
     ROWS: gl.constexpr = gl.SliceLayout(2, MMA)      # [NW, 16] per-row softmax state
     COLS: gl.constexpr = gl.SliceLayout(1, MMA)      # [NW, BTW] per-token values of the scores, [NW, 8] of o^T
     bh = gl.program_id(0)

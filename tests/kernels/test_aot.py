@@ -120,6 +120,36 @@ def test_gluon_fwht_keeps_stages_in_registers(tmp_path):
     assert gl_entry["resident_warps"] >= entries["hadamard_quantize_4096"]["resident_warps"]
 
 
+def test_mma_decode_keeps_the_cache_in_registers(tmp_path):
+    """The Gluon decode attention (``attention_mma``) unpacks the 4-bit cache into the float16 mma.sync operands in
+    the registers of the threads that loaded it: m16n8k16 MMAs, no shared memory, barrier or spill in its token
+    loop (its layout conversions are asserted trivial at compile time), and far fewer instructions per cached code
+    than the CUDA-core kernel ``ccs`` (per thread and loop iteration; codes per warp and iteration: mma BTW x D x 2,
+    ccs BT x D x 2 / warps)."""
+    out = tmp_path / "kernels"
+    specs = ["kv4_decode_mma_g1_d128_bt32_w4", "kv4_decode_mma_g3_d64_bt32_w4", "kv4_decode_ccs_g1_d128_bt64_w4_s1"]
+    proc = compile_kernels(tmp_path, out, "sm_86,sm_90", specs, variants=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    targets = json.loads(proc.stdout)["targets"]
+    # measured lane-instructions per code, mma (D = 128) / ccs: sm_90 2.56 / 4.69 (656 / 600 per thread), sm_86
+    # 2.61 / 5.70; mma D = 64 (the demo model's heads, G = 3): 3.43 on both
+    for target, entries in targets.items():
+        ccs = entries["kv4_decode_ccs_g1_d128_bt64_w4_s1"]
+        ccs_per_code = ccs["hot_loop"]["instructions"] * 32 / (64 * 128 * 2 / 4)
+        for name, d in (("kv4_decode_mma_g1_d128_bt32_w4", 128), ("kv4_decode_mma_g3_d64_bt32_w4", 64)):
+            e = entries[name]
+            loop = e["mma_loop"]
+            assert e["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"], (target, name, e["mma"])
+            # scores: (32 / 8) n-tiles x (D / 16) k-chunks; values: (D / 16) m-tiles x (32 / 16) k-chunks
+            assert loop["mma"] == 4 * d // 16 + d // 16 * 2, (target, name, loop)
+            assert loop["shared"] == 0 and loop["local"] == 0, (target, name, loop)
+            # measured: 0 bytes, except 16 for D = 64 on sm_90 (in the masked last step, after the loop)
+            assert e["spill_store_bytes"] <= 16, (target, name, e)
+            per_code = loop["instructions"] * 32 / (32 * d * 2)
+            assert per_code < (0.7 if d == 128 else 0.8) * ccs_per_code, (target, name, per_code, ccs_per_code)
+            assert e["resident_warps"] >= 8, (target, name, e["resident_warps"])
+
+
 def test_k_step_float64_tensor_cores(tmp_path):
     """The 11008 = 172 x 64 Hadamard's K step is a float64 GEMM, and so is the row kernel's fused K step (1536 =
     12 x 128): DMMA on sm_80 / sm_90 (float64 tensor cores), none on sm_89; no spills anywhere. The FWHT before

@@ -9,6 +9,7 @@ here with the launch their wrapper makes at that shape (recorded, not run).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from infoquant_export.kernels import aot, linear, rows  # noqa: E402
+from infoquant_export.kernels import aot, attention, linear, rows  # noqa: E402
 from infoquant_export.kernels.attention import kv4_decode_attention  # noqa: E402
 from infoquant_export.kernels.kv import KVCache4, quantize_kv, rope_rows  # noqa: E402
 from infoquant_export.kernels.linear import (  # noqa: E402
@@ -225,3 +226,18 @@ def test_gluon_quantize_spec_is_what_the_jit_compiles(n, monkeypatch):
     name = f"hadamard_quantize_{n}_gluon"
     spec = next(s for s in aot.variant_specs(90) if s.name == name)
     assert spec_differences(spec, aot.jit_spec(name, launches[0])) == {}
+
+
+@pytest.mark.parametrize("name", [s.name for s in aot.decode_mma_specs()])
+def test_mma_decode_spec_is_what_the_jit_compiles(name, monkeypatch):
+    """The Gluon decode attention's launch (``kernel="mma"``: its layouts as constexprs), recorded as on a GPU."""
+    monkeypatch.setattr(attention, "interpreted", lambda: False)
+    monkeypatch.setattr(attention, "device_cc", lambda device: 90)
+    group, dim, block_t, warps = (int(n) for n in re.fullmatch(r"kv4_decode_mma_g(\d+)_d(\d+)_bt(\d+)_w(\d+)",
+                                                                 name).groups())
+    with aot.recorded_launches("attention_mma", "attention") as launches:
+        _decode(group, dim, "mma", block_t, warps)
+    mine = [launch for launch in launches if launch.module == "attention_mma"]
+    assert len(mine) == 1 and len(launches) == 2  # the partials, then the combine kernel
+    spec = next(s for s in aot.variant_specs(90) if s.name == name)
+    assert spec_differences(spec, aot.jit_spec(name, mine[0])) == {}
