@@ -104,10 +104,11 @@ def _add_kernels(p: argparse.ArgumentParser) -> None:
                         "Triton's interpreter, slowly); off: the fake-quant reference model")
     p.add_argument("--kernel-dtype", choices=("float16", "float32"), default="float16",
                    help="activation dtype of the kernel model (float32 matches the fake-quant model more closely)")
-    p.add_argument("--decode-attention", choices=("tc", "cc", "ccs"), default=None,
+    p.add_argument("--decode-attention", choices=("tc", "cc", "ccs", "mma"), default=None,
                    help="decode attention kernel of the kernel model: tc (tensor cores, the default), cc (CUDA "
-                        "cores, float32) or ccs (cc with a running max per token slot); $INFOQUANT_DECODE_KERNEL "
-                        "sets the default")
+                        "cores, float32), ccs (cc with a running max per token slot) or mma (Gluon: the cache "
+                        "dequantized into tensor-core operand registers; float16, sm_80+); "
+                        "$INFOQUANT_DECODE_KERNEL sets the default")
     p.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
                    help="kernel model on a CUDA device: replay each decode step as a CUDA graph (on, the default; "
                         "$INFOQUANT_CUDA_GRAPHS=0 sets off) or launch its kernels one by one from Python (off)")

@@ -227,7 +227,8 @@ def load_for_eval(target: str, device: str, kernels: str = "off", kernel_dtype: 
 
     ``kernels``: ``auto`` runs a W4A4KV4 artifact through the GPU kernels (:class:`KernelCausalLM`) on a CUDA device
     and keeps the fake-quant model otherwise; ``on`` requires the kernels; ``off`` is the fake-quant model.
-    ``decode_attention``: the kernel model's decode attention kernel, ``tc`` / ``cc`` (None: the default).
+    ``decode_attention``: the kernel model's decode attention kernel, ``tc`` / ``cc`` / ``ccs`` / ``mma`` (None: the
+    default).
     ``cuda_graphs``: whether its decode steps replay CUDA graphs on a GPU (None: ``$INFOQUANT_CUDA_GRAPHS`` or on).
     """
     if not is_artifact(target):

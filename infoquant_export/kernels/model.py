@@ -159,7 +159,8 @@ class KernelCausalLM:
         # W_PLANES_MIN_M rows or more to int8 planes, so prefill GEMMs run on plane operands (the plane tiles and,
         # on a GPU, the library int8 GEMM among the autotune candidates); same bits. Opt-in: not timed yet.
         self.prefill_planes = prefill_planes
-        self.decode_attention = decode_attention  # "tc" / "cc" / "ccs" (kv4_decode_attention's kernel); None: default
+        # "tc" / "cc" / "ccs" / "mma" (kv4_decode_attention's kernel); None: the default
+        self.decode_attention = decode_attention
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("INFOQUANT_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = cuda_graphs  # decode steps on a CUDA device as graph replays (see decode_step)

@@ -182,6 +182,40 @@ def test_gluon_quantize_same_bits(n):
         assert torch.equal(got.zero, ref.zero), (n, xx.dtype)
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(32, 32, 128), (9, 3, 64), (32, 8, 128), (16, 2, 256)])
+def test_decode_attention_mma_close_to_float64(hq, hkv, d):
+    """kernel='mma' (the Gluon kernel: the cache dequantized into mma.sync operand registers by inline PTX, the head
+    dimension in permuted MMA orders, a softmax per warp) against float64 attention over the dequantized caches, at
+    every tile / warp / split choice: a context that leaves a partial last step, a row of one token, GQA groups of
+    1, 3, 4 and 8, head_dim 64 / 128 / 256. Tolerance as the tensor-core kernel's for a float16 q (5e-3; q and
+    p * s_v rounded to float16: 2^-11 each)."""
+    b, ctx = 3, 1000
+    g = torch.Generator(device=CUDA).manual_seed(hq + d)
+    k4, v4 = ops.KVCache4.empty(b, hkv, ctx, d, CUDA), ops.KVCache4.empty(b, hkv, ctx, d, CUDA)
+    ops.quantize_kv(torch.randn(b, ctx, hkv, d, device=CUDA, generator=g) * 2, k4, 0, 0.95, False)
+    ops.quantize_kv(torch.randn(b, ctx, hkv, d, device=CUDA, generator=g), v4, 0, 0.95, False)
+    q = torch.randn(b, hq, d, device=CUDA, generator=g).half()
+    lengths = torch.tensor([ctx, 333, 1], dtype=torch.int32, device=CUDA)
+    kd, vd = ops.dequantize_kv(k4, ctx).double(), ops.dequantize_kv(v4, ctx).double()
+    ref = torch.empty(b, hq, d, dtype=torch.float64, device=CUDA)
+    for i, n in enumerate(lengths.tolist()):
+        kk = kd[i, :, :n].repeat_interleave(hq // hkv, 0)
+        vv = vd[i, :, :n].repeat_interleave(hq // hkv, 0)
+        p = torch.softmax((q[i].double()[:, None, :] @ kk.transpose(-1, -2)).squeeze(1) * d ** -0.5, -1)
+        ref[i] = (p[:, None, :] @ vv).squeeze(1)
+    tc = ops.kv4_decode_attention(q, k4, v4, lengths, ctx, kernel="tc").double()
+    tc_rel = float((tc - ref).abs().max() / ref.abs().max())
+    for block_t, warps, splits in ((32, 4, None), (16, 4, None), (64, 4, None), (32, 8, None), (32, 2, 1),
+                                   (32, 1, 3), (16, 4, 16)):
+        out = ops.kv4_decode_attention(q, k4, v4, lengths, ctx, splits, block_t, warps, kernel="mma")
+        assert out.dtype == torch.float16 and out.shape == q.shape
+        rel = float((out.double() - ref).abs().max() / ref.abs().max())
+        assert rel < 5e-3, (block_t, warps, splits, rel, tc_rel)
+        # the one-token row is that token's V row (p = 1), up to the float16 roundings of s_v and the output
+        one = vd[2, :, 0].repeat_interleave(hq // hkv, 0)
+        assert float((out[2].double() - one).abs().max() / one.abs().max()) < 2e-3, (block_t, warps, splits)
+
+
 @pytest.mark.parametrize("n,blocks", [(4096, None), (4096, 1), (11008, None), (11008, 43), (576, None)])
 def test_quantize_variants_same_bits(n, blocks):
     x = torch.randn(1024, n, device=CUDA) * 2
