@@ -18,12 +18,14 @@
 # attention variants the rest), so it has a call of its own, with the GEMM variants (the persistent TMA GEMM):
 #   TESTS=tests/gpu/test_variants_gpu.py SECTIONS=variants VARIANT_KINDS=gemm,k_step bash tools/gpu_check.sh OUT
 # The Gluon kernels (the sm_90 GEMM's hand-written barriers: a mistake would hang rather than fail; the Hadamard +
-# quantize with its FWHT laid out by hand) have tests of their own, to run first with a short limit (TESTS is split
-# on spaces):
+# quantize with its FWHT laid out by hand; the decode attention with the cache unpacked into mma.sync operands by
+# inline PTX) have tests of their own, to run first with a short limit (TESTS is split on spaces):
 #   TESTS="tests/gpu/test_variants_gpu.py::test_wgmma_gemm_same_bits
 #   tests/gpu/test_variants_gpu.py::test_gemm_variants_bias_residual_against_primitives
-#   tests/gpu/test_variants_gpu.py::test_gluon_quantize_same_bits" TEST_TIMEOUT=180
-#   SECTIONS=variants VARIANT_KINDS=gemm,quantize bash tools/gpu_check.sh OUT
+#   tests/gpu/test_variants_gpu.py::test_gluon_quantize_same_bits
+#   tests/gpu/test_variants_gpu.py::test_decode_attention_mma_close_to_float64" TEST_TIMEOUT=200
+#   SECTIONS=variants VARIANT_KINDS=attention,gemm,quantize VARIANTS_BUDGET_S=150 bash tools/gpu_check.sh OUT
+# (the attention variants come first: "mma" at every tile against the default and SDPA at 4k / 32k, batch 1 / 16)
 set -u
 OUT=${1:-/tmp/gpu-out}
 mkdir -p "$OUT"
