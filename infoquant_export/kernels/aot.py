@@ -385,7 +385,7 @@ def variant_specs(cc: int = 90) -> list[KernelSpec]:
 
 
 def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
-    """Compile one spec for compute capability ``cc``; returns ptx, cubin and the MMA instructions used."""
+    """Compile one spec for compute capability ``cc``; returns ptx, LLVM IR, cubin and the MMA instructions used."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -406,7 +406,8 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict[str, Any]:
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
     resources = ptxas_resources(ptx, cc)
-    return {"ptx": ptx, "cubin": compiled.asm["cubin"], "mma": mma, "tma_loads": ptx.count("cp.async.bulk.tensor"),
+    return {"ptx": ptx, "llir": compiled.asm["llir"], "cubin": compiled.asm["cubin"], "mma": mma,
+            "tma_loads": ptx.count("cp.async.bulk.tensor"),
             "mma_waits": sorted({int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}),
             "mma_loop": mma_loop(compiled.asm["cubin"]), "hot_loop": hot_loop(compiled.asm["cubin"]),
             "shared_bytes": compiled.metadata.shared, "sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest(),

@@ -150,6 +150,41 @@ def test_mma_decode_keeps_the_cache_in_registers(tmp_path):
             assert e["resident_warps"] >= 8, (target, name, e["resident_warps"])
 
 
+ASM_OPERANDS = """
+import json, re, sys
+from infoquant_export.kernels import aot
+spec = next(s for s in aot.decode_mma_specs() if s.name == sys.argv[1])
+llir = aot.compile_spec(spec, 90)["llir"]
+calls = [line[line.rindex('"(') + 2:] for line in llir.splitlines() if "asm" in line and "lop3.b32" in line]
+print(json.dumps([re.findall(r"(i32|<2 x half>) (%\\w+)", c) for c in calls]))
+"""
+
+
+def test_mma_decode_asm_gets_one_word_or_a_token_pair(tmp_path):
+    """The unpacking asm is not element-wise: element j of its pack is nibble PI[j] of the pack's word (K), or of
+    word A / B alternately (V: two tokens). That holds if Triton hands each asm call the consecutive registers of its
+    layout (``KW4``: the 8 elements of one word; ``VW4``: a token pair x 8 elements), which the compiled LLVM IR
+    shows: every K call gets one word value 8 times and one (1024 + z, -(64 + z)) pair value 4 times each; every V
+    call gets two word values alternating, and one pair value per z operand group."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
+    proc = subprocess.run([sys.executable, "-c", ASM_OPERANDS, "kv4_decode_mma_g1_d128_bt32_w4"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = json.loads(proc.stdout)
+    k_calls = [c for c in calls if len(c) == 16]
+    v_calls = [c for c in calls if len(c) == 32]
+    # a masked and an unmasked step: (32 tokens / 8) x (128 / 32) words per thread for K, 8 token pairs for V
+    assert len(k_calls) == 2 * 16 and len(v_calls) == 2 * 8 and len(calls) == len(k_calls) + len(v_calls)
+    for c in k_calls:
+        assert [t for t, _ in c] == ["i32"] * 8 + ["<2 x half>"] * 8
+        assert len({v for _, v in c[:8]}) == len({v for _, v in c[8:12]}) == len({v for _, v in c[12:]}) == 1
+    for c in v_calls:
+        assert [t for t, _ in c] == ["i32"] * 16 + ["<2 x half>"] * 16
+        a, b = c[0][1], c[1][1]
+        assert a != b and [v for _, v in c[:16]] == [a, b] * 8
+        assert len({v for _, v in c[16:24]}) == len({v for _, v in c[24:]}) == 1
+
+
 def test_k_step_float64_tensor_cores(tmp_path):
     """The 11008 = 172 x 64 Hadamard's K step is a float64 GEMM, and so is the row kernel's fused K step (1536 =
     12 x 128): DMMA on sm_80 / sm_90 (float64 tensor cores), none on sm_89; no spills anywhere. The FWHT before
