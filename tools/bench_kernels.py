@@ -244,8 +244,9 @@ VARIANT_ATTN_CC = [("cc", 64, 4, 1, 1), ("cc", 64, 4, 2, 1), ("cc", 64, 4, 3, 1)
                    ("ccs", 64, 4, 3, 1), ("ccs", 32, 4, 1, 1), ("ccs", 64, 8, 1, 1), ("ccs", 32, 8, 1, 1),
                    ("ccs", 32, 8, 3, 1), ("cc", 32, 8, 1, 1), ("cc", 32, 8, 3, 1), ("cc", 32, 4, 3, 1)]
 # the Gluon decode kernel (kernel "mma": the cache dequantized into mma.sync operand registers): (tokens per warp
-# and step, warps), its splits from the wrapper's heuristic; 32 x 4 is ops.DECODE_MMA_TILE
-VARIANT_ATTN_MMA = [(32, 4), (16, 4), (64, 4), (32, 8), (32, 2)]
+# and step, warps, stages: 2 loads the next step during this one), its splits from the wrapper's heuristic; 32 x 4
+# x 1 is ops.DECODE_MMA_TILE / DECODE_MMA_STAGES
+VARIANT_ATTN_MMA = [(32, 4, 1), (16, 4, 2), (32, 4, 2), (16, 4, 1), (64, 4, 1), (32, 8, 1), (32, 2, 1)]
 # e2e decode as served (CUDA graph) with other settings: (row name, decode kernel or None for the default,
 # module settings {(module, name): value}): the Gluon and the CUDA-core decode attentions, and the decode step
 # without the few-rows routes of the row kernels (rows.FEW_ROWS = 0: the chunked kernels a prefill takes)
@@ -476,8 +477,8 @@ def variants_attention(device: torch.device, cases: list[tuple[int, int]], heads
         ref = ops.kv4_decode_attention(q, k4, v4, lengths, ctx, kernel="tc").float()
         default_bt = ops.decode_tile(1)[1]
         configs = [("default", None, None, 4, 3, "tc")]
-        configs += [(f"mma_bt{block_t}_w{warps}", None, block_t, warps, None, "mma")
-                    for block_t, warps in VARIANT_ATTN_MMA]
+        configs += [(f"mma_bt{block_t}_w{warps}_s{stages}", None, block_t, warps, stages, "mma")
+                    for block_t, warps, stages in VARIANT_ATTN_MMA]
         for kernel, block_t, warps, stages, mult in VARIANT_ATTN_CC:  # first: the budget may stop the list
             splits = ops.decode_splits(batch * heads, ctx, block_t, mult * 4 * _sms(device))
             configs.append((f"{kernel}_bt{block_t}_w{warps}_s{stages}_x{mult}", splits, block_t, warps, stages,

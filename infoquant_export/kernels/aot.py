@@ -249,20 +249,23 @@ def decode_cc_spec(name: str, group: int, head_dim: int, block_t: int, num_warps
                       {"num_warps": num_warps, "num_stages": stages, "enable_fp_fusion": True})
 
 
-def decode_mma_spec(name: str, group: int, head_dim: int, block_t: int, num_warps: int) -> KernelSpec:
+def decode_mma_spec(name: str, group: int, head_dim: int, block_t: int, num_warps: int,
+                    prefetch: bool = False) -> KernelSpec:
     """A ``attention_mma.kv4_decode_partial_mma_kernel`` specialisation (Gluon; float16 q, 8 splits, ``block_t``
-    tokens per warp and step), as ``kv4_decode_attention(..., kernel="mma")`` launches it."""
+    tokens per warp and step, ``prefetch``: 2 stages), as ``kv4_decode_attention(..., kernel="mma")`` launches it."""
     base = _decode(name, group, head_dim)
     layouts = kernel_module("attention_mma").decode_mma_layouts(num_warps, head_dim)
     return KernelSpec(name, "attention_mma", "kv4_decode_partial_mma_kernel", base.types,
-                      {"G": group, "D": head_dim, "BTW": block_t, "SPLITS": 8, **layouts}, base.divisible,
+                      {"G": group, "D": head_dim, "BTW": block_t, "SPLITS": 8, "PREFETCH": prefetch, **layouts},
+                      base.divisible,
                       {"num_warps": num_warps, "enable_fp_fusion": True})
 
 
 def decode_mma_specs() -> list[KernelSpec]:
-    """The mma decode kernel's specialisations: LLaMA-2-7B heads (G = 1, D = 128) at 16 / 32 / 64 tokens per warp,
-    a GQA group of 4 (LLaMA-3-8B) and the demo model's heads (G = 3, D = 64)."""
+    """The mma decode kernel's specialisations: LLaMA-2-7B heads (G = 1, D = 128) at 16 / 32 / 64 tokens per warp
+    (16 / 32 also with 2 stages), a GQA group of 4 (LLaMA-3-8B) and the demo model's heads (G = 3, D = 64)."""
     return [*(decode_mma_spec(f"kv4_decode_mma_g1_d128_bt{bt}_w4", 1, 128, bt, 4) for bt in (16, 32, 64)),
+            *(decode_mma_spec(f"kv4_decode_mma_g1_d128_bt{bt}_w4_s2", 1, 128, bt, 4, True) for bt in (16, 32)),
             decode_mma_spec("kv4_decode_mma_g4_d128_bt32_w4", 4, 128, 32, 4),
             decode_mma_spec("kv4_decode_mma_g3_d64_bt32_w4", 3, 64, 32, 4)]
 

@@ -43,6 +43,10 @@ FLOAT_2_23_BITS = 0x4B000000  # the CUDA-core decode kernel's magic_bits argumen
 # instructions per cached code at 12 resident warps (sm_90: 656 per warp and step, 2.56 per code against 4.69 for
 # "ccs" 64 x 4; BENCHMARKS.md); not timed on a GPU yet
 DECODE_MMA_TILE = (32, 4)
+# its stages: 1 loads each step's codes and computes; 2 (PREFETCH) loads the next step's into registers while this
+# one computes (token indices clamped instead of masked: 16 x 4 then keeps 16 resident warps on sm_90, 128
+# registers, 3.27 instructions per code); to be timed
+DECODE_MMA_STAGES = 1
 DECODE_KERNELS = ("tc", "cc", "ccs", "mma")
 
 
@@ -113,7 +117,7 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
                                "that is not a multiple of 4 bytes", "allocate the caches with KVCache4.empty")
     g = hq // hkv
     if kernel == "mma":
-        return _decode_mma(q, k, v, lengths, max_len, g, splits, block_t, num_warps)
+        return _decode_mma(q, k, v, lengths, max_len, g, splits, block_t, num_warps, num_stages)
     gp, default_block_t = decode_tile(g)
     block_t = block_t or (DECODE_CC_TILE[0] if kernel == "cc" else default_block_t)
     num_warps = num_warps or (DECODE_CC_TILE[1] if kernel == "cc" else 4)
@@ -144,9 +148,11 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
 
 
 def _decode_mma(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int, group: int,
-                splits: int | None, block_t: int | None, num_warps: int | None) -> torch.Tensor:
+                splits: int | None, block_t: int | None, num_warps: int | None,
+                num_stages: int | None) -> torch.Tensor:
     """``kv4_decode_attention(..., kernel="mma")``: ``attention_mma.kv4_decode_partial_mma_kernel`` (a GQA group per
-    program, ``block_t`` tokens per warp and step), then the combine kernel."""
+    program, ``block_t`` tokens per warp and step; ``num_stages`` 2: the next step's loads in flight during this
+    step, ``PREFETCH``), then the combine kernel."""
     b, hq, d = q.shape
     hkv = k.codes.shape[1]
     if q.dtype != torch.float16 or group > 8 or d not in (64, 128, 256):
@@ -157,9 +163,11 @@ def _decode_mma(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor
                                "Gluon)", "use kernel='tc'")
     block_t = block_t or DECODE_MMA_TILE[0]
     num_warps = num_warps or DECODE_MMA_TILE[1]
-    if block_t not in (16, 32, 64) or num_warps not in (1, 2, 4, 8):
-        raise KernelInputError(f"kernel='mma' takes 16 / 32 / 64 tokens per warp and 1 / 2 / 4 / 8 warps (got "
-                               f"{block_t}, {num_warps})", "pass block_t / num_warps from those, or None")
+    num_stages = num_stages or DECODE_MMA_STAGES
+    if block_t not in (16, 32, 64) or num_warps not in (1, 2, 4, 8) or num_stages > 2:
+        raise KernelInputError(f"kernel='mma' takes 16 / 32 / 64 tokens per warp, 1 / 2 / 4 / 8 warps and 1 / 2 stages "
+                               f"(got {block_t}, {num_warps}, {num_stages})",
+                               "pass block_t / num_warps / num_stages from those, or None")
     step = block_t * num_warps
     programs = b * hkv
     splits = splits or decode_splits(programs, max_len, step,
@@ -173,7 +181,8 @@ def _decode_mma(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor
         q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
         lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)),
-        G=group, D=d, BTW=block_t, SPLITS=splits, **mod.decode_mma_layouts(num_warps, d), num_warps=num_warps)
+        G=group, D=d, BTW=block_t, SPLITS=splits, PREFETCH=num_stages == 2, **mod.decode_mma_layouts(num_warps, d),
+        num_warps=num_warps)
     out = torch.empty_like(q)
     kernel_module("attention").kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits,
                                                                     SP=splits, D=d, num_warps=4)

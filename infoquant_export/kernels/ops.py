@@ -24,6 +24,7 @@ from infoquant_export.kernels.attention import (
     DECODE_CC_STAGES,
     DECODE_CC_TILE,
     DECODE_KERNELS,
+    DECODE_MMA_STAGES,
     DECODE_MMA_TILE,
     FLOAT_2_23_BITS,
     decode_splits,
@@ -101,6 +102,6 @@ __all__ = [
     "PackedWeight",
     "gemm_candidates", "gemm_config", "gemm_tables", "linear_candidates", "tma_eligible", "w4a4_linear",
     # attention
-    "DECODE_CC_STAGES", "DECODE_CC_TILE", "DECODE_KERNELS", "DECODE_MMA_TILE", "FLOAT_2_23_BITS", "decode_splits",
-    "decode_tile", "kv4_decode_attention",
+    "DECODE_CC_STAGES", "DECODE_CC_TILE", "DECODE_KERNELS", "DECODE_MMA_STAGES", "DECODE_MMA_TILE", "FLOAT_2_23_BITS",
+    "decode_splits", "decode_tile", "kv4_decode_attention",
 ]

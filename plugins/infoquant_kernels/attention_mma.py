@@ -12,14 +12,17 @@ it takes BTW tokens per step and keeps its own online softmax; the warps merge o
   words unpack into exactly the values its MMA fragments hold. q is loaded in the scores' order, the partial output
   stored in the values' order, and no dequantized value moves between threads.
 - One warp's probabilities leave the scores' MMA as its accumulator fragment and enter the values' MMA as its B
-  fragment: the same registers (every ``convert_layout`` here asserts it is trivial, so a layout change that would
-  need shared memory or shuffles fails to compile).
+  fragment: the same registers (the three operand conversions assert they are trivial, so a layout change that
+  would need shared memory or shuffles fails to compile; only the 8 softmax factors per warp move between lanes).
 - Dequantization by the ``0x6400`` trick, two codes per instruction: ``(word & 0x000F000F) | 0x64006400`` is the
   float16 pair ``(1024 + c0, 1024 + c4)``; one ``sub.f16x2`` of ``1024 + z`` (the zero point's bits OR-ed into
   0x6400) leaves ``c - z`` (exact), and the codes at bits 4 - 7 / 20 - 23 take one ``fma.f16x2``
   (``* 1/16 - (64 + z)``, exact). 8 codes cost 4 LOP3, a shift and 4 half2 ops; the values' pairs are two tokens'
   codes, so two words are first interleaved by two PRMTs.
 - The token loop runs over whole steps without masks (its loads vectorize); a last, partial step is masked.
+  ``PREFETCH`` (2 stages) loads the next step's words, scales and zero points into registers while this step
+  computes, with its token indices clamped to the chunk's last token instead of masked (the extra tokens of the
+  last step score -inf there).
 
 Precision: as the tensor-core kernel for a float16 q (q * scale and p * s_v rounded to float16, ``c - z`` exact,
 float32 accumulation, float32 online softmax in log2 units).
@@ -124,80 +127,109 @@ def _words(head_ptr, t, stride_tw, L4: gl.constexpr, W: gl.constexpr, tmask, MAS
     L3: gl.constexpr = gl.SliceLayout(3, L4)
     wd = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :]
     ptrs = head_ptr + (gl.expand_dims(t, 2) * stride_tw + wd)
-    if MASKED:
+    if MASKED == 1:
         return gl.load(ptrs, mask=gl.expand_dims(tmask, 2), other=0)
     return gl.load(ptrs)
 
 
 @gluon.jit
 def _load(ptrs, mask, other, MASKED: gl.constexpr):
-    if MASKED:
+    if MASKED == 1:
         return gl.load(ptrs, mask=mask, other=other)
     return gl.load(ptrs)
 
 
 @gluon.jit
-def _magic(z_head, t, tmask, L4: gl.constexpr, MASKED: gl.constexpr):
-    """1024 + z and -(64 + z) (float16, exact; ``z | 0x6400`` is 1024 + z) of tokens ``t``, as [NW, BTW, 1, 1]
-    in layout L4."""
-    z = _load(z_head + t, tmask, 0, MASKED).to(gl.uint16)
-    zz = gl.expand_dims(gl.expand_dims((z | 0x6400).to(gl.float16, bitcast=True), 2), 3)
+def _magic(z, L4: gl.constexpr):
+    """1024 + z and -(64 + z) (float16, exact; ``z | 0x6400`` is 1024 + z) of the zero points ``z`` [NW, BTW], as
+    [NW, BTW, 1, 1] in layout L4."""
+    zz = (z.to(gl.uint16) | 0x6400).to(gl.float16, bitcast=True)
+    zz = gl.expand_dims(gl.expand_dims(zz, 2), 3)
     return zz, 960.0 - zz
+
+
+@gluon.jit
+def _load_k(t0, t_end, kw_head, ks_head, kz_head, stride_tw, D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr,
+            KW4: gl.constexpr, MASKED: gl.constexpr):
+    """A step's K code words, zero points and scales in the layouts ``_scores`` takes (``MASKED``: tokens from
+    ``t_end`` on are not loaded)."""
+    NW: gl.constexpr = gl.num_warps()
+    tk = t0 + _tokens(gl.SliceLayout(2, gl.SliceLayout(3, KW4)), NW, BTW)
+    ts = t0 + _tokens(gl.SliceLayout(1, MMA), NW, BTW)
+    if MASKED == 2:
+        tk = gl.maximum(gl.minimum(tk, t_end - 1), 0)
+        ts = gl.maximum(gl.minimum(ts, t_end - 1), 0)
+    return (_words(kw_head, tk, stride_tw, KW4, D // 8, tk < t_end, MASKED), _load(kz_head + tk, tk < t_end, 0, MASKED),
+            _load(ks_head + ts, ts < t_end, 0.0, MASKED))
+
+
+@gluon.jit
+def _load_v(t0, t_end, vw_head, vs_head, vz_head, stride_tw, D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr,
+            VW4: gl.constexpr, MASKED: gl.constexpr):
+    """A step's V code words, zero points and scales in the layouts ``_values`` takes."""
+    NW: gl.constexpr = gl.num_warps()
+    tv = t0 + _tokens(gl.SliceLayout(2, gl.SliceLayout(3, VW4)), NW, BTW)
+    ts = t0 + _tokens(gl.SliceLayout(1, MMA), NW, BTW)
+    if MASKED == 2:
+        tv = gl.maximum(gl.minimum(tv, t_end - 1), 0)
+        ts = gl.maximum(gl.minimum(ts, t_end - 1), 0)
+    return (_words(vw_head, tv, stride_tw, VW4, D // 8, tv < t_end, MASKED), _load(vz_head + tv, tv < t_end, 0, MASKED),
+            _load(vs_head + ts, ts < t_end, 0.0, MASKED))
+
+
+@gluon.jit
+def _scores(kwords, kz, k_s, t0, t_end, q, m_i, l_i, D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr,
+            KW4: gl.constexpr, MASKED: gl.constexpr):
+    """Every warp's scores over its BTW tokens from ``t0 + w * BTW`` (K unpacked in registers into the B fragments
+    of K'^T) and its online softmax: (p, alpha, running max, running sum). ``MASKED``: tokens from ``t_end`` on
+    score -inf (the last, partial step)."""
+    NW: gl.constexpr = gl.num_warps()
+    jk = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, KW4))))[None, None, None, :]
+    zz, nz16 = _magic(kz, KW4)
+    k4 = gl.inline_asm_elementwise(_K_ASM, _K_CONSTRAINTS, [gl.expand_dims(kwords, 3) + 0 * jk, zz, nz16],
+                                   gl.float16, True, 8)
+    k4 = gl.reshape(k4, [NW, BTW, 4, D // 32, 2, 2, 2])          # t, wl, j2, j1, j0
+    k_op = gl.reshape(gl.permute(k4, K_ORDER.value), [NW, D, BTW])
+    k_op = gl.convert_layout(k_op, gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
+    s = mma_v2(q, k_op, gl.zeros([NW, 16, BTW], gl.float32, MMA)) * gl.expand_dims(k_s, 1)
+    if MASKED:
+        s = gl.where(gl.expand_dims(t0 + _tokens(gl.SliceLayout(1, MMA), NW, BTW) < t_end, 1), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=2))
+    m_ref = gl.where(m_new > float("-inf"), m_new, 0.0)     # a warp without a token so far: alpha = p = 0
+    alpha = gl.exp2(m_i - m_ref)
+    p = gl.exp2(s - gl.expand_dims(m_ref, 2))
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=2)
+
+
+@gluon.jit
+def _values(vwords, vz, v_s, p, alpha, acc, D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr,
+            VW4: gl.constexpr):
+    """``acc * alpha + V'^T @ P^T`` (V unpacked into the A fragments of V'^T; P^T: rows 0..7 of p * s_v, the
+    scores' accumulator registers as the B fragment)."""
+    NW: gl.constexpr = gl.num_warps()
+    pv = (p * gl.expand_dims(v_s, 1)).to(gl.float16)
+    p_lo, p_hi = gl.split(gl.permute(gl.reshape(pv, [NW, 2, 8, BTW]), [0, 2, 3, 1]))
+    p_op = gl.convert_layout(gl.permute(p_lo, [0, 2, 1]), gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
+    jv = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VW4))))[None, None, None, :]
+    zz, nz16 = _magic(vz, VW4)
+    v4 = gl.inline_asm_elementwise(_V_ASM, _V_CONSTRAINTS, [gl.expand_dims(vwords, 3) + 0 * jv, zz, nz16],
+                                   gl.float16, True, 16)
+    v4 = gl.reshape(v4, [NW, BTW, 8, D // 64, 2, 2, 2])          # g, u, j2, j1, j0
+    v_op = gl.reshape(gl.permute(v4, V_ORDER.value), [NW, D, BTW])
+    v_op = gl.convert_layout(v_op, gl.DotOperandLayout(0, MMA, 2), assert_trivial=True)
+    a_lo, a_hi = gl.split(gl.permute(gl.reshape(alpha, [NW, 2, 8]), [0, 2, 1]))
+    return mma_v2(v_op, p_op, acc * gl.expand_dims(gl.convert_layout(a_lo, gl.SliceLayout(1, MMA)), 1))
 
 
 @gluon.jit
 def _step(t0, t_end, q, m_i, l_i, acc, kw_head, vw_head, ks_head, kz_head, vs_head, vz_head, stride_tw,
           D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr, KW4: gl.constexpr, VW4: gl.constexpr,
           MASKED: gl.constexpr):
-    """One step of every warp over its BTW tokens from ``t0 + w * BTW``: scores, online softmax, values.
-    ``MASKED``: tokens from ``t_end`` on are not loaded and score -inf (the last, partial step)."""
-    NW: gl.constexpr = gl.num_warps()
-    W: gl.constexpr = D // 8
-    COLS: gl.constexpr = gl.SliceLayout(1, MMA)
-    KT: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, KW4))
-    VT: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, VW4))
-    jk = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, KW4))))[None, None, None, :]
-    jv = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VW4))))[None, None, None, :]
-
-    # K: words, unpacked in registers into the B fragments of K'^T
-    tk = t0 + _tokens(KT, NW, BTW)
-    tkm = tk < t_end
-    zz, nz16 = _magic(kz_head, tk, tkm, KW4, MASKED)
-    kwords = gl.expand_dims(_words(kw_head, tk, stride_tw, KW4, W, tkm, MASKED), 3) + 0 * jk
-    k4 = gl.inline_asm_elementwise(_K_ASM, _K_CONSTRAINTS, [kwords, zz, nz16], gl.float16, True, 8)
-    k4 = gl.reshape(k4, [NW, BTW, 4, D // 32, 2, 2, 2])          # t, wl, j2, j1, j0
-    k_op = gl.reshape(gl.permute(k4, K_ORDER.value), [NW, D, BTW])
-    k_op = gl.convert_layout(k_op, gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
-    s = mma_v2(q, k_op, gl.zeros([NW, 16, BTW], gl.float32, MMA))
-
-    ts = t0 + _tokens(COLS, NW, BTW)
-    tsm = ts < t_end
-    s = s * gl.expand_dims(_load(ks_head + ts, tsm, 0.0, MASKED), 1)
-    if MASKED:
-        s = gl.where(gl.expand_dims(tsm, 1), s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=2))
-    m_ref = gl.where(m_new > float("-inf"), m_new, 0.0)     # a warp without a token so far: alpha = p = 0
-    alpha = gl.exp2(m_i - m_ref)
-    p = gl.exp2(s - gl.expand_dims(m_ref, 2))
-    l_i = l_i * alpha + gl.sum(p, axis=2)
-
-    # P^T: rows 0..7 of p * s_v, the accumulator fragment's registers as the B fragment
-    pv = (p * gl.expand_dims(_load(vs_head + ts, tsm, 0.0, MASKED), 1)).to(gl.float16)
-    p_lo, p_hi = gl.split(gl.permute(gl.reshape(pv, [NW, 2, 8, BTW]), [0, 2, 3, 1]))
-    p_op = gl.convert_layout(gl.permute(p_lo, [0, 2, 1]), gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
-
-    # V: words of token pairs, unpacked into the A fragments of V'^T
-    tv = t0 + _tokens(VT, NW, BTW)
-    tvm = tv < t_end
-    zz, nz16 = _magic(vz_head, tv, tvm, VW4, MASKED)
-    vwords = gl.expand_dims(_words(vw_head, tv, stride_tw, VW4, W, tvm, MASKED), 3) + 0 * jv
-    v4 = gl.inline_asm_elementwise(_V_ASM, _V_CONSTRAINTS, [vwords, zz, nz16], gl.float16, True, 16)
-    v4 = gl.reshape(v4, [NW, BTW, 8, D // 64, 2, 2, 2])          # g, u, j2, j1, j0
-    v_op = gl.reshape(gl.permute(v4, V_ORDER.value), [NW, D, BTW])
-    v_op = gl.convert_layout(v_op, gl.DotOperandLayout(0, MMA, 2), assert_trivial=True)
-    a_lo, a_hi = gl.split(gl.permute(gl.reshape(alpha, [NW, 2, 8]), [0, 2, 1]))
-    acc = mma_v2(v_op, p_op, acc * gl.expand_dims(gl.convert_layout(a_lo, COLS), 1))
-    return m_new, l_i, acc
+    """One step, each part's loads right before it (the V loads after the scores: fewer registers live)."""
+    kw, kz, ks = _load_k(t0, t_end, kw_head, ks_head, kz_head, stride_tw, D, BTW, MMA, KW4, MASKED)
+    p, alpha, m_i, l_i = _scores(kw, kz, ks, t0, t_end, q, m_i, l_i, D, BTW, MMA, KW4, MASKED)
+    vw, vz, vs = _load_v(t0, t_end, vw_head, vs_head, vz_head, stride_tw, D, BTW, MMA, VW4, MASKED)
+    return m_i, l_i, _values(vw, vz, vs, p, alpha, acc, D, BTW, MMA, VW4)
 
 
 @gluon.jit
@@ -207,7 +239,7 @@ def kv4_decode_partial_mma_kernel(
     stride_cb, stride_ch, stride_ct, stride_sb, stride_sh,
     len_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
     num_kv_heads, chunk, max_len, qk_scale,
-    G: gl.constexpr, D: gl.constexpr, BTW: gl.constexpr, SPLITS: gl.constexpr,
+    G: gl.constexpr, D: gl.constexpr, BTW: gl.constexpr, SPLITS: gl.constexpr, PREFETCH: gl.constexpr,
     MMA: gl.constexpr, KW4: gl.constexpr, VW4: gl.constexpr,   # decode_mma_layouts(num_warps, D)
 ):
     """Grid ``(B * Hkv, splits)``; arguments as ``kv4_decode_partial_kernel`` (q float16, G <= 8, D in 64 / 128 /
@@ -241,12 +273,26 @@ def kv4_decode_partial_mma_kernel(
     l_i = gl.zeros([NW, 16], gl.float32, ROWS)
     acc = gl.zeros([NW, D, 8], gl.float32, MMA)
     t_full = t_start + gl.maximum(t_end - t_start, 0) // BT * BT
-    for t0 in range(t_start, t_full, BT):
-        m_i, l_i, acc = _step(t0, t_end, q, m_i, l_i, acc, kw_head, vw_head, ks_ptr + s_base, kz_ptr + s_base,
-                              vs_ptr + s_base, vz_ptr + s_base, stride_tw, D, BTW, MMA, KW4, VW4, False)
-    if t_full < t_end:
-        m_i, l_i, acc = _step(t_full, t_end, q, m_i, l_i, acc, kw_head, vw_head, ks_ptr + s_base, kz_ptr + s_base,
-                              vs_ptr + s_base, vz_ptr + s_base, stride_tw, D, BTW, MMA, KW4, VW4, True)
+    kh = (kw_head, ks_ptr + s_base, kz_ptr + s_base, stride_tw)
+    vh = (vw_head, vs_ptr + s_base, vz_ptr + s_base, stride_tw)
+    if PREFETCH:  # registers double-buffered: the next step's loads are in flight while this step computes
+        kw, kz, ks = _load_k(t_start, t_end, *kh, D, BTW, MMA, KW4, 2)
+        vw, vz, vs = _load_v(t_start, t_end, *vh, D, BTW, MMA, VW4, 2)
+        for t0 in range(t_start, t_full, BT):
+            nkw, nkz, nks = _load_k(t0 + BT, t_end, *kh, D, BTW, MMA, KW4, 2)
+            nvw, nvz, nvs = _load_v(t0 + BT, t_end, *vh, D, BTW, MMA, VW4, 2)
+            p, alpha, m_i, l_i = _scores(kw, kz, ks, t0, t_end, q, m_i, l_i, D, BTW, MMA, KW4, False)
+            acc = _values(vw, vz, vs, p, alpha, acc, D, BTW, MMA, VW4)
+            kw, kz, ks, vw, vz, vs = nkw, nkz, nks, nvw, nvz, nvs
+        if t_full < t_end:
+            p, alpha, m_i, l_i = _scores(kw, kz, ks, t_full, t_end, q, m_i, l_i, D, BTW, MMA, KW4, True)
+            acc = _values(vw, vz, vs, p, alpha, acc, D, BTW, MMA, VW4)
+    else:
+        heads = (kw_head, vw_head, ks_ptr + s_base, kz_ptr + s_base, vs_ptr + s_base, vz_ptr + s_base, stride_tw)
+        for t0 in range(t_start, t_full, BT):
+            m_i, l_i, acc = _step(t0, t_end, q, m_i, l_i, acc, *heads, D, BTW, MMA, KW4, VW4, False)
+        if t_full < t_end:
+            m_i, l_i, acc = _step(t_full, t_end, q, m_i, l_i, acc, *heads, D, BTW, MMA, KW4, VW4, True)
 
     # merge the warps: weights 2^(m_w - M), 0 for a warp that saw no token
     m_lo, m_hi = gl.split(gl.permute(gl.reshape(m_i, [NW, 2, 8]), [0, 2, 1]))

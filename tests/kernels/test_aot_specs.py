@@ -233,10 +233,10 @@ def test_mma_decode_spec_is_what_the_jit_compiles(name, monkeypatch):
     """The Gluon decode attention's launch (``kernel="mma"``: its layouts as constexprs), recorded as on a GPU."""
     monkeypatch.setattr(attention, "interpreted", lambda: False)
     monkeypatch.setattr(attention, "device_cc", lambda device: 90)
-    group, dim, block_t, warps = (int(n) for n in re.fullmatch(r"kv4_decode_mma_g(\d+)_d(\d+)_bt(\d+)_w(\d+)",
-                                                                 name).groups())
+    group, dim, block_t, warps, stages = (int(n or 1) for n in re.fullmatch(
+        r"kv4_decode_mma_g(\d+)_d(\d+)_bt(\d+)_w(\d+)(?:_s(\d))?", name).groups())
     with aot.recorded_launches("attention_mma", "attention") as launches:
-        _decode(group, dim, "mma", block_t, warps)
+        _decode(group, dim, "mma", block_t, warps, stages)
     mine = [launch for launch in launches if launch.module == "attention_mma"]
     assert len(mine) == 1 and len(launches) == 2  # the partials, then the combine kernel
     spec = next(s for s in aot.variant_specs(90) if s.name == name)

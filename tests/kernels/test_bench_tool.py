@@ -69,7 +69,7 @@ def test_bench_kernels_variants_smoke(tmp_path):
     flat = attn["cc_bt64_w4_s1_x1"]["max_rel_diff"]
     assert attn["cc_bt64_w4_s2_x1"]["max_rel_diff"] == attn["cc_bt64_w4_s3_x1"]["max_rel_diff"] == flat < 1e-3
     # the Gluon kernel is listed with the reason it cannot run here (Gluon has no interpreter)
-    assert "compiled GPU code" in attn["mma_bt32_w4"]["error"] and "ms" not in attn["mma_bt32_w4"]
+    assert "compiled GPU code" in attn["mma_bt32_w4_s1"]["error"] and "ms" not in attn["mma_bt32_w4_s1"]
 
 
 def test_bench_kernels_unknown_variant_kind_exits_2():
