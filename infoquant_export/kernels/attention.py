@@ -40,7 +40,7 @@ DECODE_CC_TILE = (64, 4)
 DECODE_CC_STAGES = 1
 FLOAT_2_23_BITS = 0x4B000000  # the CUDA-core decode kernel's magic_bits argument (the float 2^23)
 # (tokens per warp and step, warps) of the Gluon mma.sync decode kernel (kernel="mma"): 32 x 4 has the fewest
-# instructions per cached code at 12 resident warps (sm_90: 656 per warp and step, 2.56 per code against 4.69 for
+# instructions per cached code at 12 resident warps (sm_90: 657 per thread and step, 2.57 per code against 4.69 for
 # "ccs" 64 x 4; BENCHMARKS.md); not timed on a GPU yet
 DECODE_MMA_TILE = (32, 4)
 # its stages: 1 loads each step's codes and computes; 2 (PREFETCH) loads the next step's into registers while this
