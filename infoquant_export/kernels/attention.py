@@ -68,7 +68,8 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     sync on the GPU; skipped during CUDA-graph capture). The kernel clamps lengths to ``max_len``, so it never reads
     past it. Returns ``[B, Hq, D]`` in q's dtype (float32 softmax; tensor-core
     dot products in float16 for a float16 q). ``splits`` / ``block_t`` / warps / stages override the heuristics
-    (stages: 3 for "tc", ``DECODE_CC_STAGES`` for "cc", where it sets the token loop's own pipelining).
+    (stages: 3 for "tc", ``DECODE_CC_STAGES`` for "cc", where it sets the token loop's own pipelining,
+    ``DECODE_MMA_STAGES`` for "mma", 1 or 2: the next step loaded into registers during this one).
     ``kernel``: ``"tc"`` the tensor-core kernel (a GQA group per program, 4 warps), ``"cc"`` the CUDA-core kernel
     (``kv4_decode_partial_cc_kernel``: one query head per program, float32 throughout, ``DECODE_CC_TILE``), ``"ccs"``
     the same with a running max per token slot (``SLOTS``: no block-wide reduction per tile), ``"mma"`` the Gluon
