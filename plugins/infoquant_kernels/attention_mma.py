@@ -149,32 +149,38 @@ def _magic(z, L4: gl.constexpr):
 
 
 @gluon.jit
-def _load_k(t0, t_end, kw_head, ks_head, kz_head, stride_tw, D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr,
-            KW4: gl.constexpr, MASKED: gl.constexpr):
-    """A step's K code words, zero points and scales in the layouts ``_scores`` takes (``MASKED``: tokens from
-    ``t_end`` on are not loaded)."""
+def _load_part(t0, t_end, w_head, s_head, z_head, stride_tw, D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr,
+               L4: gl.constexpr, MASKED: gl.constexpr):
+    """A step's K (``L4`` = KW4) or V (VW4) code words, zero points and scales, in the layouts ``_scores`` /
+    ``_values`` take. ``MASKED`` 1: tokens from ``t_end`` on are not loaded; 2: token indices clamped to
+    [0, t_end - 1] (what they load scores -inf); 0: a whole step."""
     NW: gl.constexpr = gl.num_warps()
-    tk = t0 + _tokens(gl.SliceLayout(2, gl.SliceLayout(3, KW4)), NW, BTW)
+    t = t0 + _tokens(gl.SliceLayout(2, gl.SliceLayout(3, L4)), NW, BTW)
     ts = t0 + _tokens(gl.SliceLayout(1, MMA), NW, BTW)
     if MASKED == 2:
-        tk = gl.maximum(gl.minimum(tk, t_end - 1), 0)
+        t = gl.maximum(gl.minimum(t, t_end - 1), 0)
         ts = gl.maximum(gl.minimum(ts, t_end - 1), 0)
-    return (_words(kw_head, tk, stride_tw, KW4, D // 8, tk < t_end, MASKED), _load(kz_head + tk, tk < t_end, 0, MASKED),
-            _load(ks_head + ts, ts < t_end, 0.0, MASKED))
+    return (_words(w_head, t, stride_tw, L4, D // 8, t < t_end, MASKED), _load(z_head + t, t < t_end, 0, MASKED),
+            _load(s_head + ts, ts < t_end, 0.0, MASKED))
 
 
 @gluon.jit
-def _load_v(t0, t_end, vw_head, vs_head, vz_head, stride_tw, D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr,
-            VW4: gl.constexpr, MASKED: gl.constexpr):
-    """A step's V code words, zero points and scales in the layouts ``_values`` takes."""
+def _unpack(words, z, D: gl.constexpr, BTW: gl.constexpr, L4: gl.constexpr, OPERAND: gl.constexpr,
+            V: gl.constexpr):
+    """The code words ``[NW, BTW, D/8]`` (layout SliceLayout(3, L4)) as ``c - z`` in float16, in the MMA operand
+    ``OPERAND`` ``[NW, D, BTW]``: K'^T (``_K_ASM``, K_ORDER) or, with ``V``, V'^T (``_V_ASM``, V_ORDER). The
+    conversion is register renaming only (asserted at compile time)."""
     NW: gl.constexpr = gl.num_warps()
-    tv = t0 + _tokens(gl.SliceLayout(2, gl.SliceLayout(3, VW4)), NW, BTW)
-    ts = t0 + _tokens(gl.SliceLayout(1, MMA), NW, BTW)
-    if MASKED == 2:
-        tv = gl.maximum(gl.minimum(tv, t_end - 1), 0)
-        ts = gl.maximum(gl.minimum(ts, t_end - 1), 0)
-    return (_words(vw_head, tv, stride_tw, VW4, D // 8, tv < t_end, MASKED), _load(vz_head + tv, tv < t_end, 0, MASKED),
-            _load(vs_head + ts, ts < t_end, 0.0, MASKED))
+    j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))[None, None, None, :]
+    zz, nz16 = _magic(z, L4)
+    args = [gl.expand_dims(words, 3) + 0 * j, zz, nz16]
+    if V:
+        x = gl.inline_asm_elementwise(_V_ASM, _V_CONSTRAINTS, args, gl.float16, True, 16)
+        x = gl.permute(gl.reshape(x, [NW, BTW, 8, D // 64, 2, 2, 2]), V_ORDER.value)   # g, u, j2, j1, j0
+    else:
+        x = gl.inline_asm_elementwise(_K_ASM, _K_CONSTRAINTS, args, gl.float16, True, 8)
+        x = gl.permute(gl.reshape(x, [NW, BTW, 4, D // 32, 2, 2, 2]), K_ORDER.value)   # t, wl, j2, j1, j0
+    return gl.convert_layout(gl.reshape(x, [NW, D, BTW]), OPERAND, assert_trivial=True)
 
 
 @gluon.jit
@@ -184,13 +190,7 @@ def _scores(kwords, kz, k_s, t0, t_end, q, m_i, l_i, D: gl.constexpr, BTW: gl.co
     of K'^T) and its online softmax: (p, alpha, running max, running sum). ``MASKED``: tokens from ``t_end`` on
     score -inf (the last, partial step)."""
     NW: gl.constexpr = gl.num_warps()
-    jk = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, KW4))))[None, None, None, :]
-    zz, nz16 = _magic(kz, KW4)
-    k4 = gl.inline_asm_elementwise(_K_ASM, _K_CONSTRAINTS, [gl.expand_dims(kwords, 3) + 0 * jk, zz, nz16],
-                                   gl.float16, True, 8)
-    k4 = gl.reshape(k4, [NW, BTW, 4, D // 32, 2, 2, 2])          # t, wl, j2, j1, j0
-    k_op = gl.reshape(gl.permute(k4, K_ORDER.value), [NW, D, BTW])
-    k_op = gl.convert_layout(k_op, gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
+    k_op = _unpack(kwords, kz, D, BTW, KW4, gl.DotOperandLayout(1, MMA, 2), False)
     s = mma_v2(q, k_op, gl.zeros([NW, 16, BTW], gl.float32, MMA)) * gl.expand_dims(k_s, 1)
     if MASKED:
         s = gl.where(gl.expand_dims(t0 + _tokens(gl.SliceLayout(1, MMA), NW, BTW) < t_end, 1), s, float("-inf"))
@@ -210,13 +210,7 @@ def _values(vwords, vz, v_s, p, alpha, acc, D: gl.constexpr, BTW: gl.constexpr, 
     pv = (p * gl.expand_dims(v_s, 1)).to(gl.float16)
     p_lo, p_hi = gl.split(gl.permute(gl.reshape(pv, [NW, 2, 8, BTW]), [0, 2, 3, 1]))
     p_op = gl.convert_layout(gl.permute(p_lo, [0, 2, 1]), gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
-    jv = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VW4))))[None, None, None, :]
-    zz, nz16 = _magic(vz, VW4)
-    v4 = gl.inline_asm_elementwise(_V_ASM, _V_CONSTRAINTS, [gl.expand_dims(vwords, 3) + 0 * jv, zz, nz16],
-                                   gl.float16, True, 16)
-    v4 = gl.reshape(v4, [NW, BTW, 8, D // 64, 2, 2, 2])          # g, u, j2, j1, j0
-    v_op = gl.reshape(gl.permute(v4, V_ORDER.value), [NW, D, BTW])
-    v_op = gl.convert_layout(v_op, gl.DotOperandLayout(0, MMA, 2), assert_trivial=True)
+    v_op = _unpack(vwords, vz, D, BTW, VW4, gl.DotOperandLayout(0, MMA, 2), True)
     a_lo, a_hi = gl.split(gl.permute(gl.reshape(alpha, [NW, 2, 8]), [0, 2, 1]))
     return mma_v2(v_op, p_op, acc * gl.expand_dims(gl.convert_layout(a_lo, gl.SliceLayout(1, MMA)), 1))
 
@@ -226,9 +220,9 @@ def _step(t0, t_end, q, m_i, l_i, acc, kw_head, vw_head, ks_head, kz_head, vs_he
           D: gl.constexpr, BTW: gl.constexpr, MMA: gl.constexpr, KW4: gl.constexpr, VW4: gl.constexpr,
           MASKED: gl.constexpr):
     """One step, each part's loads right before it (the V loads after the scores: fewer registers live)."""
-    kw, kz, ks = _load_k(t0, t_end, kw_head, ks_head, kz_head, stride_tw, D, BTW, MMA, KW4, MASKED)
+    kw, kz, ks = _load_part(t0, t_end, kw_head, ks_head, kz_head, stride_tw, D, BTW, MMA, KW4, MASKED)
     p, alpha, m_i, l_i = _scores(kw, kz, ks, t0, t_end, q, m_i, l_i, D, BTW, MMA, KW4, MASKED)
-    vw, vz, vs = _load_v(t0, t_end, vw_head, vs_head, vz_head, stride_tw, D, BTW, MMA, VW4, MASKED)
+    vw, vz, vs = _load_part(t0, t_end, vw_head, vs_head, vz_head, stride_tw, D, BTW, MMA, VW4, MASKED)
     return m_i, l_i, _values(vw, vz, vs, p, alpha, acc, D, BTW, MMA, VW4)
 
 
@@ -276,11 +270,11 @@ def kv4_decode_partial_mma_kernel(
     kh = (kw_head, ks_ptr + s_base, kz_ptr + s_base, stride_tw)
     vh = (vw_head, vs_ptr + s_base, vz_ptr + s_base, stride_tw)
     if PREFETCH:  # registers double-buffered: the next step's loads are in flight while this step computes
-        kw, kz, ks = _load_k(t_start, t_end, *kh, D, BTW, MMA, KW4, 2)
-        vw, vz, vs = _load_v(t_start, t_end, *vh, D, BTW, MMA, VW4, 2)
+        kw, kz, ks = _load_part(t_start, t_end, *kh, D, BTW, MMA, KW4, 2)
+        vw, vz, vs = _load_part(t_start, t_end, *vh, D, BTW, MMA, VW4, 2)
         for t0 in range(t_start, t_full, BT):
-            nkw, nkz, nks = _load_k(t0 + BT, t_end, *kh, D, BTW, MMA, KW4, 2)
-            nvw, nvz, nvs = _load_v(t0 + BT, t_end, *vh, D, BTW, MMA, VW4, 2)
+            nkw, nkz, nks = _load_part(t0 + BT, t_end, *kh, D, BTW, MMA, KW4, 2)
+            nvw, nvz, nvs = _load_part(t0 + BT, t_end, *vh, D, BTW, MMA, VW4, 2)
             p, alpha, m_i, l_i = _scores(kw, kz, ks, t0, t_end, q, m_i, l_i, D, BTW, MMA, KW4, False)
             acc = _values(vw, vz, vs, p, alpha, acc, D, BTW, MMA, VW4)
             kw, kz, ks, vw, vz, vs = nkw, nkz, nks, nvw, nvz, nvs
