@@ -76,7 +76,8 @@ sub.rn.f16x2 $5, $5, $24;
 fma.rn.f16x2 $6, $6, s16, $32;
 fma.rn.f16x2 $7, $7, s16, $32;
 }""")
-_V_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 32))  # outputs; 16 words (A, B, A, B, ...); 8 + 8 half2
+# 8 outputs; 16 words (A, B, A, B, ...); 8 half2 of (1024 + zA, 1024 + zB), 8 of (-(64 + zA), -(64 + zB))
+_V_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 32))
 
 
 # the unpacked [NW, BTW, D/8 words, 8] K codes split as [NW, BTW, t, wl, j2, j1, j0] (word D/32 t + wl, element
@@ -134,6 +135,7 @@ def _words(head_ptr, t, stride_tw, L4: gl.constexpr, W: gl.constexpr, tmask, MAS
 
 @gluon.jit
 def _load(ptrs, mask, other, MASKED: gl.constexpr):
+    """``ptrs``' values, masked when MASKED == 1."""
     if MASKED == 1:
         return gl.load(ptrs, mask=mask, other=other)
     return gl.load(ptrs)

@@ -141,7 +141,7 @@ def test_decode_bad_shapes():
         ops.kv4_decode_attention(torch.randn(1, 2, 32, device=DEVICE), k, v, lengths, 1)
     with pytest.raises(KernelInputError, match="max_len 9 / lengths"):
         ops.kv4_decode_attention(torch.randn(1, 2, 64, device=DEVICE), k, v, lengths, 9)  # cache holds 8
-    with pytest.raises(KernelInputError, match="kernel='wgmma' is not 'tc', 'cc' or 'ccs'"):
+    with pytest.raises(KernelInputError, match=r"kernel='wgmma' is not one of \('tc', 'cc', 'ccs', 'mma'\)"):
         ops.kv4_decode_attention(torch.randn(1, 2, 64, device=DEVICE), k, v, lengths, 1, kernel="wgmma")
     with pytest.raises(KernelInputError, match="lengths has dtype torch.int64"):
         ops.kv4_decode_attention(torch.randn(1, 2, 64, device=DEVICE), k, v, lengths.long(), 1)
