@@ -23,7 +23,7 @@
 #   TESTS="tests/gpu/test_variants_gpu.py::test_wgmma_gemm_same_bits
 #   tests/gpu/test_variants_gpu.py::test_gemm_variants_bias_residual_against_primitives
 #   tests/gpu/test_variants_gpu.py::test_gluon_quantize_same_bits
-#   tests/gpu/test_variants_gpu.py::test_decode_attention_mma_close_to_float64" TEST_TIMEOUT=200
+#   tests/gpu/test_variants_gpu.py::test_decode_attention_mma_close_to_float64" TEST_TIMEOUT=240
 #   SECTIONS=variants VARIANT_KINDS=attention,gemm,quantize VARIANTS_BUDGET_S=150 bash tools/gpu_check.sh OUT
 # (the attention variants come first: "mma" at every tile against the default and SDPA at 4k / 32k, batch 1 / 16)
 set -u
