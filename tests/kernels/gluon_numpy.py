@@ -1,0 +1,182 @@
+"""Run a Gluon kernel's Python body on numpy arrays (Gluon has no interpreter): the logical program, not its code.
+
+Gluon's values do not depend on layouts (a layout places elements in threads; ``convert_layout`` moves them), so
+executing the kernel's own source with each ``gl`` op replaced by its numpy meaning checks its indexing, masks,
+softmax and merges on the CPU. Layout objects become ``None``, ``convert_layout`` the identity, ``mma_v2`` a float32
+matmul. ``inline_asm_elementwise`` is the one op whose meaning depends on the layout (which elements share one asm
+call): the caller passes it in (``asm``), written for the kernel's pack grouping, which ``test_aot.py`` checks in
+the compiled LLVM IR. Covers the ops ``attention_mma`` uses. Also: the PTX model of the unpacking asm
+(``run_ptx``: six instructions, exact float16 arithmetic).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+# --- a model of the PTX instructions the unpacking asm uses --------------------------------------------------------
+
+
+def _lop3(a: np.ndarray, b: np.ndarray, c: np.ndarray, lut: int) -> np.ndarray:
+    out = np.zeros_like(a)
+    for i in range(8):  # minterm i = (a bit, b bit, c bit) = (i >> 2, i >> 1, i) & 1
+        if lut >> i & 1:
+            out |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
+    return out
+
+
+def _prmt(a: np.ndarray, b: np.ndarray, sel: int) -> np.ndarray:
+    src = [(a >> np.uint32(8 * i)) & 0xFF for i in range(4)] + [(b >> np.uint32(8 * i)) & 0xFF for i in range(4)]
+    out = np.zeros_like(a)
+    for i in range(4):
+        nib = sel >> (4 * i) & 0xF
+        assert nib < 8, "sign-replicating selectors are not modelled"
+        out |= src[nib] << np.uint32(8 * i)
+    return out
+
+
+def f16x2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two float16 halves (low, high) of 32-bit registers, as float64."""
+    return ((x & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64),
+            (x >> np.uint32(16)).astype(np.uint16).view(np.float16).astype(np.float64))
+
+
+def to_f16x2(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Round each half once to float16 (the operands here are integers < 2^11 and 2^-4: the float64 results are
+    exact, so this is the instruction's single rounding)."""
+    return (np.asarray(lo).astype(np.float16).view(np.uint16).astype(np.uint32)
+            | np.asarray(hi).astype(np.float16).view(np.uint16).astype(np.uint32) << np.uint32(16))
+
+
+def run_ptx(asm: str, operands: dict[int, np.ndarray], outputs: int) -> list[np.ndarray]:
+    """Run the asm block on numpy uint32 arrays: ``$N`` operands, local ``.reg`` registers, immediates."""
+    regs: dict[str, np.ndarray] = {f"${n}": np.asarray(v).astype(np.uint32) for n, v in operands.items()}
+    shape = next(iter(regs.values())).shape
+
+    def val(tok: str) -> np.ndarray:
+        tok = tok.strip()
+        return regs[tok] if tok in regs else np.full(shape, int(tok, 0), dtype=np.uint32)
+
+    for line in asm.strip().strip("{}").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        if op == "mov.b32":
+            res = val(src[0])
+        elif op == "lop3.b32":
+            res = _lop3(val(src[0]), val(src[1]), val(src[2]), int(src[3], 0))
+        elif op == "shr.u32":
+            res = val(src[0]) >> np.uint32(int(src[1], 0))
+        elif op == "prmt.b32":
+            res = _prmt(val(src[0]), val(src[1]), int(src[2], 0))
+        elif op == "sub.rn.f16x2":
+            (a0, a1), (b0, b1) = f16x2(val(src[0])), f16x2(val(src[1]))
+            res = to_f16x2(a0 - b0, a1 - b1)
+        elif op == "fma.rn.f16x2":
+            (a0, a1), (b0, b1), (c0, c1) = f16x2(val(src[0])), f16x2(val(src[1])), f16x2(val(src[2]))
+            res = to_f16x2(a0 * b0 + c0, a1 * b1 + c1)
+        else:
+            raise AssertionError(f"instruction {op!r} is not modelled")
+        regs[dst] = res
+    return [regs[f"${n}"] for n in range(outputs)]
+
+
+# --- Gluon's ops on numpy -------------------------------------------------------------------------------------------
+
+
+class Tensor(np.ndarray):
+    """A Gluon tensor (or scalar) as a numpy array with ``.to`` and ``.type.layout``."""
+
+    def to(self, dtype: Any, bitcast: bool = False) -> Tensor:
+        a = np.asarray(self)
+        return _t(a.view(dtype) if bitcast else a.astype(dtype))
+
+    @property
+    def type(self) -> SimpleNamespace:
+        return SimpleNamespace(layout=None)
+
+
+def _t(x: Any) -> Tensor:
+    return np.asarray(x).view(Tensor)
+
+
+class Pointer:
+    """A pointer (tensor): a flat numpy buffer and element offsets into it."""
+
+    def __init__(self, buf: np.ndarray, off: Any = 0) -> None:
+        self.buf, self.off = buf, off
+
+    def __add__(self, other: Any) -> Pointer:
+        return Pointer(self.buf, self.off + np.asarray(other).astype(np.int64))
+
+    __radd__ = __add__
+
+    def to(self, ptype: SimpleNamespace) -> Pointer:
+        new = np.dtype(ptype.element_ty)
+        assert np.all(np.asarray(self.off) * self.buf.itemsize % new.itemsize == 0)
+        return Pointer(self.buf.view(new), np.asarray(self.off) * self.buf.itemsize // new.itemsize)
+
+
+def _load(pointer: Pointer, mask: Any = None, other: Any = None) -> Tensor:
+    off = np.asarray(pointer.off)
+    if mask is None:
+        return _t(pointer.buf[off])
+    off, mask = np.broadcast_arrays(off, np.asarray(mask))
+    vals = pointer.buf[np.where(mask, off, 0)]
+    return _t(np.where(mask, vals, np.asarray(other).astype(pointer.buf.dtype)))
+
+
+def _store(pointer: Pointer, value: Any, mask: Any = None) -> None:
+    off, value, mask = np.broadcast_arrays(np.asarray(pointer.off), np.asarray(value),
+                                           np.ones((), bool) if mask is None else np.asarray(mask))
+    pointer.buf[off[mask]] = value[mask].astype(pointer.buf.dtype)
+
+
+def gl_numpy(num_warps: int, program_id: list[int],
+             asm: Callable[[str, list[np.ndarray], int], np.ndarray]) -> SimpleNamespace:
+    """A stand-in for ``triton.experimental.gluon.language``: ``program_id`` (a list the launcher sets) and
+    ``asm(asm_text, broadcast args, pack)`` -> the float16 output tensor."""
+    layout = lambda *args, **kwargs: None  # noqa: E731
+    return SimpleNamespace(
+        float16=np.float16, float32=np.float32, int64=np.int64, uint8=np.uint8, uint16=np.uint16, uint32=np.uint32,
+        pointer_type=lambda ty: SimpleNamespace(element_ty=ty),
+        SliceLayout=layout, DotOperandLayout=layout, NVMMADistributedLayout=layout, BlockedLayout=layout,
+        num_warps=lambda: num_warps, program_id=lambda axis: _t(np.int64(program_id[axis])),
+        arange=lambda start, end, layout=None: _t(np.arange(start, end, dtype=np.int32)),
+        full=lambda shape, value, dtype, layout=None: _t(np.full(shape, value, dtype)),
+        zeros=lambda shape, dtype, layout=None: _t(np.zeros(shape, dtype)),
+        load=_load, store=_store,
+        expand_dims=lambda x, axis: _t(np.expand_dims(x, axis)),
+        reshape=lambda x, shape: _t(np.reshape(x, shape)),
+        permute=lambda x, dims: _t(np.transpose(x, tuple(dims))),
+        split=lambda x: (_t(x[..., 0]), _t(x[..., 1])),
+        convert_layout=lambda x, layout, assert_trivial=False: x,
+        minimum=lambda a, b: _t(np.minimum(a, b)), maximum=lambda a, b: _t(np.maximum(a, b)),
+        where=lambda c, a, b: _t(np.where(c, a, np.asarray(b, dtype=np.asarray(a).dtype))),
+        exp2=lambda x: _t(np.exp2(x)),
+        max=lambda x, axis: _t(np.max(x, axis=axis)), sum=lambda x, axis: _t(np.sum(x, axis=axis)),
+        inline_asm_elementwise=lambda text, constraints, args, dtype, is_pure, pack: _t(
+            asm(getattr(text, "value", text), list(np.broadcast_arrays(*[np.asarray(a) for a in args])), pack)),
+    )
+
+
+def mma_numpy(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> Tensor:
+    """mma.sync on float16 operands: products exact in float32, float32 sums (in numpy's order)."""
+    return _t((np.asarray(a, np.float32) @ np.asarray(b, np.float32) + acc).astype(np.float32))
+
+
+def on_numpy(module: ModuleType, name: str, gl: SimpleNamespace, **replace: Any) -> Callable[..., Any]:
+    """``module.name``'s Python body with ``gl`` and ``replace`` in its globals, and every Gluon function of the
+    module it calls run the same way."""
+    env = dict(vars(module), gl=gl, **replace)
+    for key, obj in vars(module).items():
+        fn = getattr(obj, "fn", None)
+        if isinstance(fn, types.FunctionType):
+            env[key] = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+    return env[name]
