@@ -5,8 +5,8 @@ executing the kernel's own source with each ``gl`` op replaced by its numpy mean
 softmax and merges on the CPU. Layout objects become ``None``, ``convert_layout`` the identity, ``mma_v2`` a float32
 matmul. ``inline_asm_elementwise`` is the one op whose meaning depends on the layout (which elements share one asm
 call): the caller passes it in (``asm``), written for the kernel's pack grouping, which ``test_aot.py`` checks in
-the compiled LLVM IR. Covers the ops ``attention_mma`` uses. Also: the PTX model of the unpacking asm
-(``run_ptx``: six instructions, exact float16 arithmetic).
+the compiled LLVM IR. Covers the ops ``attention_mma`` and ``quantize_gluon`` use. Also: the PTX model of the
+unpacking asm (``run_ptx``: six instructions, exact float16 arithmetic).
 """
 
 from __future__ import annotations
@@ -91,7 +91,24 @@ def run_ptx(asm: str, operands: dict[int, np.ndarray], outputs: int) -> list[np.
 
 
 class Tensor(np.ndarray):
-    """A Gluon tensor (or scalar) as a numpy array with ``.to`` and ``.type.layout``."""
+    """A Gluon tensor (or scalar) as a numpy array with ``.to`` and ``.type.layout``. A Python number in an
+    operation takes the tensor's type, as in Triton (a float with an integer tensor: float32)."""
+
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        arrays = [np.asarray(x) for x in inputs if isinstance(x, np.ndarray)]
+        dtype = arrays[0].dtype
+
+        def operand(x: Any) -> Any:
+            if isinstance(x, np.ndarray):
+                return np.asarray(x)
+            if isinstance(x, float) and dtype.kind not in "f":
+                return np.float32(x)
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                return np.asarray(x, dtype=dtype)
+            return x
+
+        result = getattr(ufunc, method)(*[operand(x) for x in inputs], **kwargs)
+        return tuple(_t(r) for r in result) if isinstance(result, tuple) else _t(result)
 
     def to(self, dtype: Any, bitcast: bool = False) -> Tensor:
         a = np.asarray(self)
@@ -138,13 +155,32 @@ def _store(pointer: Pointer, value: Any, mask: Any = None) -> None:
     pointer.buf[off[mask]] = value[mask].astype(pointer.buf.dtype)
 
 
+def _reduce(inputs: Any, axis: int, combine: Callable[..., Any]) -> Any:
+    """``gl.reduce``: ``combine`` folded along ``axis`` in index order (the kernels' combines are exact in any
+    order: min / max)."""
+    xs = inputs if isinstance(inputs, tuple) else (inputs,)
+    acc = tuple(np.take(x, 0, axis=axis) for x in xs)
+    for i in range(1, xs[0].shape[axis]):
+        acc = combine(*acc, *(np.take(x, i, axis=axis) for x in xs))
+        acc = acc if isinstance(acc, tuple) else (acc,)
+    acc = tuple(_t(a) for a in acc)
+    return acc if isinstance(inputs, tuple) else acc[0]
+
+
+def _no_asm(*args: Any) -> np.ndarray:
+    raise AssertionError("this kernel's inline asm needs an ``asm`` model")
+
+
 def gl_numpy(num_warps: int, program_id: list[int],
-             asm: Callable[[str, list[np.ndarray], int], np.ndarray]) -> SimpleNamespace:
-    """A stand-in for ``triton.experimental.gluon.language``: ``program_id`` (a list the launcher sets) and
-    ``asm(asm_text, broadcast args, pack)`` -> the float16 output tensor."""
+             asm: Callable[[str, list[np.ndarray], int], np.ndarray] = _no_asm) -> SimpleNamespace:
+    """A stand-in for ``triton.experimental.gluon.language`` (and for ``triton.language`` in the ``tl`` helpers a
+    Gluon kernel calls): ``program_id`` (a list the launcher sets) and ``asm(asm_text, broadcast args, pack)`` ->
+    the float16 output tensor. ``fma`` is not modelled (a float64 product and sum would round twice): run the
+    kernels with their division by the scale as ``div_rn`` (``FAST_DIV=False``)."""
     layout = lambda *args, **kwargs: None  # noqa: E731
     return SimpleNamespace(
-        float16=np.float16, float32=np.float32, int64=np.int64, uint8=np.uint8, uint16=np.uint16, uint32=np.uint32,
+        float16=np.float16, float32=np.float32, int32=np.int32, int64=np.int64, uint8=np.uint8, uint16=np.uint16,
+        uint32=np.uint32, int8=np.int8,
         pointer_type=lambda ty: SimpleNamespace(element_ty=ty),
         SliceLayout=layout, DotOperandLayout=layout, NVMMADistributedLayout=layout, BlockedLayout=layout,
         num_warps=lambda: num_warps, program_id=lambda axis: _t(np.int64(program_id[axis])),
@@ -155,7 +191,9 @@ def gl_numpy(num_warps: int, program_id: list[int],
         expand_dims=lambda x, axis: _t(np.expand_dims(x, axis)),
         reshape=lambda x, shape: _t(np.reshape(x, shape)),
         permute=lambda x, dims: _t(np.transpose(x, tuple(dims))),
-        split=lambda x: (_t(x[..., 0]), _t(x[..., 1])),
+        split=lambda x: (_t(x[..., 0]), _t(x[..., 1])), join=lambda a, b: _t(np.stack([a, b], axis=-1)),
+        static_range=range, reduce=_reduce,
+        div_rn=lambda a, b: _t(np.asarray(a, np.float32) / np.asarray(b, np.float32)),
         convert_layout=lambda x, layout, assert_trivial=False: x,
         minimum=lambda a, b: _t(np.minimum(a, b)), maximum=lambda a, b: _t(np.maximum(a, b)),
         where=lambda c, a, b: _t(np.where(c, a, np.asarray(b, dtype=np.asarray(a).dtype))),
