@@ -192,7 +192,7 @@ def gl_numpy(num_warps: int, program_id: list[int],
         reshape=lambda x, shape: _t(np.reshape(x, shape)),
         permute=lambda x, dims: _t(np.transpose(x, tuple(dims))),
         split=lambda x: (_t(x[..., 0]), _t(x[..., 1])), join=lambda a, b: _t(np.stack([a, b], axis=-1)),
-        static_range=range, reduce=_reduce,
+        static_range=range, reduce=_reduce, cdiv=lambda a, b: (a + b - 1) // b, thread_barrier=lambda: None,
         div_rn=lambda a, b: _t(np.asarray(a, np.float32) / np.asarray(b, np.float32)),
         convert_layout=lambda x, layout, assert_trivial=False: x,
         minimum=lambda a, b: _t(np.minimum(a, b)), maximum=lambda a, b: _t(np.maximum(a, b)),
@@ -218,3 +218,175 @@ def on_numpy(module: ModuleType, name: str, gl: SimpleNamespace, **replace: Any)
         if isinstance(fn, types.FunctionType):
             env[key] = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
     return env[name]
+
+
+# --- Hopper's asynchronous ops as a sequential protocol model -------------------------------------------------------
+
+
+class ProtocolError(AssertionError):
+    """A barrier wait that would never return, or a buffer written while an asynchronous op still reads it."""
+
+
+class _Barrier:
+    def __init__(self) -> None:
+        self.live, self.count, self.done, self.pending, self.tx, self.waits = False, 0, 0, 0, 0, 0
+
+    def arrive(self, tx: int = 0) -> None:
+        self.pending, self.tx = self.pending - 1, self.tx + tx
+        self._settle()
+
+    def complete_tx(self, nbytes: int) -> None:
+        self.tx -= nbytes
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.pending == 0 and self.tx == 0:
+            self.done, self.pending = self.done + 1, self.count
+
+
+class _Barriers:
+    """``allocate_shared_memory(int64, [n, ...], MBarrierLayout())``; used directly it is its first barrier."""
+
+    def __init__(self, n: int) -> None:
+        self.bars = [_Barrier() for _ in range(n)]
+
+    def index(self, i: Any) -> _Barrier:
+        return self.bars[int(i)]
+
+
+def _bar(b: Any) -> _Barrier:
+    return b.bars[0] if isinstance(b, _Barriers) else b
+
+
+class _Smem:
+    """A shared-memory buffer (or a view of one: ``index`` / ``permute``)."""
+
+    def __init__(self, array: np.ndarray, model: HopperModel, key: tuple = (), transposed: bool = False) -> None:
+        self.base, self.model, self.key, self.transposed = array, model, key, transposed
+
+    @property
+    def array(self) -> np.ndarray:
+        a = self.base[self.key] if self.key else self.base
+        return a.T if self.transposed else a
+
+    def index(self, i: Any) -> _Smem:
+        return _Smem(self.base, self.model, (int(i),), self.transposed)
+
+    def permute(self, dims: Any) -> _Smem:
+        assert tuple(dims) == (1, 0)
+        return _Smem(self.base, self.model, self.key, not self.transposed)
+
+    def ident(self) -> tuple:
+        return id(self.base), self.key
+
+    def load(self, layout: Any = None) -> Tensor:
+        return _t(self.array.copy())
+
+    def store(self, value: Any) -> None:
+        self.model.check_write(self)
+        self.array[...] = np.asarray(value).astype(self.base.dtype)
+
+
+class HopperModel:
+    """mbarrier / TMA / warpgroup MMA run in program order, with the checks that order would need on the GPU:
+    - a barrier wait returns only if the phase it waits for has completed (its copies were issued: here copies
+      complete at once), and it must be the next phase of that barrier (a later one would mean a newer load already
+      landed in the buffer the consumer reads);
+    - no TMA load into, and no store to, a buffer that an MMA group not yet retired reads, or that a TMA store not
+      yet waited for reads;
+    - every expected byte count equals the bytes of the copies counted on it; nothing in flight at the end."""
+
+    MBAR = object()
+
+    def __init__(self) -> None:
+        self.groups: list[set] = []          # the shared buffers each unretired MMA group reads
+        self.stores: set = set()             # shared buffers of TMA stores not yet waited for
+        model = self
+
+        class mbarrier:  # noqa: N801 (Gluon's module name)
+            MBarrierLayout = staticmethod(lambda: HopperModel.MBAR)
+
+            @staticmethod
+            def init(b: Any, count: int) -> None:
+                b = _bar(b)
+                assert not b.live, "barrier initialised twice"
+                b.live, b.count, b.pending = True, count, count
+
+            @staticmethod
+            def expect(b: Any, nbytes: int) -> None:
+                _bar(b).arrive(int(nbytes))
+
+            @staticmethod
+            def wait(b: Any, phase: Any) -> None:
+                b = _bar(b)
+                if not b.live:
+                    raise ProtocolError("wait on a barrier that is not initialised")
+                if (b.done & 1) == int(phase):
+                    raise ProtocolError(f"wait(phase {int(phase)}) would never return: {b.done} phases completed")
+                if b.done != b.waits + 1:
+                    raise ProtocolError(f"wait {b.waits} of a barrier found {b.done} completed phases: a newer load "
+                                        "already landed in the buffer")
+                b.waits += 1
+
+            @staticmethod
+            def invalidate(b: Any) -> None:
+                b = _bar(b)
+                if b.tx or b.pending != b.count:
+                    raise ProtocolError("barrier invalidated with a phase in progress")
+                b.live = False
+
+        class tma:  # noqa: N801
+            @staticmethod
+            def async_copy_global_to_shared(desc: Any, coords: Any, b: Any, dest: _Smem) -> None:
+                model.check_write(dest)
+                r, c = (int(x) for x in coords)
+                block = np.zeros(desc.block_type.shape, desc.base.dtype)
+                part = desc.base[r:r + block.shape[0], c:c + block.shape[1]]
+                block[:part.shape[0], :part.shape[1]] = part
+                dest.array[...] = block
+                _bar(b).complete_tx(desc.block_type.nbytes)
+
+            @staticmethod
+            def async_copy_shared_to_global(desc: Any, coords: Any, src: _Smem) -> None:
+                r, c = (int(x) for x in coords)
+                part = desc.base[r:r + src.array.shape[0], c:c + src.array.shape[1]]
+                part[...] = src.array[:part.shape[0], :part.shape[1]]
+                model.stores.add(src.ident())
+
+            @staticmethod
+            def store_wait(pendings: int) -> None:
+                assert pendings == 0
+                model.stores.clear()
+
+        def warpgroup_mma(a: _Smem, b: _Smem, acc: Any, use_acc: Any = True, is_async: bool = False) -> Tensor:
+            out = a.array.astype(np.int64) @ b.array.astype(np.int64) + (np.asarray(acc) if use_acc else 0)
+            model.groups.append({a.ident(), b.ident()})
+            return _t(out.astype(np.asarray(acc).dtype))
+
+        def warpgroup_mma_wait(num_outstanding: int = 0, deps: tuple = ()) -> Any:
+            del model.groups[:max(len(model.groups) - num_outstanding, 0)]
+            return deps[0] if len(deps) == 1 else tuple(deps)
+
+        self.replace = dict(mbarrier=mbarrier, tma=tma, warpgroup_mma=warpgroup_mma,
+                            warpgroup_mma_wait=warpgroup_mma_wait, fence_async_shared=lambda: None)
+
+    def check_write(self, dest: _Smem) -> None:
+        if any(dest.ident() in g for g in self.groups):
+            raise ProtocolError(f"buffer {dest.key} written while an MMA group not yet retired reads it")
+        if dest.ident() in self.stores:
+            raise ProtocolError(f"buffer {dest.key} written while a TMA store not yet waited for reads it")
+
+    def allocate(self, dtype: Any, shape: Any, layout: Any) -> Any:
+        if layout is HopperModel.MBAR:
+            return _Barriers(int(shape[0]))
+        return _Smem(np.zeros([int(s) for s in shape], dtype), self)
+
+    def check_end(self) -> None:
+        if self.groups or self.stores:
+            raise ProtocolError("MMA groups or TMA stores still in flight at the end of the program")
+
+
+def descriptor(array: np.ndarray, block: list[int]) -> SimpleNamespace:
+    """A TMA descriptor of a 2-D numpy array with ``block`` (zero padding past the edges, clipped stores)."""
+    return SimpleNamespace(base=array, dtype=array.dtype, layout=None,
+                           block_type=SimpleNamespace(shape=list(block), nbytes=int(np.prod(block)) * array.itemsize))
