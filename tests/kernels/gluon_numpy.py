@@ -359,7 +359,9 @@ class HopperModel:
                 model.stores.clear()
 
         def warpgroup_mma(a: _Smem, b: _Smem, acc: Any, use_acc: Any = True, is_async: bool = False) -> Tensor:
-            out = a.array.astype(np.int64) @ b.array.astype(np.int64) + (np.asarray(acc) if use_acc else 0)
+            # integer products summed exactly: float64 (BLAS) holds every partial sum of int8 x int8 over K < 2^37
+            prod = (a.array.astype(np.float64) @ b.array.astype(np.float64)).astype(np.int64)
+            out = prod + (np.asarray(acc) if use_acc else 0)
             model.groups.append({a.ident(), b.ident()})
             return _t(out.astype(np.asarray(acc).dtype))
 

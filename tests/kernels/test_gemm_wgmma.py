@@ -17,9 +17,10 @@ pytest.importorskip("triton")
 from infoquant_kernels import gemm_wgmma as gw  # noqa: E402
 
 from infoquant_export.kernels import ops  # noqa: E402
+from infoquant_export.quant.primitives import activation_qparams, quantize_activation  # noqa: E402
 from tests.kernels.conftest import DEVICE, INTERPRETER_WARNING  # noqa: E402
 from tests.kernels.gluon_numpy import HopperModel, Pointer, ProtocolError, descriptor, gl_numpy, on_numpy  # noqa: E402
-from tests.kernels.test_gemm import make_layer  # noqa: E402
+from tests.kernels.test_gemm import make_layer, reference  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(INTERPRETER_WARNING)
 PLANES = {"W_PLANES": 1, "SWAP": 0}
@@ -27,12 +28,14 @@ PLANES = {"W_PLANES": 1, "SWAP": 0}
 
 def wgmma_on_numpy(act: ops.PackedRows, weight: ops.PackedWeight, residual: torch.Tensor | None, tile: tuple,
                    persistent: bool = False, programs: int = 2, kernel_module: object = gw) -> torch.Tensor:
-    """``w4a4_linear(..., config={"WGMMA": 1, ...})``: every program of the grid in turn, on numpy, through the
-    protocol model (one model per program: programs share nothing but global memory)."""
+    """``w4a4_linear(..., config={"WGMMA": 1, ...})`` (output in the residual's dtype, float16 without one): every
+    program of the grid in turn, on numpy, through the protocol model (one model per program: programs share
+    nothing but global memory)."""
     bm, bn, bk2, group_m, warps, stages = tile
     m, n, k = act.codes.shape[0], weight.planes.shape[0], act.codes.shape[1]
-    y = np.zeros((m, n), np.float16)
-    res = None if residual is None else residual.numpy().astype(np.float16)
+    out_dtype = np.float16 if residual is None else residual.numpy().dtype
+    y = np.zeros((m, n), out_dtype)
+    res = None if residual is None else residual.numpy()
     ptr = lambda t: Pointer(t.contiguous().reshape(-1).numpy())  # noqa: E731
     args = (descriptor(act.codes.numpy(), [bm, 2 * bk2]), ptr(act.scale), ptr(act.zero),
             descriptor(weight.planes.numpy(), [bn, 2 * bk2]), ptr(weight.scale), ptr(weight.rowsum),
@@ -88,3 +91,21 @@ def test_protocol_model_catches_a_stage_refilled_too_early(monkeypatch):
         exec(compile(source.replace(old, new), gw.__file__, "exec"), mutated.__dict__)
         with pytest.raises(ProtocolError, match=message):
             wgmma_on_numpy(act, weight, None, (16, 32, 16, 2, 4, 3), kernel_module=mutated)
+
+
+@pytest.mark.parametrize("tile,persistent", [(t, False) for t in ops.GEMM_WGMMA_TILES]
+                         + [(t, True) for t in ops.GEMM_WGMMA_PERSISTENT_TILES])
+def test_wgmma_tiles_on_numpy_against_primitives(tile, persistent):
+    """The tiles the wrapper launches (``GEMM_WGMMA_TILES``, the persistent ones), float32 out, against the numerics
+    primitives bit for bit (as tests/kernels/test_gemm.py judges the ``tl`` GEMM): M = 300 and N = 320 leave partial
+    tiles; K = 512 is the shortest K the 4-stage tiles take (4 K steps of 128 plane columns)."""
+    m, k, n = 300, 512, 320
+    x, wc, ws, bias = make_layer(m, k, n, seed=7)
+    residual = torch.randn(m, n) * 4
+    scale, zero = activation_qparams(x, 4, 0.9)  # the activation planes from the primitives (the interpreter's
+    codes = quantize_activation(x, scale, zero, 4).to(torch.int8)  # quantize of 300 rows takes 8 s)
+    act = ops.PackedRows(torch.cat([codes[:, 0::2], codes[:, 1::2]], 1), scale.reshape(-1),
+                         zero.reshape(-1).to(torch.uint8), planes=True)
+    weight = ops.PackedWeight.from_codes(wc, ws, bias).with_planes()
+    got = wgmma_on_numpy(act, weight, residual, tile, persistent, programs=4)
+    assert torch.equal(got, residual + reference(x, wc, ws, bias))
