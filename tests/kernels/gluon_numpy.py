@@ -140,11 +140,19 @@ class Pointer:
         return Pointer(self.buf.view(new), np.asarray(self.off) * self.buf.itemsize // new.itemsize)
 
 
+def _in_bounds(pointer: Pointer, off: np.ndarray) -> np.ndarray:
+    """``off`` if every (unmasked) access lies in the buffer: a GPU would fault or read another tensor."""
+    if off.size and (off.min() < 0 or off.max() >= pointer.buf.size):
+        raise IndexError(f"access at element {int(off.min())}..{int(off.max())} of a buffer of {pointer.buf.size}")
+    return off
+
+
 def _load(pointer: Pointer, mask: Any = None, other: Any = None) -> Tensor:
     off = np.asarray(pointer.off)
     if mask is None:
-        return _t(pointer.buf[off])
+        return _t(pointer.buf[_in_bounds(pointer, off)])
     off, mask = np.broadcast_arrays(off, np.asarray(mask))
+    _in_bounds(pointer, off[mask])
     vals = pointer.buf[np.where(mask, off, 0)]
     return _t(np.where(mask, vals, np.asarray(other).astype(pointer.buf.dtype)))
 
@@ -152,7 +160,7 @@ def _load(pointer: Pointer, mask: Any = None, other: Any = None) -> Tensor:
 def _store(pointer: Pointer, value: Any, mask: Any = None) -> None:
     off, value, mask = np.broadcast_arrays(np.asarray(pointer.off), np.asarray(value),
                                            np.ones((), bool) if mask is None else np.asarray(mask))
-    pointer.buf[off[mask]] = value[mask].astype(pointer.buf.dtype)
+    pointer.buf[_in_bounds(pointer, off[mask])] = value[mask].astype(pointer.buf.dtype)
 
 
 def _reduce(inputs: Any, axis: int, combine: Callable[..., Any]) -> Any:
