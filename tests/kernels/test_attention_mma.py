@@ -210,3 +210,19 @@ def test_mma_decode_source_on_numpy(groups, head_dim, splits, block_t, warps, pr
     # the length-1 row attends to its only token: p = 1, so the output is that V row up to float16 roundings
     one = v_hat[2, :, 0].repeat_interleave(groups, 0).double()
     assert float((out[2].double() - one).abs().max() / one.abs().max()) < 2e-3
+
+
+@pytest.mark.filterwarnings(INTERPRETER_WARNING)
+@pytest.mark.parametrize("block_t,warps,stages", [(*ops.DECODE_MMA_TILE, 1), (16, 4, 2)])
+def test_mma_decode_source_on_numpy_at_llama_shape(block_t, warps, stages):
+    """The benchmark's shape: LLaMA-2-7B heads (32 x 128, MHA), a 4096-token cache holding 4091 tokens, split as on an
+    H200 (132 SMs: 32 splits of 128 tokens), the default tile and the 2-stage 16 x 4 one. Every load stays in the
+    cache (the model raises on any access outside a buffer). Measured 8.2e-4 relative to float64 for both."""
+    ctx = 4096
+    kc, k_hat = random_cache(1, 32, ctx, ctx, 128)
+    vc, v_hat = random_cache(1, 32, ctx, ctx, 128, 1.0)
+    q = (torch.randn(1, 32, 128) * 2).half()
+    splits = ops.decode_splits(32, ctx, block_t * warps, 4 * 132)
+    out = mma_decode_on_numpy(q, kc, vc, [ctx - 5], ctx, splits, block_t, warps, stages == 2)
+    ref = attention_reference(q, k_hat, v_hat, [ctx - 5])
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < 4e-3
