@@ -124,16 +124,9 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
     num_warps = num_warps or (DECODE_CC_TILE[1] if kernel == "cc" else 4)
     num_stages = num_stages or (DECODE_CC_STAGES if kernel == "cc" else 3)
     programs = b * (hq if kernel == "cc" else hkv)
-    target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
-    splits = splits or decode_splits(programs, max_len, block_t, target)
-    chunk = triton_cdiv(triton_cdiv(max_len, splits), block_t) * block_t
-    part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
+    splits = splits or decode_splits(programs, max_len, block_t, _target_programs(q))
+    args, parts = _partials(q, k, v, lengths, max_len, splits, block_t)
     mod = kernel_module("attention")
-    args = (q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
-            k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
-            lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)))
     if kernel == "cc":
         mod.kv4_decode_partial_cc_kernel[(programs, splits)](
             *args, FLOAT_2_23_BITS, G=g, D=d, BT=block_t, SPLITS=splits, STAGES=num_stages, SLOTS=slots,
@@ -142,9 +135,34 @@ def kv4_decode_attention(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: tor
         mod.kv4_decode_partial_kernel[(programs, splits)](
             *args, G=g, GP=gp, D=d, BT=block_t, SPLITS=splits, DOT=_DOT[q.dtype], num_warps=num_warps,
             num_stages=num_stages)
+    return _combine(q, parts, splits)
+
+
+def _target_programs(q: torch.Tensor) -> int:
+    """Programs that fill the GPU (4 per SM; 4 in the interpreter): what ``decode_splits`` aims at."""
+    return 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
+
+
+def _partials(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor, max_len: int, splits: int,
+              step: int) -> tuple[tuple, tuple[torch.Tensor, ...]]:
+    """The partial kernels' common arguments (each split's chunk of tokens a multiple of ``step``) and their
+    float32 partials (o ``[B, Hq, S, D]``, m / l ``[B, Hq, S]``)."""
+    b, hq, d = q.shape
+    chunk = triton_cdiv(triton_cdiv(max_len, splits), step) * step
+    parts = (torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device),
+             torch.empty(b, hq, splits, dtype=torch.float32, device=q.device),
+             torch.empty(b, hq, splits, dtype=torch.float32, device=q.device))
+    args = (q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
+            k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
+            lengths, *parts, k.codes.shape[1], chunk, max_len, float(d ** -0.5 * math.log2(math.e)))
+    return args, parts
+
+
+def _combine(q: torch.Tensor, parts: tuple[torch.Tensor, ...], splits: int) -> torch.Tensor:
+    """``kv4_decode_combine_kernel``: the splits' partials merged into the output, in q's dtype."""
     out = torch.empty_like(q)
-    mod.kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits, SP=splits, D=d,
-                                             num_warps=4)
+    kernel_module("attention").kv4_decode_combine_kernel[(q.shape[0] * q.shape[1],)](
+        *parts, out, SPLITS=splits, SP=splits, D=q.shape[2], num_warps=4)
     return out
 
 
@@ -154,7 +172,7 @@ def _decode_mma(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor
     """``kv4_decode_attention(..., kernel="mma")``: ``attention_mma.kv4_decode_partial_mma_kernel`` (a GQA group per
     program, ``block_t`` tokens per warp and step; ``num_stages`` 2: the next step's loads in flight during this
     step, ``PREFETCH``), then the combine kernel."""
-    b, hq, d = q.shape
+    b, _, d = q.shape
     hkv = k.codes.shape[1]
     if q.dtype != torch.float16 or group > 8 or d not in (64, 128, 256):
         raise KernelInputError(f"kernel='mma' takes a float16 q, GQA groups of up to 8 query heads and head_dim 64 / "
@@ -170,21 +188,10 @@ def _decode_mma(q: torch.Tensor, k: KVCache4, v: KVCache4, lengths: torch.Tensor
                                f"(got {block_t}, {num_warps}, {num_stages})",
                                "pass block_t / num_warps / num_stages from those, or None")
     step = block_t * num_warps
-    programs = b * hkv
-    splits = splits or decode_splits(programs, max_len, step,
-                                     4 * torch.cuda.get_device_properties(q.device).multi_processor_count)
-    chunk = triton_cdiv(triton_cdiv(max_len, splits), step) * step
-    part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
+    splits = splits or decode_splits(b * hkv, max_len, step, _target_programs(q))
+    args, parts = _partials(q, k, v, lengths, max_len, splits, step)
     mod = kernel_module("attention_mma")
-    mod.kv4_decode_partial_mma_kernel[(programs, splits)](
-        q, q.stride(0), q.stride(1), k.codes, k.scale, k.zero, v.codes, v.scale, v.zero,
-        k.codes.stride(0), k.codes.stride(1), k.codes.stride(2), k.scale.stride(0), k.scale.stride(1),
-        lengths, part_o, part_m, part_l, hkv, chunk, max_len, float(d ** -0.5 * math.log2(math.e)),
-        G=group, D=d, BTW=block_t, SPLITS=splits, PREFETCH=num_stages == 2, **mod.decode_mma_layouts(num_warps, d),
-        num_warps=num_warps)
-    out = torch.empty_like(q)
-    kernel_module("attention").kv4_decode_combine_kernel[(b * hq,)](part_o, part_m, part_l, out, SPLITS=splits,
-                                                                    SP=splits, D=d, num_warps=4)
-    return out
+    mod.kv4_decode_partial_mma_kernel[(b * hkv, splits)](
+        *args, G=group, D=d, BTW=block_t, SPLITS=splits, PREFETCH=num_stages == 2,
+        **mod.decode_mma_layouts(num_warps, d), num_warps=num_warps)
+    return _combine(q, parts, splits)
